@@ -1,0 +1,44 @@
+"""attnhooks: capture exact attention, Q and K from any PyTorch model, on its own attention path.
+
+Example:
+    >>> import torch, attnhooks
+    >>> mha = torch.nn.MultiheadAttention(16, 4, batch_first=True)
+    >>> x = torch.randn(1, 3, 16)
+    >>> with attnhooks.capture(mha) as cap:
+    ...     _ = mha(x, x, x)
+    >>> tuple(cap.records[0].attn.shape)
+    (1, 4, 3, 3)
+"""
+
+from .capture import Capture, capture
+from .errors import (
+    AttnHooksError,
+    AttnHooksWarning,
+    CaptureError,
+    CaptureStateError,
+    DropoutError,
+    FaithfulnessWarning,
+    ModuleSelectionError,
+    RecordOptionError,
+)
+from .intercept.emit import emit
+from .masks import MaskSpec
+from .record import Record
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AttnHooksError",
+    "AttnHooksWarning",
+    "Capture",
+    "CaptureError",
+    "CaptureStateError",
+    "DropoutError",
+    "FaithfulnessWarning",
+    "MaskSpec",
+    "ModuleSelectionError",
+    "Record",
+    "RecordOptionError",
+    "capture",
+    "emit",
+]

@@ -1,0 +1,362 @@
+"""capture(): watch a model's attention calls while it runs, with nothing left behind afterwards.
+
+Lifecycle: hooks, the registry patch and the ``generate`` scope are installed on ``__enter__``
+into an ``ExitStack`` and removed in ``__exit__`` (also after a partial install or an exception
+in the forward). The torch-function mode and the MHA fast-path switch are active only while a
+captured step's forward runs.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from collections.abc import Callable, Iterable
+from contextlib import ExitStack
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from .errors import AttnHooksWarning, CaptureStateError, RecordOptionError
+from .intercept.event import AttentionEvent
+from .intercept.hf import RegistryPatch
+from .intercept.mode import AttentionMode
+from .record import Record
+from .recorder import RECORDABLE, Recorder, RecordOptions
+from .select import Modules, select, unwrap
+from .streams import assemble
+
+__all__ = ["Capture", "capture"]
+
+DEFAULT_RECORD = ("attn", "q", "k")
+
+
+class Capture:
+    """A running capture; use :func:`capture` to make one. See :func:`capture` for the options.
+
+    Attributes:
+        records: every :class:`Record` kept, in call order.
+        every: capture one step in ``every``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        modules: Modules = None,
+        record: Iterable[str] = DEFAULT_RECORD,
+        every: int = 1,
+        verify: bool | int = False,
+        dropout: str = "flag",
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise RecordOptionError(f"capture() takes a torch.nn.Module, got {type(model).__name__}")
+        self.model = model
+        self._chain = unwrap(model)
+        self._selection = select(self._chain[-1], modules)
+        self._modules_by_name = dict(self._chain[-1].named_modules())
+        self.every = _check_every(every)
+        self._recorder = Recorder(_options(record, verify, dropout))
+        self._mode = AttentionMode(self)
+        self._registry = RegistryPatch(self, lambda: self._recorder.events)
+        self._exit: ExitStack | None = None
+        self._stack: list[str] = []
+        self._fwd_depth = 0
+        self._gen_depth = 0
+        self._capturing = False
+        self._step_used = False
+        self._manual = False
+        self._fastpath: bool | None = None
+        self._checked_silent = False
+
+    # -- public API -------------------------------------------------------------------------
+    @property
+    def records(self) -> list[Record]:
+        return self._recorder.records
+
+    @property
+    def step(self) -> int:
+        """The step counter. Assign it (``cap.step = i`` in a training loop) to take control: from
+        then on it changes only when you assign it, and every forward until then is part of step i."""
+        return self._recorder.step
+
+    @step.setter
+    def step(self, value: int) -> None:
+        if not isinstance(value, int) or value < 0:
+            raise RecordOptionError(f"cap.step must be a non-negative int, got {value!r}")
+        self._manual = True
+        self._step_used = False
+        self._recorder.step = value
+
+    @property
+    def active(self) -> bool:
+        """True inside the ``with`` block."""
+        return self._exit is not None
+
+    def assemble(self, module: str, step: int | None = None, call: int = 0) -> Record:
+        """One record for a whole call stream: prefill plus every KV-cache continuation.
+
+        See :func:`attnhooks.streams.assemble`; ``step`` defaults to the last captured step.
+        """
+        if step is None:
+            steps = [r.step for r in self.records if r.module == module]
+            step = steps[-1] if steps else self.step
+        return assemble(self.records, module, step, call)
+
+    def clear(self) -> None:
+        """Forget the records kept so far (hooks stay installed)."""
+        self._recorder.records.clear()
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def __enter__(self) -> Capture:
+        if self._exit is not None:
+            raise CaptureStateError("this capture is already active; create a new one with attnhooks.capture(model)")
+        stack = ExitStack()
+        try:
+            self._install(stack)
+        except BaseException:
+            stack.close()
+            raise
+        self._exit = stack
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        stack, self._exit = self._exit, None
+        try:
+            self._close_unit()
+        finally:
+            if stack is not None:
+                stack.close()
+            self._fwd_depth = self._gen_depth = 0
+            self._stack.clear()
+
+    def _install(self, stack: ExitStack) -> None:
+        for root in self._chain:
+            stack.enter_context(_handle(root.register_forward_pre_hook(self._root_pre, with_kwargs=True)))
+            stack.enter_context(_handle(root.register_forward_hook(self._root_post, always_call=True)))
+        for name, module in self._modules_by_name.items():
+            if id(module) in self._selection.names and self._selection.names[id(module)] == name:
+                stack.enter_context(_handle(module.register_forward_pre_hook(self._push)))
+                stack.enter_context(_handle(module.register_forward_hook(self._pop, always_call=True)))
+        self._registry.install()
+        stack.callback(self._registry.remove)
+        for obj in self._chain:
+            _patch_generate(stack, obj, self._generate_scope)
+
+    # -- hooks ----------------------------------------------------------------------------------
+    def _push(self, module: nn.Module, args: Any) -> None:
+        if self._capturing:
+            self._stack.append(self._selection.names[id(module)])
+
+    def _pop(self, module: nn.Module, args: Any, output: Any) -> None:
+        if self._capturing and self._stack:
+            self._stack.pop()
+
+    def _root_pre(self, module: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
+        self._fwd_depth += 1
+        if self._fwd_depth > 1:
+            return
+        if self._gen_depth == 0:
+            self._open_unit()
+        self._recorder.begin_pass(_is_continuation(kwargs))
+        self._mode.forget()
+
+    def _root_post(self, module: nn.Module, args: Any, output: Any) -> None:
+        self._fwd_depth = max(self._fwd_depth - 1, 0)
+        if self._fwd_depth == 0 and self._gen_depth == 0:
+            self._close_unit()
+
+    def _generate_scope(self, generate: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``model.generate``: the whole generation is one step; decode forwards continue it."""
+        self._gen_depth += 1
+        if self._gen_depth == 1:
+            self._open_unit()
+            self._recorder.begin_pass(False)
+        try:
+            return generate(*args, **kwargs)
+        finally:
+            self._gen_depth -= 1
+            if self._gen_depth == 0:
+                self._close_unit()
+
+    def _open_unit(self) -> None:
+        """A top-level forward (or generate) begins: advance the step, decide, push the mode."""
+        if self._step_used and not self._manual:
+            self._recorder.step += 1
+        if not self._step_used:
+            self._recorder.new_step(self._recorder.step)
+        self._step_used = True
+        if self._recorder.step % self.every:
+            return
+        self._capturing = True
+        self._stack.clear()
+        self._fastpath = torch.backends.mha.get_fastpath_enabled()
+        torch.backends.mha.set_fastpath_enabled(False)
+        self._mode.__enter__()
+
+    def _close_unit(self) -> None:
+        if not self._capturing:
+            return
+        self._capturing = False
+        self._mode.forget()
+        try:
+            self._mode.__exit__(None, None, None)
+        finally:
+            if self._fastpath is not None:
+                torch.backends.mha.set_fastpath_enabled(self._fastpath)
+            self._fastpath = None
+            self._stack.clear()
+        self._warn_silent()
+
+    # -- Sink protocol (called by the interception layer) -------------------------------------
+    def owner(self, module: nn.Module | None = None) -> str | None:
+        if not self._capturing:
+            return None
+        if module is not None:
+            name = self._selection.name_of(module)
+            if name is not None:
+                return name
+        return self._stack[-1] if self._stack else None
+
+    def on_attention(self, owner: str, event: AttentionEvent) -> None:
+        module = self._modules_by_name.get(owner)
+        cross = getattr(module, "is_cross_attention", None)
+        self._recorder.take(owner, event, cross if isinstance(cross, bool) else None)
+
+    def on_dropout(self, owner: str, p: float) -> None:
+        self._recorder.dropout(owner, p)
+
+    def _warn_silent(self) -> None:
+        if self._checked_silent or self._selection.everything:
+            return
+        self._checked_silent = True
+        seen = {r.module for r in self.records}
+        silent = [n for n in self._selection.names.values() if n not in seen]
+        if silent:
+            shown = ", ".join(repr(n) for n in silent[:8]) + (" ..." if len(silent) > 8 else "")
+            warnings.warn(
+                f"attnhooks: {len(silent)} selected module(s) made no attention call during the forward: "
+                f"{shown}. Select the modules that compute attention, or declare a custom one with "
+                "attnhooks.emit(self, q=..., k=..., attn=...) in its forward.",
+                AttnHooksWarning,
+                stacklevel=3,
+            )
+
+    def __repr__(self) -> str:
+        state = "active" if self.active else "closed"
+        return f"<Capture {state} step={self.step} records={len(self.records)}>"
+
+
+def capture(
+    model: nn.Module,
+    *,
+    modules: Modules = None,
+    record: Iterable[str] = DEFAULT_RECORD,
+    every: int = 1,
+    verify: bool | int = False,
+    dropout: str = "flag",
+) -> Capture:
+    """Capture the attention of ``model`` while it runs, on its own attention path.
+
+    Args:
+        model: any ``nn.Module``; DDP / DataParallel / PEFT / ``torch.compile`` wrappers are looked
+            through for names.
+        modules: which modules own attention calls: None (every attention call of the model,
+            attributed to the innermost running module), a glob such as
+            ``"model.layers.*.self_attn"``, a list of names or globs, or a predicate
+            ``(name, module) -> bool``.
+        record: what to keep per call, drawn from ``"attn"`` (``[batch, heads, q_len, k_len]``
+            float32 probabilities), ``"q"``, ``"k"``, ``"lse"``.
+        every: capture one step in ``every`` (steps ``0, every, 2*every, ...``); other steps run
+            with no interception at all.
+        verify: opt-in faithfulness check: ``True`` (4 rows) or a number of query rows per call
+            whose ``attn @ v`` is compared with the kernel's output; ``Record.verify_error`` holds
+            the difference and a :class:`FaithfulnessWarning` reports a mismatch.
+        dropout: ``"flag"`` records pre-dropout probabilities with ``Record.dropout`` set and
+            warns once; ``"refuse"`` raises :class:`DropoutError` when attention dropout is active.
+
+    Returns:
+        A :class:`Capture`; use it as a context manager.
+
+    Example:
+        >>> import torch, attnhooks
+        >>> layer = torch.nn.TransformerEncoderLayer(16, 4, batch_first=True).eval()
+        >>> with attnhooks.capture(layer) as cap:
+        ...     _ = layer(torch.randn(2, 5, 16))
+        >>> rec = cap.records[0]
+        >>> rec.module, tuple(rec.attn.shape)
+        ('self_attn', (2, 4, 5, 5))
+    """
+    return Capture(model, modules=modules, record=record, every=every, verify=verify, dropout=dropout)
+
+
+def _options(record: Iterable[str], verify: bool | int, dropout: str) -> RecordOptions:
+    if isinstance(record, str):
+        record = (record,)
+    wanted = tuple(record)
+    unknown = [r for r in wanted if r not in RECORDABLE]
+    if unknown or not wanted:
+        raise RecordOptionError(
+            f"record={wanted!r}: each entry must be one of {RECORDABLE}, and at least one is needed; "
+            "e.g. record=('q', 'k') for the cheapest exact capture"
+        )
+    if dropout not in ("flag", "refuse"):
+        raise RecordOptionError(f"dropout={dropout!r}: use 'flag' or 'refuse'")
+    if isinstance(verify, bool):
+        rows = 4 if verify else 0
+    elif isinstance(verify, int) and verify >= 0:
+        rows = verify
+    else:
+        raise RecordOptionError(f"verify={verify!r}: use True/False or a number of rows per call")
+    return RecordOptions(frozenset(wanted), rows, dropout)
+
+
+def _check_every(every: int) -> int:
+    if not isinstance(every, int) or isinstance(every, bool) or every < 1:
+        raise RecordOptionError(f"every={every!r}: use a positive int (1 captures every step)")
+    return every
+
+
+def _is_continuation(kwargs: dict[str, Any]) -> bool:
+    """True when a forward extends a non-empty KV cache (Hugging Face ``past_key_values``)."""
+    cache = kwargs.get("past_key_values")
+    if cache is None:
+        return False
+    length = getattr(cache, "get_seq_length", None)
+    if callable(length):
+        return int(length()) > 0
+    if isinstance(cache, (tuple, list)) and cache and isinstance(cache[0], (tuple, list)) and cache[0]:
+        return int(cache[0][0].shape[-2]) > 0
+    return False
+
+
+class _handle:
+    """Context manager that removes a hook handle."""
+
+    def __init__(self, handle: Any) -> None:
+        self._h = handle
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        self._h.remove()
+
+
+def _patch_generate(stack: ExitStack, obj: nn.Module, scope: Callable[..., Any]) -> None:
+    """Route ``obj.generate`` through ``scope`` for the capture's lifetime (instance attribute)."""
+    generate = getattr(obj, "generate", None)
+    if not callable(generate):
+        return
+    had_own = "generate" in vars(obj)
+    wrapped = functools.wraps(generate)(functools.partial(scope, generate))
+    object.__setattr__(obj, "generate", wrapped)
+
+    def restore() -> None:
+        if vars(obj).get("generate") is wrapped:
+            if had_own:
+                object.__setattr__(obj, "generate", generate)
+            else:
+                del obj.__dict__["generate"]
+
+    stack.callback(restore)

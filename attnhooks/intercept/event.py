@@ -1,0 +1,81 @@
+"""AttentionEvent: what an interception mechanism saw, handed to the capture that owns it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from ..masks import MaskSpec
+
+__all__ = ["AttentionEvent", "Sink", "to_4d"]
+
+
+@dataclass
+class AttentionEvent:
+    """One attention call as seen at a kernel boundary. Tensors are the live ones (not copies).
+
+    Attributes:
+        q: ``[batch, heads, q_len, head_dim]`` or None when the mechanism cannot see it.
+        k: ``[batch, kv_heads, k_len, head_dim]`` or None.
+        v: ``[batch, kv_heads, k_len, v_dim]``, for verification; None when unseen.
+        out: ``[batch, heads, q_len, v_dim]`` the kernel's output, for verification; None when unseen.
+        attn: ``[batch, heads, q_len, k_len]`` probabilities the model materialised (eager), else None.
+        scores: ``[batch, heads, q_len, k_len]`` the softmax input (eager), else None.
+        raw_scores: ``q·kᵀ`` before scale, bias and mask (eager), else None.
+        mask: the mask the kernel applied (None when none or unknown).
+        scale: score factor; None means SDPA's default ``1/sqrt(head_dim)``.
+        softcap: scores were soft-capped as ``softcap * tanh(s / softcap)`` before the mask.
+        dropout: dropout probability applied to the probabilities.
+        source: the mechanism: ``"sdpa"``, ``"eager"``, ``"mha"``, ``"hf:<impl>"``, ``"emit"``.
+        module: the module object when the mechanism knows it (HF registry, ``emit``).
+    """
+
+    q: torch.Tensor | None
+    k: torch.Tensor | None
+    source: str
+    v: torch.Tensor | None = None
+    out: torch.Tensor | None = None
+    attn: torch.Tensor | None = None
+    scores: torch.Tensor | None = None
+    raw_scores: torch.Tensor | None = None
+    mask: MaskSpec | None = None
+    scale: float | None = None
+    softcap: float | None = None
+    dropout: float = 0.0
+    module: torch.nn.Module | None = None
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """``(batch, heads, q_len, k_len)`` of the call."""
+        if self.attn is not None:
+            b, h, lq, lk = self.attn.shape
+            return int(b), int(h), int(lq), int(lk)
+        assert self.q is not None and self.k is not None  # every mechanism sets attn or q and k
+        b, h, lq, _ = self.q.shape
+        return int(b), int(h), int(lq), int(self.k.shape[2])
+
+
+class Sink(Protocol):
+    """The receiving side of interception: a running capture."""
+
+    def owner(self, module: torch.nn.Module | None = None) -> str | None:
+        """Name of the selected module a call belongs to, or None to ignore the call."""
+
+    def on_attention(self, owner: str, event: AttentionEvent) -> None:
+        """Take one attention call made inside ``owner``."""
+
+    def on_dropout(self, owner: str, p: float) -> None:
+        """Dropout with probability ``p`` was applied inside ``owner`` after its last attention."""
+
+
+def to_4d(t: torch.Tensor) -> torch.Tensor:
+    """View ``[..., L, D]`` as ``[batch, heads, L, D]``: 3-D gets one head, >4-D folds into batch."""
+    if t.dim() == 4:
+        return t
+    if t.dim() == 3:
+        return t.unsqueeze(1)
+    if t.dim() == 2:
+        return t[None, None]
+    return t.reshape(-1, *t.shape[-3:])

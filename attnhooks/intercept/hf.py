@@ -1,0 +1,132 @@
+"""Hugging Face's attention-function registry (``AttentionInterface``).
+
+transformers modules call ``ALL_ATTENTION_FUNCTIONS[config._attn_implementation](module, q, k, v,
+mask, scaling=, dropout=, sliding_window=, softcap=, ...)`` with post-RoPE q ``[B, H, Lq, D]`` and k
+at the KV-head count. While a capture runs, every registered implementation is wrapped *in place*
+(same key), so its mask function stays registered with it and padded batches keep their masks.
+
+The wrapper names the module exactly (it is the first argument). When the implementation calls
+a kernel the mode can see (``sdpa``), that kernel's event is the record. When it cannot
+(``flash_attention_*``, ``flex_attention``, a third-party kernel), the wrapper reports the call
+from the registry's own arguments and the capture computes the probabilities exactly.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+import warnings
+from collections.abc import Callable, MutableMapping
+from typing import Any
+
+import torch
+
+from ..errors import AttnHooksWarning
+from ..kernels import isolated
+from ..masks import MaskSpec
+from .event import AttentionEvent, Sink
+
+__all__ = ["RegistryPatch"]
+
+
+class RegistryPatch:
+    """Wraps every entry of transformers' attention registry for one capture; ``remove`` undoes it.
+
+    A no-op when transformers has not been imported (then no model of it can be running).
+    """
+
+    def __init__(self, sink: Sink, counter: Callable[[], int]) -> None:
+        self._sink = sink
+        self._count = counter
+        self._installed: list[tuple[MutableMapping[str, Any], str, Any, Any]] = []
+        self.active = False
+
+    def install(self) -> None:
+        module = sys.modules.get("transformers.modeling_utils")
+        interface = getattr(module, "AttentionInterface", None)
+        mapping = getattr(interface, "_global_mapping", None)
+        if not isinstance(mapping, dict):
+            return
+        mappings = [mapping]
+        local = getattr(getattr(module, "ALL_ATTENTION_FUNCTIONS", None), "_local_mapping", None)
+        if isinstance(local, dict):
+            mappings.append(local)
+        for table in mappings:
+            for name, fn in list(table.items()):
+                wrapped = self._wrap(name, fn)
+                table[name] = wrapped
+                self._installed.append((table, name, fn, wrapped))
+        self.active = True
+
+    def remove(self) -> None:
+        self.active = False
+        for table, name, fn, wrapped in reversed(self._installed):
+            if table.get(name) is wrapped:
+                table[name] = fn
+        self._installed.clear()
+
+    def _wrap(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def wrapper(module: Any, query: Any, key: Any, value: Any, attention_mask: Any, *args: Any, **kwargs: Any) -> Any:
+            owner = self._sink.owner(module) if self.active else None
+            if owner is None:
+                return fn(module, query, key, value, attention_mask, *args, **kwargs)
+            seen = self._count()
+            out = fn(module, query, key, value, attention_mask, *args, **kwargs)
+            if self._count() == seen:
+                event = _event(name, module, query, key, value, attention_mask, out, kwargs)
+                if event is not None:
+                    self._sink.on_attention(owner, event)
+            return out
+
+        wrapper.__attnhooks_original__ = fn  # type: ignore[attr-defined]
+        return wrapper
+
+
+def _event(
+    name: str, module: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Any, out: Any, kw: dict[str, Any]
+) -> AttentionEvent | None:
+    """An event from the registry's arguments, for kernels the mode cannot look into."""
+    if kw.get("s_aux") is not None or kw.get("position_bias") is not None:
+        warnings.warn(
+            f"attnhooks: {name} call of {type(module).__name__} uses attention sinks or a position bias "
+            "inside the kernel; this call is not captured. Use attn_implementation='sdpa' or 'eager'.",
+            AttnHooksWarning,
+            stacklevel=3,
+        )
+        return None
+    with isolated(q.device):
+        spec = _mask(module, mask, q.shape[-2], k.shape[-2], kw.get("sliding_window"))
+    output = out[0] if isinstance(out, tuple) else out
+    return AttentionEvent(
+        q=q,
+        k=k,
+        v=v,
+        out=output.transpose(1, 2) if isinstance(output, torch.Tensor) and output.dim() == 4 else None,
+        mask=spec,
+        scale=kw.get("scaling"),
+        softcap=kw.get("softcap"),
+        dropout=float(kw.get("dropout") or 0.0),
+        source=f"hf:{name}",
+    )
+
+
+def _mask(module: Any, mask: Any, q_len: int, k_len: int, window: int | None) -> MaskSpec:
+    """The registry's mask in any of its forms: 4-D tensor, 2-D padding, BlockMask or None."""
+    causal = bool(getattr(module, "is_causal", False))
+    if isinstance(mask, torch.Tensor) and mask.dim() == 4:
+        return MaskSpec.from_kernel(mask[..., :k_len], False, q_len, k_len)
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+        return MaskSpec(causal=causal, offset=k_len - q_len, window=window, key_valid=mask[:, -k_len:].bool().cpu())
+    if mask is not None and hasattr(mask, "mask_mod"):
+        return MaskSpec(dense=_dense_block_mask(mask, q_len, k_len))
+    return MaskSpec(causal=causal, offset=k_len - q_len, window=window)
+
+
+def _dense_block_mask(block_mask: Any, q_len: int, k_len: int) -> torch.Tensor:
+    """Element-level boolean mask ``[B, H, q_len, k_len]`` of a flex-attention BlockMask."""
+    from torch.nn.attention.flex_attention import create_mask
+
+    batch, heads = block_mask.kv_num_blocks.shape[:2]
+    dense = create_mask(block_mask.mask_mod, batch, heads, q_len, k_len, device=block_mask.kv_num_blocks.device)
+    return dense.to("cpu")

@@ -1,0 +1,110 @@
+"""``nn.MultiheadAttention`` (and the Transformer layers built on it).
+
+``F.multi_head_attention_forward`` projects q, k, v itself and then calls SDPA or a softmax
+inside the intercepted call, where a mode no longer sees anything. The handler therefore
+rebuilds q and k with the same projection helpers torch uses, reports them with the combined
+``attn_mask`` / ``key_padding_mask``, and runs the original call unchanged for the output.
+
+The native fast path (eval mode, no grad) bypasses Python entirely; a capture turns it off
+with ``torch.backends.mha.set_fastpath_enabled(False)`` for the duration of a captured forward.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..kernels import isolated
+from ..masks import MaskSpec
+from .event import AttentionEvent
+
+__all__ = ["FUNCTIONS", "handle_mha"]
+
+FUNCTIONS = (F.multi_head_attention_forward,)
+_SIGNATURE = inspect.signature(F.multi_head_attention_forward)
+
+
+def handle_mha(mode: Any, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """Report the per-head attention of the call, then run it unchanged."""
+    owner = mode.sink.owner()
+    if owner is not None:
+        a = _SIGNATURE.bind(*args, **kwargs)
+        a.apply_defaults()
+        event = _event(a.arguments)
+        mode.sink.on_attention(owner, event)
+    return func(*args, **kwargs)
+
+
+def _event(a: dict[str, Any]) -> AttentionEvent:
+    query, key = a["query"], a["key"]
+    batched = query.dim() == 3
+    heads = int(a["num_heads"])
+    with isolated(query.device):
+        q, k = _project(a, heads)  # [B, H, L, D], [B, H, S, D]
+        padding = a["key_padding_mask"]
+        if not batched and padding is not None:
+            padding = padding.unsqueeze(0)
+        mask = _mask(a, q.shape[0], heads, q.shape[2], k.shape[2], padding)
+    dropout = float(a["dropout_p"]) if a["training"] else 0.0
+    return AttentionEvent(q=q, k=k, mask=mask, scale=1.0 / math.sqrt(q.shape[-1]), dropout=dropout, source="mha")
+
+
+def _project(a: dict[str, Any], heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """q and k exactly as ``multi_head_attention_forward`` computes them, as ``[B, H, L, D]``."""
+    query, key, value = a["query"], a["key"], a["value"]
+    if query.dim() == 2:
+        query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
+    tgt_len, bsz, embed = query.shape
+    head_dim = embed // heads
+    if not a["use_separate_proj_weight"]:
+        q, k, _ = F._in_projection_packed(query, key, value, a["in_proj_weight"], a["in_proj_bias"])
+    else:
+        b = a["in_proj_bias"]
+        bq, bk, bv = b.chunk(3) if b is not None else (None, None, None)
+        q, k, _ = F._in_projection(
+            query, key, value, a["q_proj_weight"], a["k_proj_weight"], a["v_proj_weight"], bq, bk, bv
+        )
+    if a["bias_k"] is not None:
+        k = torch.cat([k, a["bias_k"].repeat(1, bsz, 1)])
+    q = q.view(tgt_len, bsz, heads, head_dim).permute(1, 2, 0, 3)
+    if a["static_k"] is not None:
+        k = a["static_k"].view(bsz, heads, -1, head_dim)
+    else:
+        k = k.view(k.shape[0], bsz, heads, head_dim).permute(1, 2, 0, 3)
+    if a["add_zero_attn"]:
+        k = torch.cat([k, k.new_zeros(bsz, heads, 1, head_dim)], dim=2)
+    return q, k
+
+
+def _mask(
+    a: dict[str, Any], bsz: int, heads: int, q_len: int, k_len: int, padding: torch.Tensor | None
+) -> MaskSpec:
+    """The additive mask the call applies: ``attn_mask`` + ``key_padding_mask``, padded for extra keys."""
+    attn_mask, causal = a["attn_mask"], bool(a["is_causal"])
+    if attn_mask is None and padding is None:
+        return MaskSpec(causal=causal)
+    per_head = attn_mask is not None and attn_mask.dim() == 3
+    total = torch.zeros(bsz, heads if per_head else 1, q_len, k_len, device=a["query"].device)
+    if attn_mask is not None:
+        m = _additive(attn_mask)
+        m = m.view(bsz, heads, *m.shape[-2:]) if per_head else m
+        total[..., : m.shape[-1]] += m
+    if padding is not None:
+        p = _additive(padding)
+        total[..., : p.shape[-1]] += p[:, None, None, :]
+    if causal and attn_mask is None:
+        hidden = torch.ones(q_len, k_len, dtype=torch.bool, device=total.device).triu(1)
+        total.masked_fill_(hidden, float("-inf"))
+    return MaskSpec.from_kernel(total, False, q_len, k_len)
+
+
+def _additive(mask: torch.Tensor) -> torch.Tensor:
+    """MHA convention: a bool mask marks positions NOT allowed (True = masked out)."""
+    if mask.dtype == torch.bool:
+        zero = torch.zeros((), device=mask.device)
+        return torch.where(mask, float("-inf"), zero)
+    return mask.float()

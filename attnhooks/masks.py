@@ -1,0 +1,138 @@
+"""Attention masks as the kernel saw them, in a compact form when one exists.
+
+A :class:`MaskSpec` rebuilds exactly the mask that an attention call used: causal alignment,
+key padding and sliding window when the mask is expressible that way, otherwise the mask tensor
+itself (bool: True means "may attend"; float: added to the scores, as T5's position bias).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["MaskSpec"]
+
+
+@dataclass(frozen=True)
+class MaskSpec:
+    """What query row ``i`` of a call may attend to, for every key ``j``.
+
+    Attributes:
+        causal: keys after the query's own position are hidden: ``j <= i + offset``.
+        offset: position of query row 0 among the keys for ``causal`` and ``window``
+            (``k_len - q_len`` for a KV-cache continuation, 0 for SDPA's ``is_causal``).
+        window: sliding window: additionally ``i + offset - j < window``; None for no window.
+        key_valid: bool ``[batch, k_len]``, False for padded keys; None when all keys are valid.
+        dense: the mask exactly as given to the kernel, broadcastable to
+            ``[batch, heads, q_len, k_len]``; bool (True = attend) or float (added to scores).
+            Set only when the mask has no compact form; then the other fields are ignored.
+    """
+
+    causal: bool = False
+    offset: int = 0
+    window: int | None = None
+    key_valid: torch.Tensor | None = None
+    dense: torch.Tensor | None = None
+
+    @property
+    def is_trivial(self) -> bool:
+        """True when every query may attend to every key."""
+        return not self.causal and self.window is None and self.key_valid is None and self.dense is None
+
+    @classmethod
+    def from_kernel(
+        cls, mask: torch.Tensor | None, is_causal: bool, q_len: int, k_len: int
+    ) -> MaskSpec:
+        """Describe the mask of an SDPA-style call (``attn_mask``, ``is_causal``).
+
+        A boolean (or 0/-inf) mask that is causal-with-padding or padding-only is stored as
+        ``key_valid`` plus flags; anything else (a float bias, a per-head mask) as ``dense``.
+        """
+        if mask is None:
+            return cls(causal=is_causal)
+        mask = mask.detach()
+        allowed = _as_allowed(mask)
+        if allowed is None or is_causal or allowed.dim() < 2:
+            return cls(causal=is_causal, dense=mask.to("cpu", copy=True))
+        compact = _compact(allowed, q_len, k_len)
+        return compact if compact is not None else cls(dense=mask.to("cpu", copy=True))
+
+    def additive(
+        self, batch: int, q_len: int, k_len: int, rows: slice | None = None, device: torch.device | str = "cpu"
+    ) -> torch.Tensor | None:
+        """Float32 mask to add to the scores, broadcastable to ``[batch, heads, rows, k_len]``.
+
+        Args:
+            batch, q_len, k_len: the call's sizes.
+            rows: the query rows wanted (default: all ``q_len`` rows).
+            device: where to build it.
+
+        Returns:
+            ``0`` where attention is allowed and ``-inf`` where not, shaped
+            ``[batch | 1, heads | 1, len(rows), k_len]``; None when nothing is masked.
+        """
+        rows = rows or slice(0, q_len)
+        if self.dense is not None:
+            dense = self.dense.to(device)
+            while dense.dim() < 4:
+                dense = dense.unsqueeze(0)
+            dense = dense[..., rows, :] if dense.shape[-2] != 1 else dense
+            if dense.dtype == torch.bool:
+                zero = torch.zeros((), dtype=torch.float32, device=device)
+                return torch.where(dense, zero, float("-inf"))
+            return dense.float()
+        allowed = self._allowed(q_len, k_len, rows, device)
+        if allowed is None:
+            return None
+        zero = torch.zeros((), dtype=torch.float32, device=device)
+        return torch.where(allowed, zero, float("-inf"))
+
+    def _allowed(
+        self, q_len: int, k_len: int, rows: slice, device: torch.device | str
+    ) -> torch.Tensor | None:
+        allowed: torch.Tensor | None = None
+        if self.causal or self.window is not None:
+            i = torch.arange(q_len, device=device)[rows].unsqueeze(-1) + self.offset
+            j = torch.arange(k_len, device=device)
+            allowed = j <= i if self.causal else torch.ones_like(j <= i)
+            if self.window is not None:
+                allowed = allowed & (i - j < self.window)
+            allowed = allowed[None, None]
+        if self.key_valid is not None:
+            keys = self.key_valid.to(device)[:, None, None, :]
+            allowed = keys if allowed is None else allowed & keys
+        return allowed
+
+
+def _as_allowed(mask: torch.Tensor) -> torch.Tensor | None:
+    """Boolean "may attend" view of a mask, or None when it carries real-valued scores."""
+    if mask.dtype == torch.bool:
+        return mask
+    finite = torch.isfinite(mask)
+    if bool((mask[finite] == 0).all()) and bool((mask[~finite] < 0).all()):
+        return finite
+    return None
+
+
+def _compact(allowed: torch.Tensor, q_len: int, k_len: int) -> MaskSpec | None:
+    """Express a boolean mask as key padding, optionally causal (bottom-right aligned)."""
+    while allowed.dim() < 4:
+        allowed = allowed.unsqueeze(0)
+    if allowed.shape[1] != 1:
+        return None
+    allowed = allowed.expand(allowed.shape[0], 1, q_len, k_len)
+    if bool(allowed.all()):
+        return MaskSpec()
+    key_valid = allowed[:, 0, -1, :]
+    padding_only = MaskSpec(key_valid=key_valid.to("cpu", copy=True))
+    if torch.equal(allowed, key_valid[:, None, None, :].expand_as(allowed)):
+        return padding_only
+    offset = k_len - q_len
+    causal = MaskSpec(causal=True, offset=offset, key_valid=padding_only.key_valid)
+    rebuilt = causal._allowed(q_len, k_len, slice(0, q_len), allowed.device)
+    if rebuilt is not None and torch.equal(allowed, rebuilt.expand_as(allowed)):
+        if bool(key_valid.all()):
+            return MaskSpec(causal=True, offset=offset)
+        return causal
+    return None

@@ -1,0 +1,226 @@
+"""Recorder: turns attention events into Records, per step, call and KV-cache stream.
+
+Call indices: within a step, the n-th call of a module gets index n. A *continuation* forward
+(a KV-cache decode step or a chunk of a chunked prefill) does not open new calls: its n-th call of
+a module continues the n-th call of that module in the forward it continues, and the record keeps
+only the new query rows and the keys not recorded before, so a generation of N tokens keeps
+O(N·d) of q and k.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import DropoutError, FaithfulnessWarning
+from .intercept.event import AttentionEvent
+from .kernels import attention_probs, isolated, verify_rows
+from .masks import MaskSpec
+from .record import Record
+
+__all__ = ["Recorder", "RecordOptions"]
+
+RECORDABLE = ("attn", "q", "k", "lse")
+
+
+@dataclass(frozen=True)
+class RecordOptions:
+    """What a capture keeps of each call and how it checks it.
+
+    Attributes:
+        record: subset of ``("attn", "q", "k", "lse")``.
+        verify: number of query rows per call whose ``attn @ v`` is compared with the kernel's
+            output (0 = off).
+        dropout: ``"flag"`` (record, set ``Record.dropout``, warn once) or ``"refuse"`` (raise).
+    """
+
+    record: frozenset[str]
+    verify: int = 0
+    dropout: str = "flag"
+
+
+@dataclass
+class _Stream:
+    rows: int
+    keys: int
+
+
+@dataclass
+class Recorder:
+    """Per-step call bookkeeping and record construction for one capture."""
+
+    options: RecordOptions
+    records: list[Record] = field(default_factory=list)
+    step: int = 0
+    _calls: dict[str, int] = field(default_factory=dict)
+    _pass_first: dict[str, int] = field(default_factory=dict)
+    _cursor: dict[str, int] = field(default_factory=dict)
+    _continuing: bool = False
+    _streams: dict[tuple[str, int], _Stream] = field(default_factory=dict)
+    _last: dict[str, Record] = field(default_factory=dict)
+    _warned: set[str] = field(default_factory=set)
+    events: int = 0
+
+    def new_step(self, step: int) -> None:
+        """Start step ``step``: call indices and KV streams start afresh."""
+        self.step = step
+        self._calls.clear()
+        self._pass_first.clear()
+        self._cursor.clear()
+        self._streams.clear()
+        self._continuing = False
+
+    def begin_pass(self, continuation: bool) -> None:
+        """A forward starts; ``continuation`` when it extends the previous one's KV cache."""
+        self._continuing = continuation and bool(self._pass_first)
+        self._last.clear()
+        if self._continuing:
+            self._cursor = dict(self._pass_first)
+        else:
+            self._pass_first = {}
+
+    def take(self, owner: str, event: AttentionEvent, cross: bool | None) -> Record:
+        """Build, check and keep the record of one attention call of ``owner``."""
+        self.events += 1
+        call, continues = self._call_index(owner)
+        stream = self._streams.get((owner, call)) if continues else None
+        batch, heads, q_len, k_len = event.shape
+        q_offset = stream.rows if stream else 0
+        k_offset = stream.keys if stream and stream.keys <= k_len else 0
+        if cross is None:
+            cross = (k_len == k_offset) if stream else q_len != k_len
+        rec = self._build(owner, call, event, q_offset, k_offset, "cross" if cross else "self")
+        self._streams[(owner, call)] = _Stream(q_offset + q_len, k_len)
+        if event.dropout > 0:
+            self.dropout(owner, event.dropout, rec)
+        self.records.append(rec)
+        self._last[owner] = rec
+        return rec
+
+    def dropout(self, owner: str, p: float, rec: Record | None = None) -> None:
+        """Dropout ``p`` hit the probabilities of ``owner``'s last call: flag it or refuse."""
+        rec = rec or self._last.get(owner)
+        if rec is None:
+            return
+        rec.dropout = p
+        if self.options.dropout == "refuse":
+            raise DropoutError(
+                f"attention dropout p={p} is active in {owner!r} during capture, so the probabilities "
+                "the model used were randomly zeroed. Call model.eval() or set the attention dropout "
+                "to 0 for captured steps, or pass capture(..., dropout='flag') to record the "
+                "pre-dropout probabilities with Record.dropout set."
+            )
+        if "dropout" not in self._warned:
+            self._warned.add("dropout")
+            warnings.warn(
+                f"attnhooks: attention dropout p={p} is active in {owner!r}; records hold the "
+                "probabilities before dropout and have Record.dropout set. Use model.eval() for "
+                "exact captures.",
+                FaithfulnessWarning,
+                stacklevel=4,
+            )
+
+    def _call_index(self, owner: str) -> tuple[int, bool]:
+        if self._continuing and owner in self._cursor:
+            call = self._cursor[owner]
+            self._cursor[owner] = call + 1
+            return call, True
+        call = self._calls.get(owner, 0)
+        self._calls[owner] = call + 1
+        if not self._continuing:
+            self._pass_first.setdefault(owner, call)
+        return call, False
+
+    def _build(
+        self, owner: str, call: int, event: AttentionEvent, q_offset: int, k_offset: int, kind: str
+    ) -> Record:
+        want = self.options.record
+        q, k = event.q, event.k
+        rec = Record(
+            module=owner,
+            call=call,
+            step=self.step,
+            q_offset=q_offset,
+            k_offset=k_offset,
+            k_len=event.shape[3],
+            kind=kind,
+            source=event.source,
+            scale=event.scale if event.scale is not None else _default_scale(q),
+            mask=event.mask or MaskSpec(),
+        )
+        if "q" in want and q is not None:
+            rec.q = _keep(q)
+        if "k" in want and k is not None:
+            rec.k = _keep(k[:, :, k_offset:])
+        if event.attn is not None:
+            self._from_eager(rec, event)
+        elif ("attn" in want or "lse" in want) and q is not None and k is not None:
+            attn, lse = attention_probs(q, k, rec.scale, rec.mask, softcap=event.softcap)
+            rec.attn = _keep(attn) if "attn" in want else None
+            rec.lse = _keep(lse) if "lse" in want else None
+        if self.options.verify and event.v is not None and event.out is not None and q is not None and k is not None:
+            self._verify(rec, event)
+        return rec
+
+    def _from_eager(self, rec: Record, event: AttentionEvent) -> None:
+        """Probabilities the model materialised; scale and mask inferred from its scores."""
+        assert event.attn is not None and event.scores is not None
+        with isolated(event.attn.device):
+            if "attn" in self.options.record:
+                rec.attn = event.attn.detach().to("cpu", torch.float32, copy=True)
+            if "lse" in self.options.record:
+                rec.lse = _keep(torch.logsumexp(event.scores.float(), dim=-1))
+            if event.raw_scores is not None:
+                rec.scale, rec.mask = _eager_scale_and_mask(event.raw_scores, event.scores)
+
+    def _verify(self, rec: Record, event: AttentionEvent) -> None:
+        assert event.q is not None and event.k is not None and event.v is not None and event.out is not None
+        q_len = event.q.shape[2]
+        rows = torch.linspace(0, q_len - 1, min(self.options.verify, q_len)).round().long().unique()
+        with isolated(event.q.device):
+            attn, _ = attention_probs(event.q, event.k, rec.scale, rec.mask, softcap=event.softcap)
+            attn = attn[:, :, rows.to(attn.device)]
+            err = verify_rows(attn, event.v, event.out[:, :, rows.to(event.out.device)])
+        rec.verify_error = err
+        tolerance = 1e-4 if event.q.dtype in (torch.float32, torch.float64) else 5e-2
+        if not err <= tolerance:
+            warnings.warn(
+                f"attnhooks: captured attention of {rec.module!r} (step {rec.step}, call {rec.call}, "
+                f"{rec.source}) does not reproduce the kernel's output: max |attn @ v - out| = {err:.3g} "
+                f"> {tolerance:g}. Please report it with the model class.",
+                FaithfulnessWarning,
+                stacklevel=4,
+            )
+
+
+def _keep(t: torch.Tensor) -> torch.Tensor:
+    """A detached CPU copy: later in-place updates (a static KV cache) cannot change it."""
+    return t.detach().to("cpu", copy=True)
+
+
+def _default_scale(q: torch.Tensor | None) -> float:
+    return 1.0 / math.sqrt(q.shape[-1]) if q is not None else 1.0
+
+
+def _eager_scale_and_mask(raw: torch.Tensor, scores: torch.Tensor) -> tuple[float, MaskSpec]:
+    """``scores = raw * scale + residual``: the scale when one fits, the residual as the mask.
+
+    A residual of 0 / -inf becomes a compact mask; a real-valued one (T5's position bias, ALiBi)
+    is kept dense with scale 1.0, so ``q·kᵀ·scale + mask`` reproduces the scores either way.
+    """
+    raw, scores = raw.detach().float(), scores.detach().float()
+    floor = torch.finfo(torch.float32).min / 2
+    masked = ~torch.isfinite(scores) | (scores <= floor)
+    ok = ~masked & (raw.abs() > 1e-6)
+    scale = 1.0
+    if bool(ok.any()):
+        ratios = (scores[ok] / raw[ok]).flatten()[:4096]
+        candidate = float(ratios.median())
+        if torch.allclose(scores[ok], raw[ok] * candidate, rtol=1e-4, atol=1e-5):
+            scale = candidate
+    residual = (scores - raw * scale).masked_fill(masked, float("-inf"))
+    residual = residual.masked_fill(~masked & (residual.abs() < 1e-5), 0.0)
+    return scale, MaskSpec.from_kernel(residual, False, scores.shape[-2], scores.shape[-1])

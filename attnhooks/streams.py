@@ -1,0 +1,66 @@
+"""Reassemble a call stream (a prefill and its KV-cache continuations) into one record."""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import ModuleSelectionError
+from .record import Record
+
+__all__ = ["assemble"]
+
+
+def assemble(records: list[Record], module: str, step: int, call: int = 0) -> Record:
+    """Join the records of one call stream into a single record over all its rows.
+
+    Args:
+        records: records of a capture (``cap.records``).
+        module, step, call: which stream.
+
+    Returns:
+        A record whose ``q`` holds every query row (``[batch, heads, rows, head_dim]``), ``k`` every
+        key, ``attn`` ``[batch, heads, rows, k_len]`` with zeros where a row's call had fewer keys
+        (those keys did not exist yet: exactly the causal zeros of the full matrix), ``lse`` every row.
+
+    Raises:
+        ModuleSelectionError: no record matches.
+    """
+    parts = sorted(
+        (r for r in records if r.module == module and r.step == step and r.call == call),
+        key=lambda r: r.q_offset,
+    )
+    if not parts:
+        known = sorted({(r.module, r.step, r.call) for r in records})[:10]
+        raise ModuleSelectionError(
+            f"no records for module={module!r}, step={step}, call={call}; captured streams include {known}"
+        )
+    first, last = parts[0], parts[-1]
+    out = Record(
+        module=module,
+        call=call,
+        step=step,
+        scale=first.scale,
+        mask=first.mask,
+        k_len=max(r.k_len for r in parts),
+        kind=first.kind,
+        source=first.source,
+        dropout=max(r.dropout for r in parts),
+    )
+    out.q = _cat([r.q for r in parts], dim=2)
+    out.k = _cat([r.k for r in parts], dim=2)
+    out.lse = _cat([r.lse for r in parts], dim=2)
+    if all(r.attn is not None for r in parts):
+        rows = sum(int(r.attn.shape[2]) for r in parts)  # type: ignore[union-attr]
+        b, h = last.attn.shape[:2]  # type: ignore[union-attr]
+        attn = torch.zeros(b, h, rows, out.k_len, dtype=torch.float32)
+        for r in parts:
+            assert r.attn is not None
+            attn[:, :, r.q_offset : r.q_offset + r.attn.shape[2], : r.attn.shape[3]] = r.attn
+        out.attn = attn
+    return out
+
+
+def _cat(tensors: list[torch.Tensor | None], dim: int) -> torch.Tensor | None:
+    if any(t is None for t in tensors):
+        return None
+    return torch.cat([t for t in tensors if t is not None], dim=dim)

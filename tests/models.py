@@ -1,0 +1,86 @@
+"""Small random-initialised third-party models for tests (no downloads)."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+
+def _quiet():
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", module="transformers")
+
+
+def llama(impl: str = "sdpa", heads: int = 4, kv_heads: int = 2, layers: int = 2, **kw):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    _quiet()
+    cfg = LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=256,
+        attn_implementation=impl, **kw,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+def bert(impl: str = "sdpa"):
+    from transformers import BertConfig, BertModel
+
+    _quiet()
+    cfg = BertConfig(
+        vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+        max_position_embeddings=64, attn_implementation=impl,
+    )
+    return BertModel(cfg).eval()
+
+
+def gpt2(impl: str = "sdpa"):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    _quiet()
+    cfg = GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=64, attn_implementation=impl)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def t5(impl: str = "sdpa"):
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    _quiet()
+    cfg = T5Config(
+        vocab_size=128, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2, num_heads=4,
+        decoder_start_token_id=0, pad_token_id=0, attn_implementation=impl,
+    )
+    return T5ForConditionalGeneration(cfg).eval()
+
+
+def vit(impl: str = "sdpa"):
+    from transformers import ViTConfig, ViTModel
+
+    _quiet()
+    cfg = ViTConfig(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, image_size=32,
+        patch_size=8, attn_implementation=impl,
+    )
+    return ViTModel(cfg).eval()
+
+
+def same_weights(make, impl: str):
+    """Two copies of a model with identical weights: the default (sdpa) and ``impl``."""
+    a = make()
+    b = make(impl)
+    b.load_state_dict(a.state_dict())
+    return a, b
+
+
+def ids(batch: int = 2, length: int = 12, vocab: int = 128, pad_last: int = 0):
+    """Token ids and an attention mask; the last sample has ``pad_last`` padded (left) positions."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(3, vocab, (batch, length), generator=g)
+    mask = torch.ones(batch, length, dtype=torch.long)
+    if pad_last:
+        mask[-1, :pad_last] = 0
+        x[-1, :pad_last] = 0
+    return x, mask
