@@ -58,7 +58,7 @@ class Capture:
         self.every = _check_every(every)
         self._recorder = Recorder(_options(record, verify, dropout))
         self._mode = AttentionMode(self)
-        self._registry = RegistryPatch(self, lambda: self._recorder.events)
+        self._registry = RegistryPatch(self, lambda: self._recorder.events, self._mode)
         self._exit: ExitStack | None = None
         self._stack: list[str] = []
         self._fwd_depth = 0

@@ -35,9 +35,10 @@ class RegistryPatch:
     A no-op when transformers has not been imported (then no model of it can be running).
     """
 
-    def __init__(self, sink: Sink, counter: Callable[[], int]) -> None:
+    def __init__(self, sink: Sink, counter: Callable[[], int], mode: Any) -> None:
         self._sink = sink
         self._count = counter
+        self._mode = mode
         self._installed: list[tuple[MutableMapping[str, Any], str, Any, Any]] = []
         self.active = False
 
@@ -71,8 +72,12 @@ class RegistryPatch:
             owner = self._sink.owner(module) if self.active else None
             if owner is None:
                 return fn(module, query, key, value, attention_mask, *args, **kwargs)
-            seen = self._count()
-            out = fn(module, query, key, value, attention_mask, *args, **kwargs)
+            seen, outer = self._count(), self._mode.registry_shapes
+            self._mode.registry_shapes = (query.shape, key.shape)
+            try:
+                out = fn(module, query, key, value, attention_mask, *args, **kwargs)
+            finally:
+                self._mode.registry_shapes = outer
             if self._count() == seen:
                 event = _event(name, module, query, key, value, attention_mask, out, kwargs)
                 if event is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch.overrides import TorchFunctionMode
 
 from . import eager, mha, sdpa
@@ -51,6 +52,8 @@ class AttentionMode(TorchFunctionMode):
         self.sink = sink
         self.last_product: eager.QKProduct | None = None
         self.last_attention: tuple[str, tuple[int, ...]] | None = None
+        # set by the HF registry wrapper while an implementation runs: the q and k shapes it was given
+        self.registry_shapes: tuple[torch.Size, torch.Size] | None = None
 
     def __torch_function__(
         self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None

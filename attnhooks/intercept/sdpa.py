@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 import torch.nn.functional as F
 
 from ..masks import MaskSpec
@@ -32,13 +33,20 @@ def handle_sdpa(mode: Any, func: Any, args: tuple[Any, ...], kwargs: dict[str, A
     if owner is None:
         return out
     a = bind(args, kwargs)
-    q, k = to_4d(a["query"]), to_4d(a["key"])
-    mask = MaskSpec.from_kernel(a["attn_mask"], bool(a["is_causal"]), q.shape[-2], k.shape[-2])
+    q, k, out4, attn_mask = to_4d(a["query"]), to_4d(a["key"]), to_4d(out), a["attn_mask"]
+    v = to_4d(a["value"])
+    if mode.registry_shapes is not None:
+        q_shape, k_shape = mode.registry_shapes
+        if q.shape != q_shape and q.numel() == q_shape.numel() and q.shape[0] == q_shape[0]:
+            q, out4, attn_mask = _unpack_gqa(q, out4, attn_mask, q_shape)
+        if k_shape[1] < k.shape[1] and k.shape[1] % k_shape[1] == 0:
+            k, v = _dedupe_kv(k, k_shape[1]), _dedupe_kv(v, k_shape[1])
+    mask = MaskSpec.from_kernel(attn_mask, bool(a["is_causal"]), q.shape[-2], k.shape[-2])
     event = AttentionEvent(
         q=q,
         k=k,
-        v=to_4d(a["value"]),
-        out=to_4d(out),
+        v=v,
+        out=out4,
         mask=mask,
         scale=a["scale"],
         dropout=float(a["dropout_p"]),
@@ -47,3 +55,24 @@ def handle_sdpa(mode: Any, func: Any, args: tuple[Any, ...], kwargs: dict[str, A
     mode.sink.on_attention(owner, event)
     return out
 
+
+
+def _unpack_gqa(
+    q: torch.Tensor, out: torch.Tensor, mask: torch.Tensor | None, shape: torch.Size
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Undo transformers' ``pack_gqa`` (one decode token's query heads folded into rows per KV head).
+
+    The registry received q as ``shape = [batch, heads, 1, head_dim]``; the kernel got it as
+    ``[batch, kv_heads, heads // kv_heads, head_dim]``. A pure reshape, so this is exact.
+    """
+    batch, heads, q_len = shape[0], shape[1], shape[2]
+    q = q.reshape(shape)
+    out = out.reshape(batch, heads, q_len, out.shape[-1])
+    if mask is not None and mask.dim() == 4 and mask.shape[1] != 1:
+        mask = mask.reshape(mask.shape[0], heads, q_len, mask.shape[-1])
+    return q, out, mask
+
+
+def _dedupe_kv(t: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """Undo ``repeat_kv``: head ``h`` of the repeated tensor is KV head ``h // group``."""
+    return t[:, :: t.shape[1] // kv_heads]
