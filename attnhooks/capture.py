@@ -29,6 +29,7 @@ from .streams import assemble
 __all__ = ["Capture", "capture"]
 
 DEFAULT_RECORD = ("attn", "q", "k")
+_HEAD_ATTRS = ("heads", "num_heads", "num_attention_heads", "n_head", "n_heads")
 
 
 class Capture:
@@ -217,6 +218,14 @@ class Capture:
             if name is not None:
                 return name
         return self._stack[-1] if self._stack else None
+
+    def heads(self, owner: str) -> int | None:
+        module = self._modules_by_name.get(owner)
+        for attr in _HEAD_ATTRS:
+            value = getattr(module, attr, None)
+            if isinstance(value, int) and value > 0:
+                return value
+        return None
 
     def on_attention(self, owner: str, event: AttentionEvent) -> None:
         module = self._modules_by_name.get(owner)

@@ -119,11 +119,13 @@ def _compact(allowed: torch.Tensor, q_len: int, k_len: int) -> MaskSpec | None:
     """Express a boolean mask as key padding, optionally causal (bottom-right aligned)."""
     while allowed.dim() < 4:
         allowed = allowed.unsqueeze(0)
-    if allowed.shape[1] != 1:
-        return None
-    allowed = allowed.expand(allowed.shape[0], 1, q_len, k_len)
     if bool(allowed.all()):
         return MaskSpec()
+    if allowed.shape[1] != 1:
+        if not bool((allowed == allowed[:, :1]).all()):
+            return None
+        allowed = allowed[:, :1]
+    allowed = allowed.expand(allowed.shape[0], 1, q_len, k_len)
     key_valid = allowed[:, 0, -1, :]
     padding_only = MaskSpec(key_valid=key_valid.to("cpu", copy=True))
     if torch.equal(allowed, key_valid[:, None, None, :].expand_as(allowed)):

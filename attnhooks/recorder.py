@@ -173,8 +173,9 @@ class Recorder:
                 rec.attn = event.attn.detach().to("cpu", torch.float32, copy=True)
             if "lse" in self.options.record:
                 rec.lse = _keep(torch.logsumexp(event.scores.float(), dim=-1))
-            if event.raw_scores is not None:
-                rec.scale, rec.mask = _eager_scale_and_mask(event.raw_scores, event.scores)
+            if event.q is not None and event.k is not None:
+                raw = torch.matmul(event.q.float(), event.k.float().transpose(-1, -2))
+                rec.scale, rec.mask = _eager_scale_and_mask(raw, event.scores)
 
     def _verify(self, rec: Record, event: AttentionEvent) -> None:
         assert event.q is not None and event.k is not None and event.v is not None and event.out is not None

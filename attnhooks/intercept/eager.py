@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .event import AttentionEvent, to_4d
+from .event import AttentionEvent
 
 __all__ = ["PRODUCTS", "SOFTMAXES", "DROPOUTS", "QKProduct", "handle_product", "handle_softmax", "handle_dropout"]
 
@@ -63,14 +63,12 @@ def handle_softmax(mode: Any, func: Any, args: tuple[Any, ...], kwargs: dict[str
         return out
     owner = product.owner
     mode.last_product = None
-    q, k = to_4d(product.q), to_4d(product.k)
-    heads = _heads(q, x)
+    heads = _heads(product.q, x, mode.sink.heads(owner))
     event = AttentionEvent(
-        q=q,
-        k=k,
+        q=_fold_heads(product.q, heads),
+        k=_fold_heads(product.k, heads),
         attn=_fold_heads(out, heads),
         scores=_fold_heads(x, heads),
-        raw_scores=_fold_heads(product.out, heads),
         source="eager",
     )
     mode.sink.on_attention(owner, event)
@@ -146,11 +144,17 @@ def _permute(t: torch.Tensor, subs: str, batch: str, pos: str, d: str) -> torch.
     return t
 
 
-def _heads(q: torch.Tensor, scores: torch.Tensor) -> int:
-    """Heads of a score tensor: from its own 4-D shape, else from the query's."""
-    return int(scores.shape[1]) if scores.dim() == 4 else int(q.shape[1])
+def _heads(q: torch.Tensor, scores: torch.Tensor, declared: int | None) -> int:
+    """Heads of a score tensor: its own 4-D shape; for ``[batch*heads, q, k]`` the module's head count."""
+    if scores.dim() >= 4:
+        return int(scores.shape[-3])
+    if declared and scores.dim() == 3 and scores.shape[0] % declared == 0 and q.shape[0] == scores.shape[0]:
+        return declared
+    return 1
 
 
 def _fold_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
-    """``[..., q_len, k_len]`` as ``[batch, heads, q_len, k_len]``."""
-    return t if t.dim() == 4 else t.reshape(-1, heads, *t.shape[-2:])
+    """``[..., n, m]`` as ``[batch, heads, n, m]`` (3-D inputs are batch-major ``batch*heads``)."""
+    if t.dim() == 4:
+        return t
+    return t.reshape(-1, heads, *t.shape[-2:])

@@ -23,7 +23,6 @@ class AttentionEvent:
         out: ``[batch, heads, q_len, v_dim]`` the kernel's output, for verification; None when unseen.
         attn: ``[batch, heads, q_len, k_len]`` probabilities the model materialised (eager), else None.
         scores: ``[batch, heads, q_len, k_len]`` the softmax input (eager), else None.
-        raw_scores: ``q·kᵀ`` before scale, bias and mask (eager), else None.
         mask: the mask the kernel applied (None when none or unknown).
         scale: score factor; None means SDPA's default ``1/sqrt(head_dim)``.
         softcap: scores were soft-capped as ``softcap * tanh(s / softcap)`` before the mask.
@@ -39,7 +38,6 @@ class AttentionEvent:
     out: torch.Tensor | None = None
     attn: torch.Tensor | None = None
     scores: torch.Tensor | None = None
-    raw_scores: torch.Tensor | None = None
     mask: MaskSpec | None = None
     scale: float | None = None
     softcap: float | None = None
@@ -62,6 +60,10 @@ class Sink(Protocol):
 
     def owner(self, module: torch.nn.Module | None = None) -> str | None:
         """Name of the selected module a call belongs to, or None to ignore the call."""
+
+    def heads(self, owner: str) -> int | None:
+        """Head count the module declares (``heads`` / ``num_heads`` / ...), for ``[batch*heads, ...]``
+        tensors; None when it declares none."""
 
     def on_attention(self, owner: str, event: AttentionEvent) -> None:
         """Take one attention call made inside ``owner``."""

@@ -1,0 +1,85 @@
+"""torch.nn attention: MultiheadAttention (all argument paths) and the Transformer layers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+import attnhooks
+
+
+def _reference(mha, q, k, v, **kw):
+    with torch.no_grad():
+        return mha(q, k, v, need_weights=True, average_attn_weights=False, **kw)[1]
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("need_weights", [True, False])
+def test_mha_matches_its_own_weights(batch_first, need_weights):
+    mha = nn.MultiheadAttention(32, 4, batch_first=batch_first).eval()
+    x = torch.randn(2, 7, 32) if batch_first else torch.randn(7, 2, 32)
+    padding = torch.zeros(2, 7, dtype=torch.bool)
+    padding[1, -3:] = True
+    ref = _reference(mha, x, x, x, key_padding_mask=padding)
+    with torch.no_grad(), attnhooks.capture(mha) as cap:
+        out = mha(x, x, x, need_weights=need_weights, key_padding_mask=padding)
+    rec = cap.records[0]
+    assert rec.module == "" and rec.source == "mha"
+    assert float((rec.attn - ref).abs().max()) <= 1e-5
+    assert (out[1] is None) == (not need_weights), "the caller still gets what it asked for"
+
+
+def test_mha_cross_attention_masks_bias_kv_and_zero_attn():
+    mha = nn.MultiheadAttention(16, 2, batch_first=True, add_bias_kv=True, add_zero_attn=True, kdim=8, vdim=8)
+    mha.eval()
+    q, kv = torch.randn(2, 5, 16), torch.randn(2, 6, 8)
+    attn_mask = torch.zeros(5, 6, dtype=torch.bool)
+    attn_mask[:, 0] = True
+    ref = _reference(mha, q, kv, kv, attn_mask=attn_mask)
+    with torch.no_grad(), attnhooks.capture(mha) as cap:
+        mha(q, kv, kv, attn_mask=attn_mask)
+    rec = cap.records[0]
+    assert rec.kind == "cross" and rec.attn.shape == (2, 2, 5, 8)  # 6 keys + bias_k + zero key
+    assert float((rec.attn - ref).abs().max()) <= 1e-5
+
+
+def test_transformer_encoder_fast_path_is_captured_and_restored():
+    layer = nn.TransformerEncoderLayer(32, 4, dim_feedforward=64, batch_first=True)
+    enc = nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False).eval()
+    x = torch.randn(2, 6, 32)
+    assert torch.backends.mha.get_fastpath_enabled()
+    with torch.no_grad(), attnhooks.capture(enc) as cap:
+        captured = enc(x)
+    assert torch.backends.mha.get_fastpath_enabled(), "the fast-path switch is restored"
+    assert [r.module for r in cap.records] == ["layers.0.self_attn", "layers.1.self_attn"]
+    h = x
+    with torch.no_grad():
+        for rec, mod in zip(cap.records, enc.layers):
+            ref = _reference(mod.self_attn, h, h, h)
+            assert float((rec.attn - ref).abs().max()) <= 1e-5
+            h = mod(h)
+        assert torch.allclose(captured, enc(x), atol=1e-5)
+
+
+def test_transformer_decoder_layer_self_and_cross():
+    dec = nn.TransformerDecoderLayer(16, 2, dim_feedforward=32, batch_first=True).eval()
+    tgt, memory = torch.randn(1, 4, 16), torch.randn(1, 9, 16)
+    causal = nn.Transformer.generate_square_subsequent_mask(4)
+    with torch.no_grad(), attnhooks.capture(dec) as cap:
+        dec(tgt, memory, tgt_mask=causal, tgt_is_causal=True)
+    self_rec, cross_rec = cap.records
+    assert (self_rec.module, cross_rec.module) == ("self_attn", "multihead_attn")
+    assert self_rec.attn.shape == (1, 2, 4, 4) and cross_rec.attn.shape == (1, 2, 4, 9)
+    assert torch.all(self_rec.attn[0, :, 0, 1:] == 0), "causal: row 0 sees only key 0"
+    assert cross_rec.kind == "cross"
+
+
+def test_training_mode_mha_with_dropout_is_flagged():
+    mha = nn.MultiheadAttention(16, 2, dropout=0.5, batch_first=True).train()
+    x = torch.randn(1, 3, 16)
+    with pytest.warns(attnhooks.FaithfulnessWarning, match="dropout"), attnhooks.capture(mha) as cap:
+        mha(x, x, x)
+    assert cap.records[0].dropout == 0.5
+    with pytest.raises(attnhooks.DropoutError, match="model.eval"), attnhooks.capture(mha, dropout="refuse"):
+        mha(x, x, x)
