@@ -134,7 +134,9 @@ class Capture:
     def _install(self, stack: ExitStack) -> None:
         for root in self._chain:
             stack.enter_context(_handle(root.register_forward_pre_hook(self._root_pre, with_kwargs=True)))
-            stack.enter_context(_handle(root.register_forward_hook(self._root_post, always_call=True)))
+            # prepend: when captures nest on one model, the last one opened closes first (LIFO)
+            post = root.register_forward_hook(self._root_post, prepend=True, always_call=True)
+            stack.enter_context(_handle(post))
         for name, module in self._modules_by_name.items():
             if id(module) in self._selection.names and self._selection.names[id(module)] == name:
                 stack.enter_context(_handle(module.register_forward_pre_hook(self._push)))

@@ -8,7 +8,7 @@ are looked through, so a record says ``model.layers.0.self_attn`` however the mo
 from __future__ import annotations
 
 import difflib
-import fnmatch
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from .errors import ModuleSelectionError
 
-__all__ = ["Selection", "Modules", "unwrap", "select"]
+__all__ = ["Modules", "Selection", "glob_regex", "select", "unwrap"]
 
 Modules = str | Iterable[str] | Callable[[str, nn.Module], bool] | None
 
@@ -56,7 +56,8 @@ def select(model: nn.Module, modules: Modules) -> Selection:
 
     Args:
         model: the unwrapped model.
-        modules: None for all; a glob (``"model.layers.*.self_attn"``); a list of names or globs;
+        modules: None for all; a glob (``"model.layers.*.self_attn"``, see :func:`glob_regex`);
+            a list of names or globs;
             or a predicate ``(name, module) -> bool``.
 
     Raises:
@@ -82,11 +83,35 @@ def select(model: nn.Module, modules: Modules) -> Selection:
         )
     chosen_names: dict[str, None] = {}
     for pattern in patterns:
-        hits = [n for n in named if fnmatch.fnmatchcase(n, pattern)]
+        regex = glob_regex(pattern)
+        hits = [n for n in named if regex.fullmatch(n)]
         if not hits:
             raise ModuleSelectionError(_no_match(pattern, list(named)))
         chosen_names.update(dict.fromkeys(hits))
     return Selection({by_name[n]: n for n in chosen_names}, everything=False)
+
+
+def glob_regex(pattern: str) -> re.Pattern[str]:
+    """Module-name glob: ``*`` and ``?`` stay within one dotted segment, ``**`` spans segments.
+
+    ``"model.layers.*.self_attn"`` matches every layer's attention, ``"blocks.*"`` the direct
+    children of ``blocks``, ``"**.attn1"`` every ``attn1`` at any depth.
+    """
+    out, i = [], 0
+    while i < len(pattern):
+        if pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+        elif pattern[i] == "*":
+            out.append("[^.]*")
+            i += 1
+        elif pattern[i] == "?":
+            out.append("[^.]")
+            i += 1
+        else:
+            out.append(re.escape(pattern[i]))
+            i += 1
+    return re.compile("".join(out))
 
 
 def _no_match(pattern: str, names: list[str]) -> str:
@@ -98,5 +123,5 @@ def _no_match(pattern: str, names: list[str]) -> str:
     return (
         f"modules={pattern!r} matches no module of the model{hint} "
         "Names are those of model.named_modules() (wrappers such as DDP or PEFT are looked "
-        "through); globs use fnmatch syntax, e.g. 'model.layers.*.self_attn'."
+        "through); in globs '*' stays within a dotted segment and '**' spans segments, e.g. 'model.layers.*.self_attn'."
     )
