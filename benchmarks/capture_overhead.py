@@ -37,7 +37,7 @@ full-attention capture <= 0.5x the time of eager ``output_attentions=True``.
 How to run
 ----------
     python benchmarks/capture_overhead.py                   # lengths 1024 2048, 3 repeats (minutes)
-    python benchmarks/capture_overhead.py --quick           # tiny smoke configuration (< 1 minute)
+    python benchmarks/capture_overhead.py --quick           # smoke test: 2 tiny layers, 128 tokens (< 1 min)
     python benchmarks/capture_overhead.py --lengths 512 --repeats 5 --layers 4
 
 Threads: ``torch.set_num_threads(--threads)`` (default 2) in the parent and every child.
@@ -211,7 +211,9 @@ def passthrough(args: argparse.Namespace) -> list[str]:
 
 
 # -- time (this process) -------------------------------------------------------------------------
-def measure_time(args: argparse.Namespace, length: int, model: Any, log: Callable[[str], None]) -> dict[str, list[float]]:
+def measure_time(
+    args: argparse.Namespace, length: int, model: Any, log: Callable[[str], None]
+) -> dict[str, list[float]]:
     import torch
 
     switch = Switcher(model)
@@ -244,7 +246,9 @@ def fmt_ratio(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.3f}x"
 
 
-def report(args: argparse.Namespace, times: dict[int, dict[str, list[float]]], mem: dict[tuple[str, int], dict[str, Any]]) -> bool:
+def report(
+    args: argparse.Namespace, times: dict[int, dict[str, list[float]]], mem: dict[tuple[str, int], dict[str, Any]]
+) -> bool:
     import torch
     import transformers
 
@@ -300,7 +304,9 @@ def report(args: argparse.Namespace, times: dict[int, dict[str, list[float]]], m
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048], help="sequence lengths (default 1024 2048)")
     p.add_argument("--repeats", type=int, default=3, help="timed forwards per configuration (default 3)")
     p.add_argument("--layers", type=int, default=12, help="decoder layers (default 12)")
@@ -314,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--child", nargs=2, metavar=("CONFIG", "LENGTH"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.quick:
-        args.lengths, args.repeats, args.layers = [128, 256], 2, 2
+        args.lengths, args.repeats, args.layers = [128], 2, 2
         args.hidden, args.heads, args.intermediate, args.vocab = 128, 4, 256, 1000
     if args.child:
         child(args)
