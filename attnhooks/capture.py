@@ -195,7 +195,7 @@ class Capture:
         self._stack.clear()
         self._fastpath = torch.backends.mha.get_fastpath_enabled()
         torch.backends.mha.set_fastpath_enabled(False)
-        self._mode.__enter__()
+        self._mode.__enter__()  # type: ignore[no-untyped-call]
 
     def _close_unit(self) -> None:
         if not self._capturing:
@@ -203,7 +203,7 @@ class Capture:
         self._capturing = False
         self._mode.forget()
         try:
-            self._mode.__exit__(None, None, None)
+            self._mode.__exit__(None, None, None)  # type: ignore[no-untyped-call]
         finally:
             if self._fastpath is not None:
                 torch.backends.mha.set_fastpath_enabled(self._fastpath)

@@ -94,9 +94,7 @@ def attention_probs(
     return s, lse
 
 
-def verify_rows(
-    attn_rows: torch.Tensor, v: torch.Tensor, out_rows: torch.Tensor
-) -> float:
+def verify_rows(attn_rows: torch.Tensor, v: torch.Tensor, out_rows: torch.Tensor) -> float:
     """Max abs difference between ``attn_rows @ v`` and the kernel's output rows.
 
     Args:

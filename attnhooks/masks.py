@@ -41,9 +41,7 @@ class MaskSpec:
         return not self.causal and self.window is None and self.key_valid is None and self.dense is None
 
     @classmethod
-    def from_kernel(
-        cls, mask: torch.Tensor | None, is_causal: bool, q_len: int, k_len: int
-    ) -> MaskSpec:
+    def from_kernel(cls, mask: torch.Tensor | None, is_causal: bool, q_len: int, k_len: int) -> MaskSpec:
         """Describe the mask of an SDPA-style call (``attn_mask``, ``is_causal``).
 
         A boolean (or 0/-inf) mask that is causal-with-padding or padding-only is stored as
@@ -88,9 +86,7 @@ class MaskSpec:
         zero = torch.zeros((), dtype=torch.float32, device=device)
         return torch.where(allowed, zero, float("-inf"))
 
-    def _allowed(
-        self, q_len: int, k_len: int, rows: slice, device: torch.device | str
-    ) -> torch.Tensor | None:
+    def _allowed(self, q_len: int, k_len: int, rows: slice, device: torch.device | str) -> torch.Tensor | None:
         allowed: torch.Tensor | None = None
         if self.causal or self.window is not None:
             i = torch.arange(q_len, device=device)[rows].unsqueeze(-1) + self.offset

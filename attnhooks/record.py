@@ -71,8 +71,6 @@ class Record:
 
     def __repr__(self) -> str:
         shapes = ", ".join(
-            f"{name}={tuple(t.shape)}"
-            for name in ("q", "k", "attn", "lse")
-            if (t := getattr(self, name)) is not None
+            f"{name}={tuple(t.shape)}" for name in ("q", "k", "attn", "lse") if (t := getattr(self, name)) is not None
         )
         return f"Record({self.module!r}, step={self.step}, call={self.call}, {self.source}, {shapes})"

@@ -21,7 +21,7 @@ from .kernels import attention_probs, isolated, verify_rows
 from .masks import MaskSpec
 from .record import Record
 
-__all__ = ["Recorder", "RecordOptions"]
+__all__ = ["RecordOptions", "Recorder"]
 
 RECORDABLE = ("attn", "q", "k", "lse")
 
@@ -87,7 +87,7 @@ class Recorder:
         self.events += 1
         call, continues = self._call_index(owner)
         stream = self._streams.get((owner, call)) if continues else None
-        batch, heads, q_len, k_len = event.shape
+        _, _, q_len, k_len = event.shape
         q_offset = stream.rows if stream else 0
         k_offset = stream.keys if stream and stream.keys <= k_len else 0
         if cross is None:
@@ -134,9 +134,7 @@ class Recorder:
             self._pass_first.setdefault(owner, call)
         return call, False
 
-    def _build(
-        self, owner: str, call: int, event: AttentionEvent, q_offset: int, k_offset: int, kind: str
-    ) -> Record:
+    def _build(self, owner: str, call: int, event: AttentionEvent, q_offset: int, k_offset: int, kind: str) -> Record:
         want = self.options.record
         q, k = event.q, event.k
         rec = Record(
@@ -180,7 +178,7 @@ class Recorder:
     def _verify(self, rec: Record, event: AttentionEvent) -> None:
         assert event.q is not None and event.k is not None and event.v is not None and event.out is not None
         q_len = event.q.shape[2]
-        rows = torch.linspace(0, q_len - 1, min(self.options.verify, q_len)).round().long().unique()
+        rows = torch.unique(torch.linspace(0, q_len - 1, min(self.options.verify, q_len)).round().long())
         with isolated(event.q.device):
             attn, _ = attention_probs(event.q, event.k, rec.scale, rec.mask, softcap=event.softcap)
             attn = attn[:, :, rows.to(attn.device)]

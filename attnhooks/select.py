@@ -29,8 +29,9 @@ def unwrap(model: nn.Module) -> list[nn.Module]:
         inner = getattr(m, "_orig_mod", None)
         if inner is None and isinstance(m, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
             inner = m.module
-        if inner is None and callable(getattr(m, "get_base_model", None)):
-            inner = m.get_base_model()
+        get_base = getattr(m, "get_base_model", None)
+        if inner is None and callable(get_base):
+            inner = get_base()
         if not isinstance(inner, nn.Module) or inner is m or any(inner is c for c in chain):
             return chain
         chain.append(inner)
@@ -78,9 +79,7 @@ def select(model: nn.Module, modules: Modules) -> Selection:
         return Selection({by_name[n]: n for n in chosen}, everything=False)
     patterns = [modules] if isinstance(modules, str) else list(modules)
     if not patterns or not all(isinstance(p, str) for p in patterns):
-        raise ModuleSelectionError(
-            f"modules= takes a glob, a list of names or globs, or a predicate; got {modules!r}"
-        )
+        raise ModuleSelectionError(f"modules= takes a glob, a list of names or globs, or a predicate; got {modules!r}")
     chosen_names: dict[str, None] = {}
     for pattern in patterns:
         regex = glob_regex(pattern)

@@ -50,7 +50,7 @@ def assemble(records: list[Record], module: str, step: int, call: int = 0) -> Re
     out.k = _cat([r.k for r in parts], dim=2)
     out.lse = _cat([r.lse for r in parts], dim=2)
     if all(r.attn is not None for r in parts):
-        rows = sum(int(r.attn.shape[2]) for r in parts)  # type: ignore[union-attr]
+        rows = sum(int(r.attn.shape[2]) for r in parts if r.attn is not None)
         b, h = last.attn.shape[:2]  # type: ignore[union-attr]
         attn = torch.zeros(b, h, rows, out.k_len, dtype=torch.float32)
         for r in parts:

@@ -18,8 +18,13 @@ import attnhooks
 
 def make(impl: str) -> LlamaForCausalLM:
     cfg = LlamaConfig(
-        vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
-        num_attention_heads=8, num_key_value_heads=2, attn_implementation=impl,
+        vocab_size=256,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        attn_implementation=impl,
     )
     return LlamaForCausalLM(cfg).eval()
 
@@ -43,8 +48,10 @@ def main() -> None:
     valid = mask.bool()[:, None, :, None]
     for rec, ref in zip(cap.records, reference):
         diff = float((rec.attn - ref).abs()[valid.expand_as(ref)].max())
-        print(f"{rec.module:28} {tuple(rec.q.shape)!s:>16} {tuple(rec.k.shape)!s:>16} "
-              f"{tuple(rec.attn.shape)!s:>18} {diff:>20.2e}")
+        print(
+            f"{rec.module:28} {tuple(rec.q.shape)!s:>16} {tuple(rec.k.shape)!s:>16} "
+            f"{tuple(rec.attn.shape)!s:>18} {diff:>20.2e}"
+        )
 
     with torch.no_grad(), attnhooks.capture(model, record=("q", "k")) as gen:
         out = model.generate(input_ids=ids[:1], max_new_tokens=32, do_sample=False)
@@ -53,8 +60,10 @@ def main() -> None:
     with torch.no_grad():
         ref = eager(input_ids=out[:, : p.shape[2]], output_attentions=True).attentions[3]
     kept = sum(r.k.numel() for r in gen.records if r.module == "model.layers.3.self_attn")
-    print(f"\nGreedy generation of 32 tokens: {len(gen.records)} records; layer 3 keeps {kept} key values "
-          f"(= {full.k.shape[2]} positions x 2 KV heads x 16 dims, no O(n^2) state)")
+    print(
+        f"\nGreedy generation of 32 tokens: {len(gen.records)} records; layer 3 keeps {kept} key values "
+        f"(= {full.k.shape[2]} positions x 2 KV heads x 16 dims, no O(n^2) state)"
+    )
     print(f"Attention rebuilt from q/k alone vs eager: max |diff| = {float((p - ref).abs().max()):.2e}")
 
 

@@ -19,9 +19,15 @@ def llama(impl: str = "sdpa", heads: int = 4, kv_heads: int = 2, layers: int = 2
 
     _quiet()
     cfg = LlamaConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=256,
-        attn_implementation=impl, **kw,
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=256,
+        attn_implementation=impl,
+        **kw,
     )
     return LlamaForCausalLM(cfg).eval()
 
@@ -31,8 +37,13 @@ def bert(impl: str = "sdpa"):
 
     _quiet()
     cfg = BertConfig(
-        vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-        max_position_embeddings=64, attn_implementation=impl,
+        vocab_size=128,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        max_position_embeddings=64,
+        attn_implementation=impl,
     )
     return BertModel(cfg).eval()
 
@@ -50,8 +61,16 @@ def t5(impl: str = "sdpa"):
 
     _quiet()
     cfg = T5Config(
-        vocab_size=128, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2, num_heads=4,
-        decoder_start_token_id=0, pad_token_id=0, attn_implementation=impl,
+        vocab_size=128,
+        d_model=64,
+        d_kv=16,
+        d_ff=128,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_heads=4,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+        attn_implementation=impl,
     )
     return T5ForConditionalGeneration(cfg).eval()
 
@@ -61,8 +80,13 @@ def vit(impl: str = "sdpa"):
 
     _quiet()
     cfg = ViTConfig(
-        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, image_size=32,
-        patch_size=8, attn_implementation=impl,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        image_size=32,
+        patch_size=8,
+        attn_implementation=impl,
     )
     return ViTModel(cfg).eval()
 

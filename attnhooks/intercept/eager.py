@@ -18,9 +18,17 @@ import torch.nn.functional as F
 
 from .event import AttentionEvent
 
-__all__ = ["PRODUCTS", "SOFTMAXES", "DROPOUTS", "QKProduct", "handle_product", "handle_softmax", "handle_dropout"]
+__all__ = ["DROPOUTS", "PRODUCTS", "SOFTMAXES", "QKProduct", "handle_dropout", "handle_product", "handle_softmax"]
 
-PRODUCTS = (torch.matmul, torch.Tensor.matmul, torch.bmm, torch.Tensor.bmm, torch.baddbmm, torch.Tensor.baddbmm, torch.einsum)
+PRODUCTS = (
+    torch.matmul,
+    torch.Tensor.matmul,
+    torch.bmm,
+    torch.Tensor.bmm,
+    torch.baddbmm,
+    torch.Tensor.baddbmm,
+    torch.einsum,
+)
 SOFTMAXES = (F.softmax, torch.softmax, torch.Tensor.softmax)
 DROPOUTS = (F.dropout,)
 

@@ -68,7 +68,9 @@ class RegistryPatch:
 
     def _wrap(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(fn)
-        def wrapper(module: Any, query: Any, key: Any, value: Any, attention_mask: Any, *args: Any, **kwargs: Any) -> Any:
+        def wrapper(
+            module: Any, query: Any, key: Any, value: Any, attention_mask: Any, *args: Any, **kwargs: Any
+        ) -> Any:
             owner = self._sink.owner(module) if self.active else None
             if owner is None:
                 return fn(module, query, key, value, attention_mask, *args, **kwargs)

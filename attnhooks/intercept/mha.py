@@ -40,7 +40,7 @@ def handle_mha(mode: Any, func: Any, args: tuple[Any, ...], kwargs: dict[str, An
 
 
 def _event(a: dict[str, Any]) -> AttentionEvent:
-    query, key = a["query"], a["key"]
+    query = a["query"]
     batched = query.dim() == 3
     heads = int(a["num_heads"])
     with isolated(query.device):
@@ -61,11 +61,13 @@ def _project(a: dict[str, Any], heads: int) -> tuple[torch.Tensor, torch.Tensor]
     tgt_len, bsz, embed = query.shape
     head_dim = embed // heads
     if not a["use_separate_proj_weight"]:
-        q, k, _ = F._in_projection_packed(query, key, value, a["in_proj_weight"], a["in_proj_bias"])
+        q, k, _ = F._in_projection_packed(  # type: ignore[attr-defined]
+            query, key, value, a["in_proj_weight"], a["in_proj_bias"]
+        )
     else:
         b = a["in_proj_bias"]
         bq, bk, bv = b.chunk(3) if b is not None else (None, None, None)
-        q, k, _ = F._in_projection(
+        q, k, _ = F._in_projection(  # type: ignore[attr-defined]
             query, key, value, a["q_proj_weight"], a["k_proj_weight"], a["v_proj_weight"], bq, bk, bv
         )
     if a["bias_k"] is not None:
@@ -80,9 +82,7 @@ def _project(a: dict[str, Any], heads: int) -> tuple[torch.Tensor, torch.Tensor]
     return q, k
 
 
-def _mask(
-    a: dict[str, Any], bsz: int, heads: int, q_len: int, k_len: int, padding: torch.Tensor | None
-) -> MaskSpec:
+def _mask(a: dict[str, Any], bsz: int, heads: int, q_len: int, k_len: int, padding: torch.Tensor | None) -> MaskSpec:
     """The additive mask the call applies: ``attn_mask`` + ``key_padding_mask``, padded for extra keys."""
     attn_mask, causal = a["attn_mask"], bool(a["is_causal"])
     if attn_mask is None and padding is None:

@@ -67,6 +67,3 @@ class AttentionMode(TorchFunctionMode):
         """Drop per-forward state (the pending score product) so nothing leaks across steps."""
         self.last_product = None
         self.last_attention = None
-
-
-

@@ -56,7 +56,6 @@ def handle_sdpa(mode: Any, func: Any, args: tuple[Any, ...], kwargs: dict[str, A
     return out
 
 
-
 def _unpack_gqa(
     q: torch.Tensor, out: torch.Tensor, mask: torch.Tensor | None, shape: torch.Size
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:

@@ -10,9 +10,7 @@ from tests import models
 
 def _generate(model, x, mask, n=16, **capture_kw):
     with torch.no_grad(), attnhooks.capture(model, **capture_kw) as cap:
-        out = model.generate(
-            input_ids=x, attention_mask=mask, max_new_tokens=n, do_sample=False, pad_token_id=0
-        )
+        out = model.generate(input_ids=x, attention_mask=mask, max_new_tokens=n, do_sample=False, pad_token_id=0)
     return cap, out
 
 

@@ -81,5 +81,5 @@ def test_training_mode_mha_with_dropout_is_flagged():
     with pytest.warns(attnhooks.FaithfulnessWarning, match="dropout"), attnhooks.capture(mha) as cap:
         mha(x, x, x)
     assert cap.records[0].dropout == 0.5
-    with pytest.raises(attnhooks.DropoutError, match="model.eval"), attnhooks.capture(mha, dropout="refuse"):
+    with pytest.raises(attnhooks.DropoutError, match=r"model\.eval"), attnhooks.capture(mha, dropout="refuse"):
         mha(x, x, x)
