@@ -185,8 +185,8 @@ class Capture:
     def _open_unit(self) -> None:
         """A top-level forward (or generate) begins: advance the step, decide, push the mode."""
         if self._step_used and not self._manual:
-            self._recorder.step += 1
-        if not self._step_used:
+            self._recorder.new_step(self._recorder.step + 1)
+        elif not self._step_used:
             self._recorder.new_step(self._recorder.step)
         self._step_used = True
         if self._recorder.step % self.every:

@@ -88,9 +88,13 @@ def attention_probs(
     """
     with isolated(q.device):
         s = scores(q, k, scale, mask, rows, softcap)
-        lse = torch.logsumexp(s, dim=-1)
-        s.sub_(lse.unsqueeze(-1)).exp_()
-        s.nan_to_num_(nan=0.0)
+        # max-shifted like torch.softmax, so rows of huge negative fill values stay uniform
+        top = s.amax(dim=-1, keepdim=True)
+        top = torch.where(torch.isfinite(top), top, torch.zeros((), device=top.device))
+        s.sub_(top).exp_()
+        total = s.sum(dim=-1, keepdim=True)
+        s.div_(total).nan_to_num_(nan=0.0)
+        lse = (top + total.log()).squeeze(-1)
     return s, lse
 
 
@@ -106,5 +110,5 @@ def verify_rows(attn_rows: torch.Tensor, v: torch.Tensor, out_rows: torch.Tensor
         batch, heads, n, k_len = attn_rows.shape
         kv_heads = v.shape[1]
         grouped = attn_rows.double().reshape(batch, kv_heads, heads // kv_heads, n, k_len)
-        pv = torch.matmul(grouped, v.double().unsqueeze(2)).reshape(batch, heads, n, -1)
+        pv = torch.matmul(grouped, v.double().unsqueeze(2)).reshape(batch, heads, n, v.shape[-1])
         return float((pv - out_rows.double()).abs().max()) if pv.numel() else 0.0

@@ -157,8 +157,8 @@ class Recorder:
             self._from_eager(rec, event)
         elif ("attn" in want or "lse" in want) and q is not None and k is not None:
             attn, lse = attention_probs(q, k, rec.scale, rec.mask, softcap=event.softcap)
-            rec.attn = _keep(attn) if "attn" in want else None
-            rec.lse = _keep(lse) if "lse" in want else None
+            rec.attn = _to_cpu(attn) if "attn" in want else None
+            rec.lse = _to_cpu(lse) if "lse" in want else None
         if self.options.verify and event.v is not None and event.out is not None and q is not None and k is not None:
             self._verify(rec, event)
         return rec
@@ -170,7 +170,7 @@ class Recorder:
             if "attn" in self.options.record:
                 rec.attn = event.attn.detach().to("cpu", torch.float32, copy=True)
             if "lse" in self.options.record:
-                rec.lse = _keep(torch.logsumexp(event.scores.float(), dim=-1))
+                rec.lse = _to_cpu(torch.logsumexp(event.scores.float(), dim=-1))
             if event.q is not None and event.k is not None:
                 raw = torch.matmul(event.q.float(), event.k.float().transpose(-1, -2))
                 rec.scale, rec.mask = _eager_scale_and_mask(raw, event.scores)
@@ -178,6 +178,8 @@ class Recorder:
     def _verify(self, rec: Record, event: AttentionEvent) -> None:
         assert event.q is not None and event.k is not None and event.v is not None and event.out is not None
         q_len = event.q.shape[2]
+        if q_len == 0 or event.k.shape[2] == 0:
+            return
         rows = torch.unique(torch.linspace(0, q_len - 1, min(self.options.verify, q_len)).round().long())
         with isolated(event.q.device):
             attn, _ = attention_probs(event.q, event.k, rec.scale, rec.mask, softcap=event.softcap)
@@ -195,6 +197,11 @@ class Recorder:
             )
 
 
+def _to_cpu(t: torch.Tensor) -> torch.Tensor:
+    """A tensor we computed ourselves: nobody else holds it, so no copy is needed on the CPU."""
+    return t if t.device.type == "cpu" else t.cpu()
+
+
 def _keep(t: torch.Tensor) -> torch.Tensor:
     """A detached CPU copy: later in-place updates (a static KV cache) cannot change it."""
     return t.detach().to("cpu", copy=True)
@@ -207,8 +214,11 @@ def _default_scale(q: torch.Tensor | None) -> float:
 def _eager_scale_and_mask(raw: torch.Tensor, scores: torch.Tensor) -> tuple[float, MaskSpec]:
     """``scores = raw * scale + residual``: the scale when one fits, the residual as the mask.
 
-    A residual of 0 / -inf becomes a compact mask; a real-valued one (T5's position bias, ALiBi)
-    is kept dense with scale 1.0, so ``q·kᵀ·scale + mask`` reproduces the scores either way.
+    A residual of 0 / -inf becomes a compact mask; anything else is kept dense (with scale 1.0
+    when no scale fits: T5's position bias, ALiBi), so ``q·kᵀ·scale + mask`` reproduces the scores.
+    Masked scores filled with ``finfo.min`` (transformers' eager masks) stay ``finfo.min``: a
+    fully masked row is then uniform, as the model's softmax made it. A residual shared by all heads
+    is kept once (``[batch, 1, q_len, k_len]``).
     """
     raw, scores = raw.detach().float(), scores.detach().float()
     floor = torch.finfo(torch.float32).min / 2
@@ -220,6 +230,8 @@ def _eager_scale_and_mask(raw: torch.Tensor, scores: torch.Tensor) -> tuple[floa
         candidate = float(ratios.median())
         if torch.allclose(scores[ok], raw[ok] * candidate, rtol=1e-4, atol=1e-5):
             scale = candidate
-    residual = (scores - raw * scale).masked_fill(masked, float("-inf"))
+    residual = torch.where(masked, scores, scores - raw * scale)
     residual = residual.masked_fill(~masked & (residual.abs() < 1e-5), 0.0)
+    if residual.dim() == 4 and residual.shape[1] > 1 and torch.equal(residual, residual[:, :1].expand_as(residual)):
+        residual = residual[:, :1]
     return scale, MaskSpec.from_kernel(residual, False, scores.shape[-2], scores.shape[-1])
