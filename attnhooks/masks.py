@@ -51,7 +51,7 @@ class MaskSpec:
             return cls(causal=is_causal)
         mask = mask.detach()
         allowed = _as_allowed(mask)
-        if allowed is None or is_causal or allowed.dim() < 2:
+        if allowed is None or is_causal:
             return cls(causal=is_causal, dense=mask.to("cpu", copy=True))
         compact = _compact(allowed, q_len, k_len)
         return compact if compact is not None else cls(dense=mask.to("cpu", copy=True))

@@ -69,10 +69,11 @@ def test_all_true_bool_mask_is_trivial():
 
 
 def test_one_dimensional_mask_is_rebuilt_exactly():
-    """A ``[k_len]`` mask broadcasts over everything (it is kept dense, which is exact)."""
+    """A ``[k_len]`` mask broadcasts over everything; a boolean one is compacted to key padding."""
     for mask in (torch.ones(4, dtype=torch.bool), torch.tensor([True, False, True, True]), torch.randn(4)):
         spec = MaskSpec.from_kernel(mask, False, 3, 4)
         assert torch.equal(rebuilt(spec, 2, 3, 3, 4), as_additive(mask, 2, 3, 3, 4))
+        assert (spec.dense is None) == (mask.dtype == torch.bool)
 
 
 def test_all_zero_float_mask_is_trivial():
