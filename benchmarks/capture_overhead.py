@@ -234,11 +234,29 @@ def measure_time(
                 t0 = time.perf_counter()
                 out, cap = run_config(model, config, input_ids)
                 dt = time.perf_counter() - t0
+                check(config, out, cap, args.layers)  # outside the timed span
                 del out, cap
                 times[config].append(dt)
                 log(f"  L={length} repeat {r + 1}/{args.repeats} {config:13s} {dt:8.3f} s")
     switch("bare")  # leave the model on SDPA
     return times
+
+
+def attnhooks_version() -> str:
+    """``attnhooks.__version__`` plus the git commit of its checkout (``+dirty`` with local edits)."""
+    import attnhooks
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(attnhooks.__file__)))
+    try:
+        head = subprocess.run(
+            ["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", root, "status", "--porcelain", "--", "attnhooks"], capture_output=True, text=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return attnhooks.__version__
+    return f"{attnhooks.__version__} ({head}{'+dirty' if dirty else ''})"
 
 
 # -- report -----------------------------------------------------------------------------------------
@@ -253,8 +271,8 @@ def report(
     import transformers
 
     lines = [
-        "| config | length | median s | ratio vs bare | peak extra MiB | peak RSS MiB |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| config | length | median s | min-max s | ratio vs bare | peak extra MiB | peak RSS MiB |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     verdicts: list[tuple[str, bool]] = []
     for length in args.lengths:
@@ -264,7 +282,10 @@ def report(
             extra = f"{(m['peak'] - m['base_rss']) / MiB:.0f}" if m else "n/a"
             peak = f"{m['peak'] / MiB:.0f}" if m else "n/a"
             ratio = med[config] / med["bare"]
-            lines.append(f"| {LABELS[config]} | {length} | {med[config]:.3f} | {ratio:.3f}x | {extra} | {peak} |")
+            spread = f"{min(times[length][config]):.3f}-{max(times[length][config]):.3f}"
+            lines.append(
+                f"| {LABELS[config]} | {length} | {med[config]:.3f} | {spread} | {ratio:.3f}x | {extra} | {peak} |"
+            )
         qk = med["capture-qk"] / med["bare"]
         verdicts.append((f"q/k capture {qk:.3f}x bare at {length} (target <= {QK_TARGET}x)", qk <= QK_TARGET))
         fe = med["capture-full"] / med["eager-attn"]
@@ -284,7 +305,7 @@ def report(
     print(
         f"Machine: {platform.machine()} {platform.processor() or ''} {os.cpu_count()} CPUs, "
         f"torch.set_num_threads({args.threads}), torch {torch.__version__}, transformers "
-        f"{transformers.__version__}, Python {platform.python_version()}."
+        f"{transformers.__version__}, Python {platform.python_version()}, attnhooks {attnhooks_version()}."
     )
     print()
     print("\n".join(lines))
