@@ -159,9 +159,10 @@ class Capture:
         self._fwd_depth += 1
         if self._fwd_depth > 1:
             return
+        continuation = _is_continuation(kwargs)
         if self._gen_depth == 0:
-            self._open_unit()
-        self._recorder.begin_pass(_is_continuation(kwargs))
+            self._open_unit(new_step=not continuation)
+        self._recorder.begin_pass(continuation)
         self._mode.forget()
 
     def _root_post(self, module: nn.Module, args: Any, output: Any) -> None:
@@ -182,9 +183,12 @@ class Capture:
             if self._gen_depth == 0:
                 self._close_unit()
 
-    def _open_unit(self) -> None:
-        """A top-level forward (or generate) begins: advance the step, decide, push the mode."""
-        if self._step_used and not self._manual:
+    def _open_unit(self, new_step: bool = True) -> None:
+        """A top-level forward (or generate) begins: advance the step, decide, push the mode.
+
+        A KV-cache continuation forward (``new_step=False``) stays in the step it continues.
+        """
+        if self._step_used and not self._manual and new_step:
             self._recorder.new_step(self._recorder.step + 1)
         elif not self._step_used:
             self._recorder.new_step(self._recorder.step)

@@ -72,3 +72,26 @@ def test_t5_generate_is_one_step_with_encoder_and_cross_attention():
     full = cap.assemble("decoder.block.0.layer.1.EncDecAttention")
     assert full.attn.shape[2:] == (len(cross), 7)
     assert torch.allclose(full.attn.sum(-1), torch.ones(()))
+
+
+def test_hand_written_decode_loop_continues_one_step():
+    """model(..., past_key_values=cache) in a loop: continuation forwards stay in the prefill's step."""
+    from transformers import DynamicCache
+
+    model = models.llama()
+    x, _ = models.ids(batch=1, length=5)
+    with torch.no_grad(), attnhooks.capture(model, record=("q", "k")) as cap:
+        cache = DynamicCache()
+        out = model(input_ids=x, past_key_values=cache, use_cache=True)
+        for _ in range(3):
+            nxt = out.logits[:, -1:].argmax(-1)
+            out = model(input_ids=nxt, past_key_values=out.past_key_values, use_cache=True)
+        model(input_ids=x)  # a new prompt: a new step
+    layer0 = [r for r in cap.records if r.module == "model.layers.0.self_attn"]
+    assert [(r.step, r.call, r.q_offset, r.k.shape[2]) for r in layer0] == [
+        (0, 0, 0, 5),
+        (0, 0, 5, 1),
+        (0, 0, 6, 1),
+        (0, 0, 7, 1),
+        (1, 0, 0, 5),
+    ]

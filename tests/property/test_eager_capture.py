@@ -137,7 +137,13 @@ def build(case):
         allowed = allowed.scatter(-1, pick, True)
     fill = {"fill_finfo_min": torch.finfo(dt).min, "fill_minus_1e9": -1e9}.get(masking, NEG_INF)
     model = EagerAttention(
-        case["product"], case["softmax"], case["scaling"], case["scale"], bias, allowed, fill,
+        case["product"],
+        case["softmax"],
+        case["scaling"],
+        case["scale"],
+        bias,
+        allowed,
+        fill,
         additive=masking == "add_zero_inf",
     )
     op_q = q * case["scale"] if case["scaling"] == "prescaled_q" else q
@@ -202,7 +208,7 @@ def test_eager_capture_is_exact(case):
 @given(eager_cases(maskings=("none",), scalings=("mul", "div_sqrt", "none", "prescaled_q")))
 def test_eager_capture_without_mask_is_compact(case):
     """Plain scaled scores: the record's mask is trivial, so nothing dense is kept per call."""
-    model, inputs, want_q, want_k, _ = build(case)
+    model, inputs, _, _, _ = build(case)
     with attnhooks.capture(model) as cap:
         model(*inputs)
     (rec,) = cap.records

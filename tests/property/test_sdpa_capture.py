@@ -116,8 +116,19 @@ def sdpa_cases(draw):
     dtype = draw(st.sampled_from([torch.float32, torch.float32, torch.float64]))
     seed = draw(st.integers(0, 2**31 - 1))
     return dict(
-        batch=batch, heads=heads, kv_heads=kv_heads, q_len=q_len, k_len=k_len, head_dim=head_dim, scale=scale,
-        kind=kind, shape=shape, p_true=p_true, every_row_visible=every_row_visible, dtype=dtype, seed=seed,
+        batch=batch,
+        heads=heads,
+        kv_heads=kv_heads,
+        q_len=q_len,
+        k_len=k_len,
+        head_dim=head_dim,
+        scale=scale,
+        kind=kind,
+        shape=shape,
+        p_true=p_true,
+        every_row_visible=every_row_visible,
+        dtype=dtype,
+        seed=seed,
     )
 
 
@@ -234,7 +245,9 @@ def test_sdpa_capture_matches_float64_reference(case):
 
     # the MaskSpec rebuilds exactly the mask the kernel applied ...
     additive = rec.mask.additive(b, lq, lk)
-    rebuilt = torch.zeros(b, h, lq, lk, dtype=torch.float64) if additive is None else additive.double().expand(b, h, lq, lk)
+    rebuilt = (
+        torch.zeros(b, h, lq, lk, dtype=torch.float64) if additive is None else additive.double().expand(b, h, lq, lk)
+    )
     assert torch.equal(rebuilt, bias)  # (float masks are drawn in float32, so the float32 rebuild is exact)
     # ... compactly when a compact form exists
     if case["kind"] in ("none", "causal", "bool_padding", "bool_causal_padding", "float_zero_inf"):
