@@ -28,11 +28,15 @@ Memory: each (configuration, length) runs in a fresh subprocess (this script wit
 ``--child CONFIG LENGTH`` flag), which builds the model and the input, records its RSS, then runs
 the forward twice (records and outputs dropped in between, so the peak is that of one forward) and
 reports ``resource.getrusage(RUSAGE_SELF).ru_maxrss``. "peak extra" is that peak minus the RSS
-after model load and input creation; the absolute peak is reported too. Children run one at a
-time, before the timing, so they never compete with it for the CPU.
+after model load and input creation; the absolute peak is reported too. Children run with
+``MALLOC_MMAP_THRESHOLD_=131072`` (unless set already) so that freed tensor memory leaves the RSS
+and the peak is reproducible to the MiB. Children run one at a time, before the timing, so they
+never compete with it for the CPU.
 
 Targets (printed with PASS/FAIL): q/k capture <= 1.05x the bare forward; at 2048 tokens,
-full-attention capture <= 0.5x the time of eager ``output_attentions=True``.
+full-attention capture <= 0.5x the time of eager ``output_attentions=True``. They are judged on the
+default model only; ``--quick`` prints its verdicts for the smoke model, where Python overhead
+dominates. The exit status is 0 unless ``--check`` is given and a target fails.
 
 How to run
 ----------
@@ -195,7 +199,11 @@ def child(args: argparse.Namespace) -> None:
 
 def measure_memory(args: argparse.Namespace, config: str, length: int) -> dict[str, Any]:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", config, str(length), *passthrough(args)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    # A fixed glibc mmap threshold: every tensor buffer over 128 KiB is its own mapping, returned to the
+    # OS when freed, so RSS follows the live tensors. (glibc's default threshold adapts upwards after
+    # large frees, leaving freed buffers in the heap; the peak then varies by +-100 MiB run to run.)
+    env = {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024), **os.environ}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     for line in proc.stdout.splitlines():
         if line.startswith("@@RESULT "):
             return json.loads(line[len("@@RESULT ") :])
@@ -314,6 +322,8 @@ def report(
         f"Targets: q/k capture <= {QK_TARGET}x bare; at {FULL_VS_EAGER_LENGTH} tokens full-attention "
         f"capture <= {FULL_VS_EAGER_TARGET}x the time of eager output_attentions."
     )
+    if args.quick:
+        print("- (--quick: smoke model, verdicts not meaningful)")
     for text, ok in verdicts:
         print(f"- {'PASS' if ok else 'FAIL'}: {text}")
     if FULL_VS_EAGER_LENGTH not in args.lengths:
@@ -334,6 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     p.add_argument("--quick", action="store_true", help="tiny smoke configuration (< 1 minute)")
     p.add_argument("--no-memory", action="store_true", help="skip the per-configuration memory subprocesses")
+    p.add_argument("--check", action="store_true", help="exit with status 1 when a target fails")
     p.add_argument("--hidden", type=int, default=768, help=argparse.SUPPRESS)
     p.add_argument("--heads", type=int, default=12, help=argparse.SUPPRESS)
     p.add_argument("--intermediate", type=int, default=2048, help=argparse.SUPPRESS)
@@ -370,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     times = {length: measure_time(args, length, model, log) for length in args.lengths}
     ok = report(args, times, mem)
     log(f"total {time.perf_counter() - start:.0f} s")
-    return 0 if ok else 1
+    return 0 if ok or not args.check else 1
 
 
 if __name__ == "__main__":
