@@ -37,23 +37,41 @@ def scores(
     softcap: float | None = None,
 ) -> torch.Tensor:
     """Float32 scores ``cap(q·kᵀ·scale) + mask`` ``[batch, heads, rows, k_len]``, GQA-aware."""
+    rows = _rows(rows, q.shape[2])
+    with isolated(q.device):
+        return _block_scores(q, k, scale, mask, rows, k.shape[2], softcap)
+
+
+def _rows(rows: slice | None, q_len: int) -> slice:
+    start, stop, _ = (rows or slice(None)).indices(q_len)
+    return slice(start, max(start, stop))
+
+
+def _block_scores(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    scale: float | None,
+    mask: MaskSpec | None,
+    rows: slice,
+    n_keys: int,
+    softcap: float | None,
+) -> torch.Tensor:
+    """Scores of query ``rows`` against the first ``n_keys`` keys."""
     batch, heads, q_len, head_dim = q.shape
     kv_heads, k_len = k.shape[1], k.shape[2]
     if heads % kv_heads:
         raise ValueError(f"query heads ({heads}) must be a multiple of key heads ({kv_heads})")
     group = heads // kv_heads
-    qs = q[:, :, rows or slice(None)].float()
+    qs = q[:, :, rows].float()
     n_rows = qs.shape[2]
     grouped = qs.reshape(batch, kv_heads, group, n_rows, head_dim)
-    out = torch.matmul(grouped, k.float().unsqueeze(2).transpose(-1, -2))
-    out = out.reshape(batch, heads, n_rows, k_len)
+    out = torch.matmul(grouped, k[:, :, :n_keys].float().unsqueeze(2).transpose(-1, -2))
+    out = out.reshape(batch, heads, n_rows, n_keys)
     out.mul_(1.0 / math.sqrt(head_dim) if scale is None else scale)
     if softcap is not None:
         out.div_(softcap).tanh_().mul_(softcap)
     if mask is not None:
-        bias = mask.additive(batch, q_len, k_len, rows=rows, device=q.device)
-        if bias is not None:
-            out.add_(bias)
+        mask.apply_(out, q_len, k_len, rows)
     return out
 
 
@@ -64,8 +82,13 @@ def attention_probs(
     mask: MaskSpec | None = None,
     rows: slice | None = None,
     softcap: float | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax probabilities and row log-sum-exp of one attention call.
+    block: int = 256,
+    with_lse: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Softmax probabilities and row log-sum-exp of one attention call, block by block.
+
+    Query rows are processed ``block`` at a time; under a causal mask a block only multiplies
+    the keys it can see (the rest of its rows are exact zeros), which halves the work.
 
     Args:
         q: ``[batch, heads, q_len, head_dim]``.
@@ -74,10 +97,12 @@ def attention_probs(
         mask: the call's mask; None for none.
         rows: a slice of query rows to compute (default: all).
         softcap: soft-capping of the scores (Gemma 2): ``softcap * tanh(s / softcap)``.
+        block: query rows per block (256 measured fastest here: the block's scores stay in cache).
+        with_lse: also return the row log-sum-exp (one more pass over the scores).
 
     Returns:
-        ``(attn [batch, heads, rows, k_len] float32, lse [batch, heads, rows] float32)``. Rows
-        with no visible key have probability 0 everywhere and ``lse = -inf``.
+        ``(attn [batch, heads, rows, k_len] float32, lse [batch, heads, rows] float32 or None)``.
+        Rows with no visible key have probability 0 everywhere and ``lse = -inf``.
 
     Example:
         >>> q = torch.randn(1, 2, 3, 4); k = torch.randn(1, 1, 3, 4)
@@ -86,16 +111,26 @@ def attention_probs(
         tensor([[[1., 1., 1.],
                  [1., 1., 1.]]])
     """
+    batch, heads, q_len, _ = q.shape
+    k_len = k.shape[2]
+    rows = _rows(rows, q_len)
+    n_rows = rows.stop - rows.start
     with isolated(q.device):
-        s = scores(q, k, scale, mask, rows, softcap)
-        # max-shifted like torch.softmax, so rows of huge negative fill values stay uniform
-        top = s.amax(dim=-1, keepdim=True)
-        top = torch.where(torch.isfinite(top), top, torch.zeros((), device=top.device))
-        s.sub_(top).exp_()
-        total = s.sum(dim=-1, keepdim=True)
-        s.div_(total).nan_to_num_(nan=0.0)
-        lse = (top + total.log()).squeeze(-1)
-    return s, lse
+        attn = torch.empty(batch, heads, n_rows, k_len, dtype=torch.float32, device=q.device)
+        lse = torch.empty(batch, heads, n_rows, dtype=torch.float32, device=q.device) if with_lse else None
+        hide_rows = mask is not None and mask.may_hide_whole_rows
+        for start in range(rows.start, rows.stop, max(1, block)):
+            part = slice(start, min(start + block, rows.stop))
+            n_keys = mask.visible_keys(q_len, k_len, part) if mask is not None else k_len
+            out = attn[:, :, part.start - rows.start : part.stop - rows.start]
+            s = _block_scores(q, k, scale, mask, part, n_keys, softcap)
+            if lse is not None:
+                lse[:, :, part.start - rows.start : part.stop - rows.start] = torch.logsumexp(s, dim=-1)
+            torch.softmax(s, dim=-1, out=out[..., :n_keys]) if n_keys else None
+            out[..., n_keys:] = 0.0
+            if hide_rows:
+                out.nan_to_num_(nan=0.0)
+    return attn, lse
 
 
 def verify_rows(attn_rows: torch.Tensor, v: torch.Tensor, out_rows: torch.Tensor) -> float:

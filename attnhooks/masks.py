@@ -86,6 +86,36 @@ class MaskSpec:
         zero = torch.zeros((), dtype=torch.float32, device=device)
         return torch.where(allowed, zero, float("-inf"))
 
+    def visible_keys(self, q_len: int, k_len: int, rows: slice) -> int:
+        """How many leading keys the query ``rows`` can see at most (fewer than ``k_len`` when causal)."""
+        if self.dense is None and self.causal:
+            last_row = min(rows.stop if rows.stop is not None else q_len, q_len) - 1
+            return max(0, min(k_len, last_row + self.offset + 1))
+        return k_len
+
+    @property
+    def may_hide_whole_rows(self) -> bool:
+        """False when every query row is guaranteed at least one visible key."""
+        return not (self.dense is None and self.key_valid is None and self.window is None and self.offset >= 0)
+
+    def apply_(self, scores: torch.Tensor, q_len: int, k_len: int, rows: slice) -> torch.Tensor:
+        """Mask a block of scores in place: ``scores [batch, heads, len(rows), n]`` over keys ``[0, n)``."""
+        n = scores.shape[-1]
+        if self.dense is not None and self.dense.dtype != torch.bool:
+            bias = self.additive(scores.shape[0], q_len, k_len, rows, scores.device)
+            assert bias is not None
+            return scores.add_(bias[..., :n])
+        if self.dense is not None:
+            dense = self.dense.to(scores.device)
+            while dense.dim() < 4:
+                dense = dense.unsqueeze(0)
+            allowed: torch.Tensor | None = dense[..., rows, :] if dense.shape[-2] != 1 else dense
+        else:
+            allowed = self._allowed(q_len, k_len, rows, scores.device)
+        if allowed is not None:
+            scores.masked_fill_(~allowed[..., :n], float("-inf"))
+        return scores
+
     def _allowed(self, q_len: int, k_len: int, rows: slice, device: torch.device | str) -> torch.Tensor | None:
         allowed: torch.Tensor | None = None
         if self.causal or self.window is not None:

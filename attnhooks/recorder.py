@@ -156,9 +156,9 @@ class Recorder:
         if event.attn is not None:
             self._from_eager(rec, event)
         elif ("attn" in want or "lse" in want) and q is not None and k is not None:
-            attn, lse = attention_probs(q, k, rec.scale, rec.mask, softcap=event.softcap)
+            attn, lse = attention_probs(q, k, rec.scale, rec.mask, softcap=event.softcap, with_lse="lse" in want)
             rec.attn = _to_cpu(attn) if "attn" in want else None
-            rec.lse = _to_cpu(lse) if "lse" in want else None
+            rec.lse = _to_cpu(lse) if lse is not None else None
         if self.options.verify and event.v is not None and event.out is not None and q is not None and k is not None:
             self._verify(rec, event)
         return rec
@@ -182,8 +182,15 @@ class Recorder:
             return
         rows = torch.unique(torch.linspace(0, q_len - 1, min(self.options.verify, q_len)).round().long())
         with isolated(event.q.device):
-            attn, _ = attention_probs(event.q, event.k, rec.scale, rec.mask, softcap=event.softcap)
-            attn = attn[:, :, rows.to(attn.device)]
+            attn = torch.cat(
+                [
+                    attention_probs(
+                        event.q, event.k, rec.scale, rec.mask, slice(r, r + 1), event.softcap, with_lse=False
+                    )[0]
+                    for r in rows.tolist()
+                ],
+                dim=2,
+            )
             err = verify_rows(attn, event.v, event.out[:, :, rows.to(event.out.device)])
         rec.verify_error = err
         tolerance = 1e-4 if event.q.dtype in (torch.float32, torch.float64) else 5e-2
