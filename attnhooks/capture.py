@@ -138,9 +138,12 @@ class Capture:
             post = root.register_forward_hook(self._root_post, prepend=True, always_call=True)
             stack.enter_context(_handle(post))
         for name, module in self._modules_by_name.items():
-            if id(module) in self._selection.names and self._selection.names[id(module)] == name:
-                stack.enter_context(_handle(module.register_forward_pre_hook(self._push)))
-                stack.enter_context(_handle(module.register_forward_hook(self._pop, always_call=True)))
+            if self._selection.names.get(id(module)) != name:
+                continue
+            if self._selection.everything and name and not _may_own_attention(module):
+                continue  # torch's own leaf layers (Linear, norms, dropout...) never compute attention
+            stack.enter_context(_handle(module.register_forward_pre_hook(self._push)))
+            stack.enter_context(_handle(module.register_forward_hook(self._pop, always_call=True)))
         self._registry.install()
         stack.callback(self._registry.remove)
         for obj in self._chain:
@@ -330,6 +333,14 @@ def _check_every(every: int) -> int:
     if not isinstance(every, int) or isinstance(every, bool) or every < 1:
         raise RecordOptionError(f"every={every!r}: use a positive int (1 captures every step)")
     return every
+
+
+def _may_own_attention(module: nn.Module) -> bool:
+    """False for torch.nn's built-in leaf layers: a softmax or SDPA inside one is not attention of
+    its own, and skipping their hooks keeps the per-module cost off most module calls."""
+    if module._modules or isinstance(module, nn.MultiheadAttention):
+        return True
+    return not type(module).__module__.startswith("torch.nn.modules.")
 
 
 def _is_continuation(kwargs: dict[str, Any]) -> bool:
