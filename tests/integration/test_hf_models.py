@@ -123,16 +123,7 @@ def test_registry_kernel_invisible_to_the_mode_is_captured_from_its_arguments():
     AttentionInterface.register("opaque_test", opaque_kernel)
     AttentionMaskInterface.register("opaque_test", sdpa_mask)
     try:
-        model, eager = models.same_weights(models.llama, "eager")
-        model.set_attn_implementation("opaque_test")
-        x, mask = models.ids(pad_last=4)
-        with torch.no_grad():
-            ref = eager(input_ids=x, attention_mask=mask, output_attentions=True).attentions
-            with attnhooks.capture(model, verify=True) as cap:
-                model(input_ids=x, attention_mask=mask)
-        assert [r.source for r in cap.records] == ["hf:opaque_test"] * 2
-        assert all(r.verify_error < 1e-4 for r in cap.records)
-        _compare(cap.records, ref, valid_rows=mask.bool()[:, None, :, None])
+        _check_llama_implementation("opaque_test")
     finally:
         del AttentionInterface._global_mapping["opaque_test"]
         del AttentionMaskInterface._global_mapping["opaque_test"]
@@ -152,13 +143,18 @@ def test_outputs_unchanged_by_capture():
 def test_flex_attention_configuration_is_captured():
     """flex_attention runs a higher-order op the mode cannot see: the registry wrapper captures it,
     rebuilding the element mask from the BlockMask."""
-    flex, eager = models.same_weights(models.llama, "eager")
-    flex.set_attn_implementation("flex_attention")
+    _check_llama_implementation("flex_attention")
+
+
+def _check_llama_implementation(impl):
+    """A padded Llama batch on ``impl`` is captured through the registry, equal to eager attention."""
+    model, eager = models.same_weights(models.llama, "eager")
+    model.set_attn_implementation(impl)
     x, mask = models.ids(pad_last=4)
     with torch.no_grad():
         ref = eager(input_ids=x, attention_mask=mask, output_attentions=True).attentions
-        with attnhooks.capture(flex, verify=True) as cap:
-            flex(input_ids=x, attention_mask=mask)
-    assert [r.source for r in cap.records] == ["hf:flex_attention"] * 2
+        with attnhooks.capture(model, verify=True) as cap:
+            model(input_ids=x, attention_mask=mask)
+    assert [r.source for r in cap.records] == [f"hf:{impl}"] * 2
     assert all(r.verify_error < 1e-4 for r in cap.records)
     _compare(cap.records, ref, valid_rows=mask.bool()[:, None, :, None])

@@ -11,25 +11,17 @@ scale and mask that rebuild those probabilities through :func:`attnhooks.kernels
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 import attnhooks
 from attnhooks.kernels import attention_probs
-
-SETTINGS = settings(
-    max_examples=int(os.environ.get("ATTNHOOKS_MAX_EXAMPLES", "40")),
-    deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
-TOL = 1e-5
-NEG_INF = float("-inf")
+from tests.property.common import NEG_INF, SETTINGS, TOL
 
 PRODUCTS = ("matmul", "at", "einsum", "einsum_mqa")
 SOFTMAXES = ("torch", "functional", "method", "module")
