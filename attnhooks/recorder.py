@@ -61,7 +61,7 @@ class Recorder:
     _continuing: bool = False
     _streams: dict[tuple[str, int], _Stream] = field(default_factory=dict)
     _last: dict[str, Record] = field(default_factory=dict)
-    _warned: set[str] = field(default_factory=set)
+    _warned_dropout: bool = False
     events: int = 0
 
     def new_step(self, step: int) -> None:
@@ -113,8 +113,8 @@ class Recorder:
                 "to 0 for captured steps, or pass capture(..., dropout='flag') to record the "
                 "pre-dropout probabilities with Record.dropout set."
             )
-        if "dropout" not in self._warned:
-            self._warned.add("dropout")
+        if not self._warned_dropout:
+            self._warned_dropout = True
             warnings.warn(
                 f"attnhooks: attention dropout p={p} is active in {owner!r}; records hold the "
                 "probabilities before dropout and have Record.dropout set. Use model.eval() for "
