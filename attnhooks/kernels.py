@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -133,17 +133,26 @@ def attention_probs(
     return attn, lse
 
 
-def verify_rows(attn_rows: torch.Tensor, v: torch.Tensor, out_rows: torch.Tensor) -> float:
+def verify_rows(
+    attn_rows: torch.Tensor,
+    v: torch.Tensor,
+    out_rows: torch.Tensor,
+    project: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> float:
     """Max abs difference between ``attn_rows @ v`` and the kernel's output rows.
 
     Args:
         attn_rows: ``[batch, heads, n, k_len]`` probabilities of the sampled rows.
         v: ``[batch, kv_heads, k_len, v_dim]``.
         out_rows: ``[batch, heads, n, v_dim]`` the kernel's output for the same rows.
+        project: maps ``attn @ v`` to the space of ``out_rows`` when the kernel's output is not per
+            head (e.g. merged heads and an output projection).
     """
     with isolated(v.device):
         batch, heads, n, k_len = attn_rows.shape
         kv_heads = v.shape[1]
         grouped = attn_rows.double().reshape(batch, kv_heads, heads // kv_heads, n, k_len)
         pv = torch.matmul(grouped, v.double().unsqueeze(2)).reshape(batch, heads, n, v.shape[-1])
+        if project is not None:
+            pv = project(pv)
         return float((pv - out_rows.double()).abs().max()) if pv.numel() else 0.0

@@ -191,7 +191,7 @@ class Recorder:
                 ],
                 dim=2,
             )
-            err = verify_rows(attn, event.v, event.out[:, :, rows.to(event.out.device)])
+            err = verify_rows(attn, event.v, event.out[:, :, rows.to(event.out.device)], event.project)
         rec.verify_error = err
         tolerance = 1e-4 if event.q.dtype in (torch.float32, torch.float64) else 5e-2
         if not err <= tolerance:

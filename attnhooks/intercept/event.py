@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -29,6 +30,9 @@ class AttentionEvent:
         dropout: dropout probability applied to the probabilities.
         source: the mechanism: ``"sdpa"``, ``"eager"``, ``"mha"``, ``"hf:<impl>"``, ``"emit"``.
         module: the module object when the mechanism knows it (HF registry, ``emit``).
+        project: maps per-head ``attn @ v`` rows ``[batch, heads, n, v_dim]`` to the space of
+            ``out`` when the kernel's output is not per head (``nn.MultiheadAttention``: merged heads
+            and ``out_proj``), so ``verify`` can still compare.
     """
 
     q: torch.Tensor | None
@@ -43,6 +47,7 @@ class AttentionEvent:
     softcap: float | None = None
     dropout: float = 0.0
     module: torch.nn.Module | None = None
+    project: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     @property
     def shape(self) -> tuple[int, int, int, int]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import inspect
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -31,12 +32,17 @@ _SIGNATURE = inspect.signature(F.multi_head_attention_forward)
 def handle_mha(mode: Any, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """Report the per-head attention of the call, then run it unchanged."""
     owner = mode.sink.owner()
-    if owner is not None:
-        a = _SIGNATURE.bind(*args, **kwargs)
-        a.apply_defaults()
-        event = _event(a.arguments)
-        mode.sink.on_attention(owner, event)
-    return func(*args, **kwargs)
+    if owner is None:
+        return func(*args, **kwargs)
+    a = _SIGNATURE.bind(*args, **kwargs)
+    a.apply_defaults()
+    event = _event(a.arguments)
+    result = func(*args, **kwargs)
+    output = result[0]
+    event.out = (output if output.dim() == 3 else output.unsqueeze(1)).transpose(0, 1).unsqueeze(1)
+    event.project = _out_projection(a.arguments["out_proj_weight"], a.arguments["out_proj_bias"])
+    mode.sink.on_attention(owner, event)
+    return result
 
 
 def _event(a: dict[str, Any]) -> AttentionEvent:
@@ -44,42 +50,62 @@ def _event(a: dict[str, Any]) -> AttentionEvent:
     batched = query.dim() == 3
     heads = int(a["num_heads"])
     with isolated(query.device):
-        q, k = _project(a, heads)  # [B, H, L, D], [B, H, S, D]
+        q, k, v = _project(a, heads)  # [B, H, L, D], [B, H, S, D], [B, H, S, D]
         padding = a["key_padding_mask"]
         if not batched and padding is not None:
             padding = padding.unsqueeze(0)
         mask = _mask(a, q.shape[0], heads, q.shape[2], k.shape[2], padding)
     dropout = float(a["dropout_p"]) if a["training"] else 0.0
-    return AttentionEvent(q=q, k=k, mask=mask, scale=1.0 / math.sqrt(q.shape[-1]), dropout=dropout, source="mha")
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    return AttentionEvent(q=q, k=k, v=v, mask=mask, scale=scale, dropout=dropout, source="mha")
 
 
-def _project(a: dict[str, Any], heads: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """q and k exactly as ``multi_head_attention_forward`` computes them, as ``[B, H, L, D]``."""
+def _out_projection(weight: torch.Tensor, bias: torch.Tensor | None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Per-head ``attn @ v`` rows ``[B, H, n, D]`` -> the call's output rows ``[B, 1, n, E]``."""
+
+    def project(pv: torch.Tensor) -> torch.Tensor:
+        b, h, n, d = pv.shape
+        merged = pv.permute(0, 2, 1, 3).reshape(b, n, h * d)
+        w = weight.to(pv.dtype)
+        return F.linear(merged, w, bias.to(pv.dtype) if bias is not None else None).unsqueeze(1)
+
+    return project
+
+
+def _project(a: dict[str, Any], heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v exactly as ``multi_head_attention_forward`` computes them, as ``[B, H, L, D]``."""
     query, key, value = a["query"], a["key"], a["value"]
     if query.dim() == 2:
         query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
     tgt_len, bsz, embed = query.shape
     head_dim = embed // heads
     if not a["use_separate_proj_weight"]:
-        q, k, _ = F._in_projection_packed(  # type: ignore[attr-defined]
+        q, k, v = F._in_projection_packed(  # type: ignore[attr-defined]
             query, key, value, a["in_proj_weight"], a["in_proj_bias"]
         )
     else:
         b = a["in_proj_bias"]
         bq, bk, bv = b.chunk(3) if b is not None else (None, None, None)
-        q, k, _ = F._in_projection(  # type: ignore[attr-defined]
+        q, k, v = F._in_projection(  # type: ignore[attr-defined]
             query, key, value, a["q_proj_weight"], a["k_proj_weight"], a["v_proj_weight"], bq, bk, bv
         )
     if a["bias_k"] is not None:
         k = torch.cat([k, a["bias_k"].repeat(1, bsz, 1)])
+        v = torch.cat([v, a["bias_v"].repeat(1, bsz, 1)])
     q = q.view(tgt_len, bsz, heads, head_dim).permute(1, 2, 0, 3)
-    if a["static_k"] is not None:
-        k = a["static_k"].view(bsz, heads, -1, head_dim)
-    else:
-        k = k.view(k.shape[0], bsz, heads, head_dim).permute(1, 2, 0, 3)
+    k = _heads_first(k, a["static_k"], bsz, heads)
+    v = _heads_first(v, a["static_v"], bsz, heads)
     if a["add_zero_attn"]:
-        k = torch.cat([k, k.new_zeros(bsz, heads, 1, head_dim)], dim=2)
-    return q, k
+        k = torch.cat([k, k.new_zeros(bsz, heads, 1, k.shape[-1])], dim=2)
+        v = torch.cat([v, v.new_zeros(bsz, heads, 1, v.shape[-1])], dim=2)
+    return q, k, v
+
+
+def _heads_first(t: torch.Tensor, static: torch.Tensor | None, bsz: int, heads: int) -> torch.Tensor:
+    """``[S, B, H*D]`` (or a given ``static_k``/``static_v`` ``[B*H, S, D]``) as ``[B, H, S, D]``."""
+    if static is not None:
+        return static.view(bsz, heads, static.shape[1], static.shape[2])
+    return t.view(t.shape[0], bsz, heads, t.shape[-1] // heads).permute(1, 2, 0, 3)
 
 
 def _mask(a: dict[str, Any], bsz: int, heads: int, q_len: int, k_len: int, padding: torch.Tensor | None) -> MaskSpec:

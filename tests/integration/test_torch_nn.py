@@ -22,10 +22,11 @@ def test_mha_matches_its_own_weights(batch_first, need_weights):
     padding = torch.zeros(2, 7, dtype=torch.bool)
     padding[1, -3:] = True
     ref = _reference(mha, x, x, x, key_padding_mask=padding)
-    with torch.no_grad(), attnhooks.capture(mha) as cap:
+    with torch.no_grad(), attnhooks.capture(mha, verify=True) as cap:
         out = mha(x, x, x, need_weights=need_weights, key_padding_mask=padding)
     rec = cap.records[0]
     assert rec.module == "" and rec.source == "mha"
+    assert rec.verify_error < 1e-5, "attn @ v through out_proj reproduces the module's output"
     assert float((rec.attn - ref).abs().max()) <= 1e-5
     assert (out[1] is None) == (not need_weights), "the caller still gets what it asked for"
 
@@ -37,9 +38,10 @@ def test_mha_cross_attention_masks_bias_kv_and_zero_attn():
     attn_mask = torch.zeros(5, 6, dtype=torch.bool)
     attn_mask[:, 0] = True
     ref = _reference(mha, q, kv, kv, attn_mask=attn_mask)
-    with torch.no_grad(), attnhooks.capture(mha) as cap:
+    with torch.no_grad(), attnhooks.capture(mha, verify=True) as cap:
         mha(q, kv, kv, attn_mask=attn_mask)
     rec = cap.records[0]
+    assert rec.verify_error < 1e-5
     assert rec.kind == "cross" and rec.attn.shape == (2, 2, 5, 8)  # 6 keys + bias_k + zero key
     assert float((rec.attn - ref).abs().max()) <= 1e-5
 
@@ -66,9 +68,10 @@ def test_transformer_decoder_layer_self_and_cross():
     dec = nn.TransformerDecoderLayer(16, 2, dim_feedforward=32, batch_first=True).eval()
     tgt, memory = torch.randn(1, 4, 16), torch.randn(1, 9, 16)
     causal = nn.Transformer.generate_square_subsequent_mask(4)
-    with torch.no_grad(), attnhooks.capture(dec) as cap:
+    with torch.no_grad(), attnhooks.capture(dec, verify=True) as cap:
         dec(tgt, memory, tgt_mask=causal, tgt_is_causal=True)
     self_rec, cross_rec = cap.records
+    assert self_rec.verify_error < 1e-5 and cross_rec.verify_error < 1e-5
     assert (self_rec.module, cross_rec.module) == ("self_attn", "multihead_attn")
     assert self_rec.attn.shape == (1, 2, 4, 4) and cross_rec.attn.shape == (1, 2, 4, 9)
     assert torch.all(self_rec.attn[0, :, 0, 1:] == 0), "causal: row 0 sees only key 0"
@@ -83,3 +86,19 @@ def test_training_mode_mha_with_dropout_is_flagged():
     assert cap.records[0].dropout == 0.5
     with pytest.raises(attnhooks.DropoutError, match=r"model\.eval"), attnhooks.capture(mha, dropout="refuse"):
         mha(x, x, x)
+
+
+def test_verify_reports_a_record_that_does_not_reproduce_the_kernel():
+    """The check is real: a module that declares the wrong mask is caught by attn @ v vs out."""
+
+    class Mislabelled(nn.Module):
+        def forward(self, q, k, v):
+            with torch._C.DisableTorchFunction():
+                out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+            attnhooks.emit(self, q=q, k=k, v=v, out=out)  # forgot is_causal=True
+            return out
+
+    m, q = Mislabelled(), torch.randn(1, 2, 6, 4)
+    with pytest.warns(attnhooks.FaithfulnessWarning, match="does not reproduce"), attnhooks.capture(m, verify=6) as cap:
+        m(q, q, q)
+    assert cap.records[0].verify_error > 0.05
