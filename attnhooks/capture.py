@@ -133,17 +133,17 @@ class Capture:
 
     def _install(self, stack: ExitStack) -> None:
         for root in self._chain:
-            stack.enter_context(_handle(root.register_forward_pre_hook(self._root_pre, with_kwargs=True)))
+            stack.callback(root.register_forward_pre_hook(self._root_pre, with_kwargs=True).remove)
             # prepend: when captures nest on one model, the last one opened closes first (LIFO)
             post = root.register_forward_hook(self._root_post, prepend=True, always_call=True)
-            stack.enter_context(_handle(post))
+            stack.callback(post.remove)
         for name, module in self._modules_by_name.items():
             if self._selection.names.get(id(module)) != name:
                 continue
             if self._selection.everything and name and not _may_own_attention(module):
                 continue  # torch's own leaf layers (Linear, norms, dropout...) never compute attention
-            stack.enter_context(_handle(module.register_forward_pre_hook(self._push)))
-            stack.enter_context(_handle(module.register_forward_hook(self._pop, always_call=True)))
+            stack.callback(module.register_forward_pre_hook(self._push).remove)
+            stack.callback(module.register_forward_hook(self._pop, always_call=True).remove)
         self._registry.install()
         stack.callback(self._registry.remove)
         for obj in self._chain:
@@ -354,19 +354,6 @@ def _is_continuation(kwargs: dict[str, Any]) -> bool:
     if isinstance(cache, (tuple, list)) and cache and isinstance(cache[0], (tuple, list)) and cache[0]:
         return int(cache[0][0].shape[-2]) > 0
     return False
-
-
-class _handle:
-    """Context manager that removes a hook handle."""
-
-    def __init__(self, handle: Any) -> None:
-        self._h = handle
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        self._h.remove()
 
 
 def _patch_generate(stack: ExitStack, obj: nn.Module, scope: Callable[..., Any]) -> None:

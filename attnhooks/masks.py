@@ -71,16 +71,10 @@ class MaskSpec:
             ``[batch | 1, heads | 1, len(rows), k_len]``; None when nothing is masked.
         """
         rows = rows or slice(0, q_len)
-        if self.dense is not None:
-            dense = self.dense.to(device)
-            while dense.dim() < 4:
-                dense = dense.unsqueeze(0)
-            dense = dense[..., rows, :] if dense.shape[-2] != 1 else dense
-            if dense.dtype == torch.bool:
-                zero = torch.zeros((), dtype=torch.float32, device=device)
-                return torch.where(dense, zero, float("-inf"))
+        dense = self._dense_rows(rows, device)
+        if dense is not None and dense.dtype != torch.bool:
             return dense.float()
-        allowed = self._allowed(q_len, k_len, rows, device)
+        allowed = dense if dense is not None else self._allowed(q_len, k_len, rows, device)
         if allowed is None:
             return None
         zero = torch.zeros((), dtype=torch.float32, device=device)
@@ -101,20 +95,22 @@ class MaskSpec:
     def apply_(self, scores: torch.Tensor, q_len: int, k_len: int, rows: slice) -> torch.Tensor:
         """Mask a block of scores in place: ``scores [batch, heads, len(rows), n]`` over keys ``[0, n)``."""
         n = scores.shape[-1]
-        if self.dense is not None and self.dense.dtype != torch.bool:
-            bias = self.additive(scores.shape[0], q_len, k_len, rows, scores.device)
-            assert bias is not None
-            return scores.add_(bias[..., :n])
-        if self.dense is not None:
-            dense = self.dense.to(scores.device)
-            while dense.dim() < 4:
-                dense = dense.unsqueeze(0)
-            allowed: torch.Tensor | None = dense[..., rows, :] if dense.shape[-2] != 1 else dense
-        else:
-            allowed = self._allowed(q_len, k_len, rows, scores.device)
+        dense = self._dense_rows(rows, scores.device)
+        if dense is not None and dense.dtype != torch.bool:
+            return scores.add_(dense[..., :n].float())
+        allowed = dense if dense is not None else self._allowed(q_len, k_len, rows, scores.device)
         if allowed is not None:
             scores.masked_fill_(~allowed[..., :n], float("-inf"))
         return scores
+
+    def _dense_rows(self, rows: slice, device: torch.device | str) -> torch.Tensor | None:
+        """The dense mask as 4-D ``[batch|1, heads|1, len(rows)|1, k_len]``; None when compact."""
+        if self.dense is None:
+            return None
+        dense = self.dense.to(device)
+        while dense.dim() < 4:
+            dense = dense.unsqueeze(0)
+        return dense[..., rows, :] if dense.shape[-2] != 1 else dense
 
     def _allowed(self, q_len: int, k_len: int, rows: slice, device: torch.device | str) -> torch.Tensor | None:
         allowed: torch.Tensor | None = None

@@ -182,15 +182,18 @@ class Recorder:
             return
         rows = torch.unique(torch.linspace(0, q_len - 1, min(self.options.verify, q_len)).round().long())
         with isolated(event.q.device):
-            attn = torch.cat(
-                [
-                    attention_probs(
-                        event.q, event.k, rec.scale, rec.mask, slice(r, r + 1), event.softcap, with_lse=False
-                    )[0]
-                    for r in rows.tolist()
-                ],
-                dim=2,
-            )
+            if rec.attn is not None:  # already computed over every key: check what was kept
+                attn = rec.attn[:, :, rows].to(event.q.device)
+            else:
+                attn = torch.cat(
+                    [
+                        attention_probs(
+                            event.q, event.k, rec.scale, rec.mask, slice(r, r + 1), event.softcap, with_lse=False
+                        )[0]
+                        for r in rows.tolist()
+                    ],
+                    dim=2,
+                )
             err = verify_rows(attn, event.v, event.out[:, :, rows.to(event.out.device)], event.project)
         rec.verify_error = err
         tolerance = 1e-4 if event.q.dtype in (torch.float32, torch.float64) else 5e-2
