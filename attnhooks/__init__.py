@@ -19,11 +19,20 @@ from .errors import (
     DropoutError,
     FaithfulnessWarning,
     ModuleSelectionError,
+    NotAStoreError,
     RecordOptionError,
+    StoreError,
+    StoreExistsError,
+    StoreFullError,
+    StoreMismatchError,
+    StoreOptionError,
+    StoreStateError,
+    StoreWriteError,
 )
 from .intercept.emit import emit
 from .masks import MaskSpec
 from .record import Record
+from .store import NotInStoreError, RepairReport, Store, open_store, repair
 
 __version__ = "0.1.0"
 
@@ -37,8 +46,21 @@ __all__ = [
     "FaithfulnessWarning",
     "MaskSpec",
     "ModuleSelectionError",
+    "NotAStoreError",
+    "NotInStoreError",
     "Record",
     "RecordOptionError",
+    "RepairReport",
+    "Store",
+    "StoreError",
+    "StoreExistsError",
+    "StoreFullError",
+    "StoreMismatchError",
+    "StoreOptionError",
+    "StoreStateError",
+    "StoreWriteError",
     "capture",
     "emit",
+    "open_store",
+    "repair",
 ]

@@ -9,15 +9,25 @@ captured step's forward runs.
 from __future__ import annotations
 
 import functools
+import os
 import warnings
 from collections.abc import Callable, Iterable
 from contextlib import ExitStack
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn as nn
 
-from .errors import AttnHooksWarning, CaptureStateError, RecordOptionError
+from .backends.base import Backend, Codec, backend_for
+from .errors import (
+    AttnHooksError,
+    AttnHooksWarning,
+    CaptureStateError,
+    RecordOptionError,
+    StoreOptionError,
+    StoreWriteError,
+)
 from .intercept.event import AttentionEvent
 from .intercept.hf import RegistryPatch
 from .intercept.mode import AttentionMode
@@ -25,10 +35,13 @@ from .record import Record
 from .recorder import RECORDABLE, Recorder, RecordOptions
 from .select import Modules, select, unwrap
 from .streams import assemble
+from .writer import StoreOptions, StoreWriter, dumps_options, parse_bytes
 
 __all__ = ["Capture", "capture"]
 
 DEFAULT_RECORD = ("attn", "q", "k")
+Store = str | os.PathLike[str] | Backend | None
+_MODES = {"create": "w-", "overwrite": "w", "append": "r+"}
 _HEAD_ATTRS = ("heads", "num_heads", "num_attention_heads", "n_head", "n_heads")
 
 
@@ -36,8 +49,10 @@ class Capture:
     """A running capture; use :func:`capture` to make one. See :func:`capture` for the options.
 
     Attributes:
-        records: every :class:`Record` kept, in call order.
+        records: every :class:`Record` kept, in call order (empty when streaming to a store
+            unless ``keep=True``).
         every: capture one step in ``every``.
+        writer: the :class:`~attnhooks.writer.StoreWriter` while streaming to a store, else None.
     """
 
     def __init__(
@@ -49,6 +64,14 @@ class Capture:
         every: int = 1,
         verify: bool | int = False,
         dropout: str = "flag",
+        store: Store = None,
+        mode: str = "create",
+        buffer: int | str = "1GiB",
+        when_full: str = "block",
+        dtype: str | None = None,
+        compression: str | Codec | None = None,
+        keep: bool | None = None,
+        tokenizer: Any = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise RecordOptionError(f"capture() takes a torch.nn.Module, got {type(model).__name__}")
@@ -58,6 +81,23 @@ class Capture:
         self._modules_by_name = dict(self._chain[-1].named_modules())
         self.every = _check_every(every)
         self._recorder = Recorder(_options(record, verify, dropout))
+        self._recorder.keep = store is None if keep is None else bool(keep)
+        self._store = store
+        self._store_options = _store_options(mode, buffer, when_full, dtype, compression) if store is not None else None
+        self._options_meta = {
+            "record": sorted(self._recorder.options.record),
+            "every": self.every,
+            "verify": self._recorder.options.verify,
+            "dropout": dropout,
+            "modules": modules if isinstance(modules, (str, list, tuple, type(None))) else repr(modules),
+            "mode": mode,
+            "buffer": buffer,
+            "when_full": when_full,
+            "dtype": dtype,
+            "compression": compression if isinstance(compression, (str, type(None))) else repr(compression),
+        }
+        self.tokenizer = tokenizer
+        self.writer: StoreWriter | None = None
         self._mode = AttentionMode(self)
         self._registry = RegistryPatch(self, lambda: self._recorder.events, self._mode)
         self._exit: ExitStack | None = None
@@ -104,6 +144,17 @@ class Capture:
             step = steps[-1] if steps else self.step
         return assemble(self.records, module, step, call)
 
+    def set_tokens(self, ids: Any, text: list[list[str]] | None = None) -> None:
+        """Tokens of the current step for the store: ``ids`` ``[batch, len]`` (tensor, array or
+        lists), ``text`` the matching token strings. Top-level forwards given ``input_ids`` and
+        ``generate`` record their ids (and strings, with ``tokenizer=``) without this call."""
+        if self.writer is None:
+            raise CaptureStateError("set_tokens() needs a capture streaming to a store (capture(..., store=...))")
+        ids_np = _as_ids(ids)
+        if ids_np is None:
+            raise RecordOptionError(f"set_tokens(ids=...): expected integer ids [batch, len], got {type(ids).__name__}")
+        self.writer.tokens(ids_np, text if text is not None else self._token_text(ids_np))
+
     def clear(self) -> None:
         """Forget the records kept so far (hooks stay installed)."""
         self._recorder.records.clear()
@@ -132,6 +183,8 @@ class Capture:
             self._stack.clear()
 
     def _install(self, stack: ExitStack) -> None:
+        if self._store_options is not None:
+            self._open_store(stack)
         for root in self._chain:
             stack.callback(root.register_forward_pre_hook(self._root_pre, with_kwargs=True).remove)
             # prepend: when captures nest on one model, the last one opened closes first (LIFO)
@@ -149,6 +202,30 @@ class Capture:
         for obj in self._chain:
             _patch_generate(stack, obj, self._generate_scope)
 
+    def _open_store(self, stack: ExitStack) -> None:
+        options = self._store_options
+        assert options is not None and self._store is not None
+        backend = _open_backend(self._store, options.mode)
+        meta = {"model": f"{type(self._chain[-1]).__module__}.{type(self._chain[-1]).__qualname__}"}
+        meta["options"] = dumps_options(self._options_meta)
+        try:
+            writer = StoreWriter(backend, options, meta, appending=options.mode == "r+")
+        except BaseException:
+            backend.close()
+            raise
+        self.writer = writer
+        stack.callback(self._close_store)  # first in, last out: hooks are gone before the final flush
+        rec = self._recorder
+        rec.listener, rec.admit = writer, writer.admit
+        if writer.last_step is not None and not self._manual:
+            rec.step = writer.last_step + 1
+
+    def _close_store(self) -> None:
+        writer, self.writer = self.writer, None
+        self._recorder.listener = self._recorder.admit = None
+        if writer is not None:
+            writer.close()
+
     # -- hooks ----------------------------------------------------------------------------------
     def _push(self, module: nn.Module, args: Any) -> None:
         if self._capturing:
@@ -165,6 +242,8 @@ class Capture:
         continuation = _is_continuation(kwargs)
         if self._gen_depth == 0:
             self._open_unit(new_step=not continuation)
+            if not continuation:
+                self._auto_tokens(args, kwargs)
         self._recorder.begin_pass(continuation)
         self._mode.forget()
 
@@ -180,7 +259,10 @@ class Capture:
             self._open_unit()
             self._recorder.begin_pass(False)
         try:
-            return generate(*args, **kwargs)
+            out = generate(*args, **kwargs)
+            if self._gen_depth == 1:
+                self._auto_tokens((getattr(out, "sequences", out),), {})
+            return out
         finally:
             self._gen_depth -= 1
             if self._gen_depth == 0:
@@ -200,6 +282,8 @@ class Capture:
             return
         self._capturing = True
         self._stack.clear()
+        if self.writer is not None:
+            self.writer.begin_step(self._recorder.step)
         self._fastpath = torch.backends.mha.get_fastpath_enabled()
         torch.backends.mha.set_fastpath_enabled(False)
         self._mode.__enter__()  # type: ignore[no-untyped-call]
@@ -208,6 +292,12 @@ class Capture:
         if not self._capturing:
             return
         self._capturing = False
+        self._recorder.stager.synchronize()
+        if self.writer is not None:
+            if self._recorder.dropping:
+                self.writer.drop_step()
+            else:
+                self.writer.end_step()
         self._mode.forget()
         try:
             self._mode.__exit__(None, None, None)  # type: ignore[no-untyped-call]
@@ -244,11 +334,25 @@ class Capture:
     def on_dropout(self, owner: str, p: float) -> None:
         self._recorder.dropout(owner, p)
 
+    # -- tokens -------------------------------------------------------------------------------------
+    def _auto_tokens(self, args: Any, kwargs: dict[str, Any]) -> None:
+        if self.writer is None or not self._capturing:
+            return
+        ids = _as_ids(kwargs.get("input_ids", args[0] if args else None))
+        if ids is not None:
+            self.writer.tokens(ids, self._token_text(ids))
+
+    def _token_text(self, ids: np.ndarray) -> list[list[str]] | None:
+        convert = getattr(self.tokenizer, "convert_ids_to_tokens", None)
+        if convert is None:
+            return None
+        return [[str(t) for t in convert([int(i) for i in row])] for row in ids]
+
     def _warn_silent(self) -> None:
         if self._checked_silent or self._selection.everything:
             return
         self._checked_silent = True
-        seen = {r.module for r in self.records}
+        seen = self._recorder.seen
         silent = [n for n in self._selection.names.values() if n not in seen]
         if silent:
             shown = ", ".join(repr(n) for n in silent[:8]) + (" ..." if len(silent) > 8 else "")
@@ -273,6 +377,14 @@ def capture(
     every: int = 1,
     verify: bool | int = False,
     dropout: str = "flag",
+    store: Store = None,
+    mode: str = "create",
+    buffer: int | str = "1GiB",
+    when_full: str = "block",
+    dtype: str | None = None,
+    compression: str | Codec | None = None,
+    keep: bool | None = None,
+    tokenizer: Any = None,
 ) -> Capture:
     """Capture the attention of ``model`` while it runs, on its own attention path.
 
@@ -292,6 +404,25 @@ def capture(
             the difference and a :class:`FaithfulnessWarning` reports a mismatch.
         dropout: ``"flag"`` records pre-dropout probabilities with ``Record.dropout`` set and
             warns once; ``"refuse"`` raises :class:`DropoutError` when attention dropout is active.
+        store: stream the records to a store while the model runs: a path ending in ``.zarr``,
+            ``.h5`` / ``.hdf5``, a ``memory://name`` URL, or an open backend. Read it back with
+            :func:`attnhooks.open_store`. A step becomes visible to readers only once all of it is
+            written; leaving the ``with`` block flushes, marks the store complete and raises any
+            error of the writer thread.
+        mode: ``"create"`` (fail if the store exists), ``"overwrite"`` or ``"append"`` (add steps
+            after the committed ones; the modules must match; step ids continue from the last).
+        buffer: memory budget for records staged but not yet written (bytes or ``"512MiB"``).
+        when_full: what a hook does when the budget is spent: ``"block"`` until the writer
+            catches up, or ``"drop"`` the rest of the step (counted in the store's ``dropped``).
+        dtype: storage dtype of q and k: None keeps the model's (bfloat16 becomes float32,
+            losslessly), ``"float32"``, ``"float16"`` (also attn), or ``"bfloat16-bits"`` (raw
+            bfloat16 bits as uint16, converted back by the reader).
+        compression: ``"zstd"``, ``"gzip"``, ``"lzf"`` (HDF5), ``"none"``, a
+            :class:`~attnhooks.backends.Codec`, or None for the backend's default (Zarr: zstd
+            level 1; HDF5: gzip level 1, which every HDF5 reader can decode).
+        keep: also keep the records in ``cap.records`` (default: only without a store).
+        tokenizer: with a store, token strings are stored next to the ids through
+            ``tokenizer.convert_ids_to_tokens``.
 
     Returns:
         A :class:`Capture`; use it as a context manager.
@@ -305,7 +436,22 @@ def capture(
         >>> rec.module, tuple(rec.attn.shape)
         ('self_attn', (2, 4, 5, 5))
     """
-    return Capture(model, modules=modules, record=record, every=every, verify=verify, dropout=dropout)
+    return Capture(
+        model,
+        modules=modules,
+        record=record,
+        every=every,
+        verify=verify,
+        dropout=dropout,
+        store=store,
+        mode=mode,
+        buffer=buffer,
+        when_full=when_full,
+        dtype=dtype,
+        compression=compression,
+        keep=keep,
+        tokenizer=tokenizer,
+    )
 
 
 def _options(record: Iterable[str], verify: bool | int, dropout: str) -> RecordOptions:
@@ -327,6 +473,51 @@ def _options(record: Iterable[str], verify: bool | int, dropout: str) -> RecordO
     else:
         raise RecordOptionError(f"verify={verify!r}: use True/False or a number of rows per call")
     return RecordOptions(frozenset(wanted), rows, dropout)
+
+
+def _store_options(
+    mode: str, buffer: int | str, when_full: str, dtype: str | None, compression: str | Codec | None
+) -> StoreOptions:
+    if mode not in _MODES:
+        raise StoreOptionError(f"mode={mode!r}: use 'create', 'overwrite' or 'append'")
+    if when_full not in ("block", "drop"):
+        raise StoreOptionError(f"when_full={when_full!r}: use 'block' (wait for the writer) or 'drop' (skip the step)")
+    if dtype not in (None, "float32", "float16", "bfloat16-bits"):
+        raise StoreOptionError(f"dtype={dtype!r}: use None (the model's), 'float32', 'float16' or 'bfloat16-bits'")
+    if isinstance(compression, str):
+        compression = Codec(compression, 0 if compression in ("none", "lzf") else 1)
+    return StoreOptions(_MODES[mode], parse_bytes(buffer), when_full, dtype, compression)
+
+
+def _open_backend(store: str | os.PathLike[str] | Backend, mode: str) -> Backend:
+    """Open the store's backend for writing, with typed errors for the usual failures."""
+    if not isinstance(store, (str, os.PathLike)):
+        if not isinstance(store, Backend):
+            raise StoreOptionError(f"store={store!r}: use a path, a URL or a backend instance")
+        return store
+    location = os.fspath(store)
+    cls = backend_for(location)
+    try:
+        return cls.open(location, mode)
+    except AttnHooksError:
+        raise
+    except PermissionError as err:
+        raise StoreWriteError(f"cannot write the store at {location}: {err.strerror or err}") from err
+    except OSError as err:
+        raise StoreWriteError(f"cannot open the store at {location}: {err}") from err
+
+
+def _as_ids(value: Any) -> np.ndarray | None:
+    """Integer token ids as int64 ``[batch, len]``, or None when ``value`` is not ids."""
+    if isinstance(value, torch.Tensor):
+        if value.dtype.is_floating_point or value.dtype == torch.bool or value.dim() not in (1, 2):
+            return None
+        value = value.detach().cpu().numpy()
+    elif isinstance(value, list) and value:
+        value = np.asarray(value)
+    if not isinstance(value, np.ndarray) or value.dtype.kind not in "iu" or value.ndim not in (1, 2):
+        return None
+    return value.reshape(-1, value.shape[-1]).astype(np.int64)
 
 
 def _check_every(every: int) -> int:

@@ -15,7 +15,15 @@ __all__ = [
     "DropoutError",
     "FaithfulnessWarning",
     "ModuleSelectionError",
+    "NotAStoreError",
     "RecordOptionError",
+    "StoreError",
+    "StoreExistsError",
+    "StoreFullError",
+    "StoreMismatchError",
+    "StoreOptionError",
+    "StoreStateError",
+    "StoreWriteError",
 ]
 
 
@@ -41,6 +49,38 @@ class DropoutError(CaptureError):
 
 class CaptureStateError(AttnHooksError, RuntimeError):
     """A :class:`~attnhooks.Capture` was used in a state that does not allow it."""
+
+
+class StoreOptionError(AttnHooksError, ValueError):
+    """A store location, backend, mode or storage option cannot be used as given."""
+
+
+class StoreError(AttnHooksError, RuntimeError):
+    """Root of the errors about a store on disk (or wherever its backend keeps it)."""
+
+
+class StoreExistsError(StoreError, FileExistsError):
+    """A store exists where a new one was to be created (``mode="create"``)."""
+
+
+class NotAStoreError(StoreError, ValueError):
+    """The location holds something that is not an attnhooks store, or a schema this version does not read."""
+
+
+class StoreMismatchError(StoreError, ValueError):
+    """Appending to a store whose schema, modules or shapes do not match this capture."""
+
+
+class StoreStateError(StoreError):
+    """A store is in a state that does not allow the operation (e.g. left open by a killed writer)."""
+
+
+class StoreWriteError(StoreError, OSError):
+    """The writer thread failed; the steps committed before the failure stay readable."""
+
+
+class StoreFullError(StoreWriteError):
+    """The device holding the store is full (ENOSPC) or over quota."""
 
 
 class AttnHooksWarning(UserWarning):

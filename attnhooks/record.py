@@ -32,6 +32,7 @@ class Record:
         scale: the factor the scores were multiplied by (``1/sqrt(head_dim)`` unless the call set
             another; 1.0 when ``q`` is already scaled, as in ``nn.MultiheadAttention``'s weights path).
         mask: the mask the kernel applied, rebuildable exactly (see :class:`MaskSpec`).
+        softcap: logit soft-capping the call applied (``tanh(s / c) * c``, Gemma 2), or None.
         q_offset: position of query row 0 within its stream (0 except in continuations).
         k_offset: position of the first key in ``k`` (0 except in continuations).
         k_len: total number of keys the call attended over.
@@ -53,6 +54,7 @@ class Record:
     lse: torch.Tensor | None = None
     scale: float = 1.0
     mask: MaskSpec = field(default_factory=MaskSpec)
+    softcap: float | None = None
     q_offset: int = 0
     k_offset: int = 0
     k_len: int = 0

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import torch
 
@@ -20,8 +22,9 @@ from .intercept.event import AttentionEvent
 from .kernels import attention_probs, isolated, verify_rows
 from .masks import MaskSpec
 from .record import Record
+from .staging import Stager
 
-__all__ = ["RecordOptions", "Recorder"]
+__all__ = ["Listener", "RecordOptions", "Recorder"]
 
 RECORDABLE = ("attn", "q", "k", "lse")
 
@@ -42,6 +45,14 @@ class RecordOptions:
     dropout: str = "flag"
 
 
+class Listener(Protocol):
+    """Where records go besides ``Recorder.records`` (a store writer)."""
+
+    def put(self, rec: Record, nbytes: int, ready: Any = None) -> None: ...
+
+    def dropout(self, module: str, call: int, p: float) -> None: ...
+
+
 @dataclass
 class _Stream:
     rows: int
@@ -54,13 +65,19 @@ class Recorder:
 
     options: RecordOptions
     records: list[Record] = field(default_factory=list)
+    keep: bool = True
+    listener: Listener | None = None
+    admit: Callable[[int], bool] | None = None
+    stager: Stager = field(default_factory=Stager)
+    seen: set[str] = field(default_factory=set)
+    dropping: bool = False
     step: int = 0
     _calls: dict[str, int] = field(default_factory=dict)
     _pass_first: dict[str, int] = field(default_factory=dict)
     _cursor: dict[str, int] = field(default_factory=dict)
     _continuing: bool = False
     _streams: dict[tuple[str, int], _Stream] = field(default_factory=dict)
-    _last: dict[str, Record] = field(default_factory=dict)
+    _last: dict[str, tuple[int, Record | None]] = field(default_factory=dict)
     _warned_dropout: bool = False
     events: int = 0
 
@@ -72,6 +89,7 @@ class Recorder:
         self._cursor.clear()
         self._streams.clear()
         self._continuing = False
+        self.dropping = False
 
     def begin_pass(self, continuation: bool) -> None:
         """A forward starts; ``continuation`` when it extends the previous one's KV cache."""
@@ -82,9 +100,16 @@ class Recorder:
         else:
             self._pass_first = {}
 
-    def take(self, owner: str, event: AttentionEvent, cross: bool | None) -> Record:
-        """Build, check and keep the record of one attention call of ``owner``."""
+    def take(self, owner: str, event: AttentionEvent, cross: bool | None) -> Record | None:
+        """Build, check and keep the record of one attention call of ``owner``.
+
+        Returns None when the step is being dropped (the store's writer fell behind and the
+        capture was opened with ``when_full="drop"``).
+        """
         self.events += 1
+        self.seen.add(owner)
+        if self.dropping:
+            return None
         call, continues = self._call_index(owner)
         stream = self._streams.get((owner, call)) if continues else None
         _, _, q_len, k_len = event.shape
@@ -92,20 +117,34 @@ class Recorder:
         k_offset = stream.keys if stream and stream.keys <= k_len else 0
         if cross is None:
             cross = (k_len == k_offset) if stream else q_len != k_len
+        nbytes = self._nbytes(event, k_offset)
+        if self.admit is not None and not self.admit(nbytes):
+            self.dropping = True
+            return None
         rec = self._build(owner, call, event, q_offset, k_offset, "cross" if cross else "self")
         self._streams[(owner, call)] = _Stream(q_offset + q_len, k_len)
         if event.dropout > 0:
             self.dropout(owner, event.dropout, rec)
-        self.records.append(rec)
-        self._last[owner] = rec
+        ready = self.stager.seal()
+        if self.keep:
+            self.records.append(rec)
+        if self.listener is not None:
+            self.listener.put(rec, nbytes, ready)
+        self._last[owner] = (call, rec if self.keep else None)
         return rec
 
     def dropout(self, owner: str, p: float, rec: Record | None = None) -> None:
         """Dropout ``p`` hit the probabilities of ``owner``'s last call: flag it or refuse."""
-        rec = rec or self._last.get(owner)
-        if rec is None:
+        if rec is not None:
+            rec.dropout = p
+        elif owner in self._last:
+            call, kept = self._last[owner]
+            if kept is not None:
+                kept.dropout = p
+            if self.listener is not None:
+                self.listener.dropout(owner, call, p)
+        else:
             return
-        rec.dropout = p
         if self.options.dropout == "refuse":
             raise DropoutError(
                 f"attention dropout p={p} is active in {owner!r} during capture, so the probabilities "
@@ -122,6 +161,21 @@ class Recorder:
                 FaithfulnessWarning,
                 stacklevel=4,
             )
+
+    def _nbytes(self, event: AttentionEvent, k_offset: int) -> int:
+        """Host bytes the record of ``event`` will hold (what a store's budget must admit)."""
+        want = self.options.record
+        b, h, q_len, k_len = event.shape
+        total = 0
+        if "q" in want and event.q is not None:
+            total += event.q.numel() * event.q.element_size()
+        if "k" in want and event.k is not None:
+            total += event.k[:, :, k_offset:].numel() * event.k.element_size()
+        if "attn" in want:
+            total += b * h * q_len * k_len * 4
+        if "lse" in want:
+            total += b * h * q_len * 4
+        return total
 
     def _call_index(self, owner: str) -> tuple[int, bool]:
         if self._continuing and owner in self._cursor:
@@ -148,42 +202,47 @@ class Recorder:
             source=event.source,
             scale=event.scale if event.scale is not None else _default_scale(q),
             mask=event.mask or MaskSpec(),
+            softcap=event.softcap or None,
         )
         if "q" in want and q is not None:
-            rec.q = _keep(q)
+            rec.q = self.stager.stage(q)
         if "k" in want and k is not None:
-            rec.k = _keep(k[:, :, k_offset:])
+            rec.k = self.stager.stage(k[:, :, k_offset:])
+        attn = None
         if event.attn is not None:
-            self._from_eager(rec, event)
+            attn = self._from_eager(rec, event)
         elif ("attn" in want or "lse" in want) and q is not None and k is not None:
             attn, lse = attention_probs(q, k, rec.scale, rec.mask, softcap=event.softcap, with_lse="lse" in want)
-            rec.attn = _to_cpu(attn) if "attn" in want else None
-            rec.lse = _to_cpu(lse) if lse is not None else None
+            rec.lse = self.stager.stage(lse, owned=True) if lse is not None else None
+            if "attn" in want:
+                rec.attn = self.stager.stage(attn, owned=True)
         if self.options.verify and event.v is not None and event.out is not None and q is not None and k is not None:
-            self._verify(rec, event)
+            self._verify(rec, event, attn if "attn" in want else None)
         return rec
 
-    def _from_eager(self, rec: Record, event: AttentionEvent) -> None:
+    def _from_eager(self, rec: Record, event: AttentionEvent) -> torch.Tensor:
         """Probabilities the model materialised; scale and mask inferred from its scores."""
         assert event.attn is not None and event.scores is not None
-        with isolated(event.attn.device):
+        attn = event.attn.detach()
+        with isolated(attn.device):
             if "attn" in self.options.record:
-                rec.attn = event.attn.detach().to("cpu", torch.float32, copy=True)
+                rec.attn = self.stager.stage(attn.float(), owned=attn.dtype != torch.float32)
             if "lse" in self.options.record:
-                rec.lse = _to_cpu(torch.logsumexp(event.scores.float(), dim=-1))
+                rec.lse = self.stager.stage(torch.logsumexp(event.scores.float(), dim=-1), owned=True)
             if event.q is not None and event.k is not None:
                 raw = torch.matmul(event.q.float(), event.k.float().transpose(-1, -2))
                 rec.scale, rec.mask = _eager_scale_and_mask(raw, event.scores)
+        return attn
 
-    def _verify(self, rec: Record, event: AttentionEvent) -> None:
+    def _verify(self, rec: Record, event: AttentionEvent, attn: torch.Tensor | None) -> None:
         assert event.q is not None and event.k is not None and event.v is not None and event.out is not None
         q_len = event.q.shape[2]
         if q_len == 0 or event.k.shape[2] == 0:
             return
         rows = torch.unique(torch.linspace(0, q_len - 1, min(self.options.verify, q_len)).round().long())
         with isolated(event.q.device):
-            if rec.attn is not None:  # already computed over every key: check what was kept
-                attn = rec.attn[:, :, rows].to(event.q.device)
+            if attn is not None:  # already computed over every key: check what is kept
+                attn = attn[:, :, rows.to(attn.device)].float()
             else:
                 attn = torch.cat(
                     [
@@ -205,16 +264,6 @@ class Recorder:
                 FaithfulnessWarning,
                 stacklevel=4,
             )
-
-
-def _to_cpu(t: torch.Tensor) -> torch.Tensor:
-    """A tensor we computed ourselves: nobody else holds it, so no copy is needed on the CPU."""
-    return t if t.device.type == "cpu" else t.cpu()
-
-
-def _keep(t: torch.Tensor) -> torch.Tensor:
-    """A detached CPU copy: later in-place updates (a static KV cache) cannot change it."""
-    return t.detach().to("cpu", copy=True)
 
 
 def _default_scale(q: torch.Tensor | None) -> float:

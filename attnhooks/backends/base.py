@@ -1,0 +1,214 @@
+"""The storage backend protocol and the registry that picks a backend for a location.
+
+A backend stores a hierarchy of groups and n-dimensional arrays with JSON-able attributes, numpy
+in and numpy out. It knows nothing about attention or torch: the layout of schema ``attnhooks/1``
+lives in :mod:`attnhooks.schema`, the write protocol in :mod:`attnhooks.writer`, the reader in
+:mod:`attnhooks.store`. Paths are ``/``-separated, relative to the root (``""`` is the root).
+
+Backends are found by name (``"zarr"``), URI scheme (``"memory://run"``) or file suffix
+(``.zarr``, ``.h5`` / ``.hdf5``). Third-party backends register with :func:`register_backend` or
+through the ``attnhooks.backends`` entry-point group (the entry point loads the class).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+import numpy as np
+
+from ..errors import StoreExistsError, StoreOptionError
+
+__all__ = [
+    "MODES",
+    "Backend",
+    "Codec",
+    "backend_for",
+    "backend_names",
+    "register_backend",
+]
+
+MODES = ("r", "r+", "w-", "w")
+"""Open modes: read-only, read/write existing, create (fail if it exists), overwrite."""
+
+Selection = tuple[slice | int, ...]
+
+
+@dataclass(frozen=True)
+class Codec:
+    """Compression of an array's chunks: ``name`` is ``"zstd"``, ``"gzip"`` or ``"none"``."""
+
+    name: str = "zstd"
+    level: int = 1
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """What the writer and the reader need from a storage engine.
+
+    Class attributes ``name``, ``schemes`` and ``suffixes`` route locations to the backend;
+    ``open`` makes an instance. Errors raised by the engine (``OSError`` for a full disk or a
+    read-only directory) are allowed to propagate: the writer wraps them.
+    """
+
+    name: ClassVar[str]
+    schemes: ClassVar[tuple[str, ...]]
+    suffixes: ClassVar[tuple[str, ...]]
+    default_codec: ClassVar[Codec]
+    location: str
+    readonly: bool
+
+    @classmethod
+    def open(cls, location: str, mode: str) -> Backend:
+        """Open ``location`` in one of :data:`MODES`; ``w-`` raises :class:`StoreExistsError`."""
+        ...
+
+    @classmethod
+    def exists(cls, location: str) -> bool: ...
+
+    def create_group(self, path: str) -> None: ...
+
+    def create_array(
+        self,
+        path: str,
+        shape: tuple[int, ...],
+        dtype: str,
+        chunks: tuple[int, ...],
+        fill_value: Any,
+        codec: Codec,
+    ) -> None:
+        """An array growable along every axis; ``dtype`` is a numpy name or ``"str"``."""
+        ...
+
+    def contains(self, path: str) -> bool: ...
+
+    def children(self, path: str) -> list[str]:
+        """Names of the groups and arrays directly under group ``path``."""
+        ...
+
+    def shape(self, path: str) -> tuple[int, ...]: ...
+
+    def dtype(self, path: str) -> str: ...
+
+    def resize(self, path: str, shape: tuple[int, ...]) -> None: ...
+
+    def write(self, path: str, selection: Selection, value: np.ndarray) -> None: ...
+
+    def read(self, path: str, selection: Selection = ()) -> np.ndarray: ...
+
+    def attrs(self, path: str) -> dict[str, Any]: ...
+
+    def set_attrs(self, path: str, values: dict[str, Any]) -> None:
+        """Update (not replace) attributes; on the root this is the commit point, so it must be
+        atomic: a reader sees all of ``values`` or none."""
+        ...
+
+    def flush(self) -> None:
+        """Make everything written so far durable before the next commit."""
+        ...
+
+    def close(self) -> None: ...
+
+    @classmethod
+    def cleanup(cls, location: str) -> list[str]:
+        """Remove engine-level leftovers of a killed writer (nothing may have it open); return
+        what was removed."""
+        ...
+
+
+_REGISTRY: dict[str, type[Backend]] = {}
+_BUILTIN = {
+    "memory": "attnhooks.backends.memory:MemoryBackend",
+    "zarr": "attnhooks.backends.zarrstore:ZarrBackend",
+    "hdf5": "attnhooks.backends.hdf5:HDF5Backend",
+}
+ENTRY_POINT_GROUP = "attnhooks.backends"
+
+
+def register_backend(cls: type[Backend]) -> type[Backend]:
+    """Make ``cls`` available by its ``name``, ``schemes`` and ``suffixes`` (usable as a decorator)."""
+    for attr in ("name", "schemes", "suffixes", "open", "exists"):
+        if not hasattr(cls, attr):
+            raise StoreOptionError(f"{cls.__name__} is not a backend: it has no {attr!r}")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def backend_names() -> list[str]:
+    """Every backend known: built-in, registered and declared through entry points."""
+    return sorted({*_BUILTIN, *_REGISTRY, *(ep.name for ep in _entry_points())})
+
+
+def backend_for(location: str | os.PathLike[str], backend: str | None = None) -> type[Backend]:
+    """The backend class for ``location``: by explicit name, URI scheme, then file suffix.
+
+    Raises:
+        StoreOptionError: nothing matches, naming the known backends and suffixes.
+    """
+    text = os.fspath(location)
+    if backend is not None:
+        return _load(backend)
+    scheme = text.split("://", 1)[0].lower() if "://" in text else None
+    suffix = Path(text.split("://", 1)[-1].rstrip("/")).suffix.lower()
+    for cls in _candidates():
+        if scheme is not None and scheme in cls.schemes:
+            return cls
+        if scheme in (None, "file") and suffix and suffix in cls.suffixes:
+            return cls
+    if scheme is None and Path(text).is_dir() and (Path(text) / "zarr.json").exists():
+        return _load("zarr")
+    raise StoreOptionError(
+        f"no storage backend for {text!r}: use a path ending in .zarr, .h5 or .hdf5, a memory://name URL, "
+        f"or pass backend= one of {backend_names()}"
+    )
+
+
+def _candidates() -> Iterator[type[Backend]]:
+    for name in backend_names():
+        try:
+            yield _load(name)
+        except StoreOptionError:
+            continue  # an optional dependency is missing: another backend may still match
+
+
+def _load(name: str) -> type[Backend]:
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    target = _BUILTIN.get(name)
+    if target is None:
+        for ep in _entry_points():
+            if ep.name == name:
+                return register_backend(ep.load())
+        raise StoreOptionError(f"unknown storage backend {name!r}; known: {backend_names()}")
+    module_name, _, attr = target.partition(":")
+    try:
+        module = __import__(module_name, fromlist=[attr])
+    except ImportError as err:
+        extra = {"zarr": "zarr", "hdf5": "hdf5"}.get(name, name)
+        raise StoreOptionError(
+            f"the {name!r} backend needs {err.name or 'a missing package'}: pip install 'attnhooks[{extra}]'"
+        ) from err
+    return register_backend(getattr(module, attr))
+
+
+def _entry_points() -> list[metadata.EntryPoint]:
+    return list(metadata.entry_points(group=ENTRY_POINT_GROUP))
+
+
+def check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise StoreOptionError(f"mode={mode!r}: use one of {MODES}")
+
+
+def refuse_existing(location: str) -> None:
+    raise StoreExistsError(
+        f"{location} already exists; pass mode='overwrite' to replace it or mode='append' to add steps to it"
+    )
+
+
+def split(path: str) -> list[str]:
+    return [p for p in path.split("/") if p]

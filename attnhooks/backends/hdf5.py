@@ -1,0 +1,255 @@
+"""HDF5 backend: one file, written in SWMR mode so that a killed writer leaves a readable file.
+
+HDF5 keeps metadata in a cache and writes it back in no particular order, so a plain writer killed
+mid-step can leave pointers to blocks never written. In SWMR (single-writer / multiple-reader)
+mode the library orders its metadata flushes so that the file on disk is always consistent, and a
+reader opening with ``swmr=True`` sees the last flushed state, also after the writer died. So:
+
+* files are created with ``libver="latest"`` and switched to SWMR at the first flush;
+* new groups and arrays (the first step of a module) are created outside SWMR: the file is closed
+  and reopened for them, then SWMR resumes at the next flush;
+* readers open with ``swmr=True`` when the file was left open for writing by a killed process, and
+  :meth:`HDF5Backend.cleanup` rewrites such a file (raw chunks copied, not recompressed) so that
+  it opens normally again.
+
+Attribute values that are not scalars or plain strings are stored as JSON text.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, ClassVar
+
+import h5py
+import numpy as np
+
+from ..errors import NotAStoreError
+from .base import Codec, Selection, check_mode, refuse_existing
+
+__all__ = ["HDF5Backend"]
+
+_JSON_START = ("{", "[", '"')
+
+
+class HDF5Backend:
+    """A store in one HDF5 file."""
+
+    name: ClassVar[str] = "hdf5"
+    schemes: ClassVar[tuple[str, ...]] = ("hdf5", "h5")
+    suffixes: ClassVar[tuple[str, ...]] = (".h5", ".hdf5")
+    default_codec: ClassVar[Codec] = Codec("gzip", 1)
+
+    def __init__(self, location: str, file: h5py.File, readonly: bool) -> None:
+        self.location = location
+        self.readonly = readonly
+        self._path = _local(location)
+        self._file = file
+        self._datasets: dict[str, h5py.Dataset] = {}
+
+    @classmethod
+    def exists(cls, location: str) -> bool:
+        return os.path.exists(_local(location))
+
+    @classmethod
+    def open(cls, location: str, mode: str) -> HDF5Backend:
+        check_mode(mode)
+        path = _local(location)
+        exists = os.path.exists(path)
+        if mode == "w-" and exists:
+            refuse_existing(location)
+        if mode in ("r", "r+") and not exists:
+            raise NotAStoreError(f"{location}: no such file")
+        if exists and mode in ("r", "r+") and not h5py.is_hdf5(path):
+            raise NotAStoreError(f"{location} is not an HDF5 file")
+        if mode == "r":
+            return cls(location, _open_for_reading(path), readonly=True)
+        file = _open_or_explain(path) if mode == "r+" else h5py.File(path, "w", libver="latest")
+        return cls(location, file, readonly=False)
+
+    # -- SWMR switching -----------------------------------------------------------------------
+    def _structural(self) -> h5py.File:
+        """The file, out of SWMR mode (creating objects under SWMR is not crash-safe)."""
+        if self._file.swmr_mode:
+            self._file.close()
+            self._file = h5py.File(self._path, "r+", libver="latest")
+            self._datasets.clear()
+        return self._file
+
+    # -- structure --------------------------------------------------------------------------
+    def _dataset(self, path: str) -> h5py.Dataset:
+        ds = self._datasets.get(path)
+        if ds is None:
+            node = self._file[path]
+            if not isinstance(node, h5py.Dataset):
+                raise KeyError(f"{path} is a group, not an array")
+            ds = self._datasets[path] = node
+        return ds
+
+    def create_group(self, path: str) -> None:
+        if path and path not in self._file:
+            self._structural().require_group(path)
+
+    def create_array(
+        self, path: str, shape: tuple[int, ...], dtype: str, chunks: tuple[int, ...], fill_value: Any, codec: Codec
+    ) -> None:
+        file = self._structural()
+        if path in file:
+            del file[path]
+        is_str = dtype == "str"
+        self._datasets[path] = file.create_dataset(
+            path,
+            shape=shape,
+            maxshape=(None,) * len(shape),
+            chunks=tuple(max(c, 1) for c in chunks),
+            dtype=h5py.string_dtype() if is_str else np.dtype(dtype),
+            fillvalue=None if is_str else fill_value,
+            **({} if is_str else _filter(codec)),
+        )
+
+    def contains(self, path: str) -> bool:
+        return path == "" or path in self._file
+
+    def children(self, path: str) -> list[str]:
+        node = self._file[path] if path else self._file
+        return sorted(node.keys()) if isinstance(node, h5py.Group) else []
+
+    def shape(self, path: str) -> tuple[int, ...]:
+        return tuple(self._dataset(path).shape)
+
+    def dtype(self, path: str) -> str:
+        ds = self._dataset(path)
+        return "str" if h5py.check_string_dtype(ds.dtype) else ds.dtype.name
+
+    def resize(self, path: str, shape: tuple[int, ...]) -> None:
+        self._dataset(path).resize(shape)
+
+    def write(self, path: str, selection: Selection, value: np.ndarray) -> None:
+        ds = self._dataset(path)
+        if h5py.check_string_dtype(ds.dtype):
+            value = np.asarray(value, dtype=object)
+        ds[selection] = value
+
+    def read(self, path: str, selection: Selection = ()) -> np.ndarray:
+        ds = self._dataset(path)
+        if h5py.check_string_dtype(ds.dtype):
+            return np.asarray(ds.asstr()[selection], dtype=object)
+        return np.asarray(ds[selection])
+
+    # -- attributes ---------------------------------------------------------------------------
+    def attrs(self, path: str) -> dict[str, Any]:
+        node = self._file[path] if path else self._file
+        return {key: _decode(value) for key, value in node.attrs.items()}
+
+    def set_attrs(self, path: str, values: dict[str, Any]) -> None:
+        node = self._file[path] if path else self._file
+        for key, value in values.items():
+            node.attrs[key] = _encode(value)
+
+    def flush(self) -> None:
+        self._file.flush()
+        if not self._file.swmr_mode and self._file.mode == "r+":
+            self._file.swmr_mode = True
+            self._datasets.clear()
+
+    def close(self) -> None:
+        if self._file.id.valid:
+            self._file.close()
+        self._datasets.clear()
+
+    @classmethod
+    def cleanup(cls, location: str) -> list[str]:
+        """Rewrite a file left open by a killed SWMR writer so that it opens without ``swmr=True``
+        (raw chunks are copied, not recompressed)."""
+        path = _local(location)
+        if not os.path.exists(path) or not _left_open(path):
+            return []
+        tmp = path + ".repair-tmp"
+        with h5py.File(path, "r", swmr=True) as src, h5py.File(tmp, "w", libver="latest") as dst:
+            for key, value in src.attrs.items():
+                dst.attrs[key] = value
+            for name in src:
+                src.copy(src[name], dst, name)
+        os.replace(tmp, path)
+        return ["open-for-write flag (file rewritten)"]
+
+
+def _local(location: str) -> str:
+    for scheme in ("hdf5://", "h5://", "file://"):
+        if location.startswith(scheme):
+            return location[len(scheme) :]
+    return location
+
+
+def _left_open(path: str) -> bool:
+    try:
+        h5py.File(path, "r").close()
+    except OSError as err:
+        if "already open for write" in str(err):
+            return True
+        raise
+    return False
+
+
+def _open_for_reading(path: str) -> h5py.File:
+    try:
+        return h5py.File(path, "r")
+    except OSError as err:
+        if "already open for write" not in str(err):
+            raise NotAStoreError(f"{path} cannot be opened as HDF5: {err}") from err
+    return h5py.File(path, "r", swmr=True)  # a live writer, or one that was killed
+
+
+def _open_or_explain(path: str) -> h5py.File:
+    from ..errors import StoreStateError
+
+    try:
+        return h5py.File(path, "r+", libver="latest")
+    except OSError as err:
+        if "already open for write" in str(err):
+            raise StoreStateError(
+                f"{path} is still open for writing by another process, or its writer was killed; "
+                f"if no writer is running, run attnhooks.repair({path!r}) first"
+            ) from err
+        raise
+
+
+def _filter(codec: Codec) -> dict[str, Any]:
+    if codec.name == "none":
+        return {}
+    if codec.name == "gzip":
+        return {"compression": "gzip", "compression_opts": codec.level}
+    if codec.name == "lzf":
+        return {"compression": "lzf"}
+    if codec.name == "zstd":
+        try:
+            import hdf5plugin
+        except ImportError as err:
+            raise ValueError(
+                "zstd in HDF5 needs the hdf5plugin package (pip install hdf5plugin), also to read the file; "
+                "the HDF5 backend's default is gzip level 1, which every HDF5 reader has"
+            ) from err
+        return dict(hdf5plugin.Zstd(clevel=codec.level))
+    raise ValueError(f"codec {codec.name!r} is not available in the HDF5 backend (gzip, lzf, zstd, none)")
+
+
+def _encode(value: Any) -> Any:
+    if isinstance(value, bool | int | float | np.integer | np.floating):
+        return value
+    if isinstance(value, str) and not value.startswith(_JSON_START) and value != "null":
+        return value
+    return json.dumps(value)
+
+
+def _decode(value: Any) -> Any:
+    if isinstance(value, bytes):
+        value = value.decode()
+    if isinstance(value, str):
+        return json.loads(value) if value.startswith(_JSON_START) or value == "null" else value
+    if isinstance(value, np.bool_):
+        return bool(value)
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.floating):
+        return float(value)
+    return value

@@ -1,0 +1,107 @@
+"""Store schema ``attnhooks/1``: the names both the writer and the reader use.
+
+Layout (identical in every backend; ``S`` stored steps, ``C`` calls per step, ``B`` batch)::
+
+    <root>  attrs: schema, status (writing | complete | recovered), committed, dropped, created,
+                   closed, versions, model, options
+      steps                 int64 [S]                 user step id of each stored step
+      dropped_steps         int64 [n]                 user step ids dropped by when_full="drop"
+      tokens/ids            int64 [S, B, L]           fill -1
+      tokens/text           str   [S, B, L]           fill ""
+      modules/<escaped name>/   attrs: name, kind, heads, kv_heads, head_dim, scale, causal,
+                                       dtype, source_dtype, source, layer, info_columns, ...
+        calls               int64 [S]                 calls stored at each step (0: not called)
+        info                int64 [S, C, len(INFO)]   per call: sizes, offsets, mask flags
+        scalars             float64 [S, C, len(SCALARS)]
+        rowkeys             int64 [S, C, Lq]          keys each query row attended over
+        q                   [S, C, B, H, Lq, D]
+        k                   [S, C, B, Hkv, Lk, D]
+        attn                [S, C, B, H, Lq, Lk]      float32 or float16
+        lse                 float32 [S, C, B, H, Lq]
+        mask/key_valid      bool [S, C, B, Lk]        fill True
+        mask/dense          float32 [S, C, B', H', Lq, Lk]   additive, when no compact form
+
+Only positions ``< committed`` of the step axis exist for readers; everything beyond is garbage a
+killed writer may have left. Sizes along the other axes are the maximum over steps; the true sizes
+of each call are in ``info``. A KV-cache stream (prefill plus decode calls) is one call whose rows
+grow; ``rowkeys`` says how many keys each row saw.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .backends.base import Backend
+
+SCHEMA = "attnhooks/1"
+SUPPORTED = (SCHEMA,)
+
+INFO = (
+    "batch",  # true batch size of the call
+    "q_len",  # query rows stored
+    "k_len",  # keys attended by the last row
+    "k_stored",  # keys stored in k (from k_offset)
+    "q_offset",  # stream position of stored query row 0
+    "k_offset",  # position of stored key 0
+    "causal",  # 1 when causal
+    "mask_offset",  # causal/window alignment: row i sees keys j <= i + mask_offset
+    "window",  # sliding window, -1 for none
+    "has_key_valid",  # 1 when mask/key_valid holds padding
+    "dense_batch",  # mask/dense sizes; 0 when the mask is compact
+    "dense_heads",
+)
+SCALARS = ("scale", "dropout", "softcap")  # softcap 0: none
+TENSORS = ("q", "k", "attn", "lse")
+
+STATUS_WRITING, STATUS_COMPLETE, STATUS_RECOVERED = "writing", "complete", "recovered"
+
+
+def escape(name: str) -> str:
+    """A module name as one path segment: ``%``, ``/`` and ``.`` percent-encoded; the root
+    module (``""``) becomes ``%root``."""
+    if name == "":
+        return "%root"
+    return name.replace("%", "%25").replace("/", "%2F").replace(".", "%2E")
+
+
+def unescape(segment: str) -> str:
+    if segment == "%root":
+        return ""
+    return segment.replace("%2E", ".").replace("%2F", "/").replace("%25", "%")
+
+
+def module_path(name: str, leaf: str = "") -> str:
+    path = f"modules/{escape(name)}"
+    return f"{path}/{leaf}" if leaf else path
+
+
+def step_arrays(backend: Backend) -> list[str]:
+    """Every array whose first axis is the step axis."""
+    paths = [p for p in ("steps", "tokens/ids", "tokens/text") if backend.contains(p)]
+    if backend.contains("modules"):
+        for segment in backend.children("modules"):
+            paths.extend(_arrays_under(backend, f"modules/{segment}"))
+    return paths
+
+
+def _arrays_under(backend: Backend, group: str) -> list[str]:
+    out = []
+    for child in backend.children(group):
+        path = f"{group}/{child}"
+        if backend.children(path):
+            out.extend(_arrays_under(backend, path))
+        else:
+            out.append(path)
+    return out
+
+
+def trim(backend: Backend, committed: int) -> list[str]:
+    """Cut every step-axis array to ``committed`` steps; return the arrays that were longer."""
+    trimmed = []
+    for path in step_arrays(backend):
+        shape = backend.shape(path)
+        if shape and shape[0] != committed:
+            backend.resize(path, (committed, *shape[1:]))
+            trimmed.append(path)
+    return trimmed

@@ -1,0 +1,326 @@
+"""Reading stores: :func:`open_store` and :func:`repair`.
+
+The reader needs numpy and a backend only (no torch, no model). Opening reads the root metadata;
+arrays are read when asked for, one call's block at a time. Only the first ``committed`` steps
+exist: a store whose writer was killed opens and shows exactly those.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+
+from .backends.base import Backend, backend_for
+from .errors import AttnHooksError, NotAStoreError, StoreError, StoreWriteError
+from .schema import INFO, SCALARS, STATUS_RECOVERED, STATUS_WRITING, SUPPORTED, trim, unescape
+
+__all__ = ["NotInStoreError", "RepairReport", "Store", "open_store", "repair"]
+
+
+class NotInStoreError(StoreError, LookupError):
+    """The store has no such module, step, call, sample or array."""
+
+
+def open_store(location: str | os.PathLike[str], mode: str = "r", *, backend: str | None = None) -> Store:
+    """Open a store written by :func:`attnhooks.capture` (read-only by default).
+
+    Args:
+        location: a ``.zarr`` directory, an ``.h5`` / ``.hdf5`` file, or a URL such as ``memory://run``.
+        mode: ``"r"`` (read-only) or ``"r+"``.
+        backend: a backend name, when the location does not say which.
+
+    Raises:
+        NotAStoreError: the location is not an attnhooks store, or its schema is one this version
+            does not read. Nothing in a store is ever unpickled.
+    """
+    if mode not in ("r", "r+"):
+        raise NotAStoreError(f"open_store(mode={mode!r}): use 'r' or 'r+'; capture(..., store=) writes stores")
+    text = os.fspath(location)
+    try:
+        be = backend_for(text, backend).open(text, mode)
+    except AttnHooksError:
+        raise
+    except OSError as err:
+        raise NotAStoreError(f"cannot open {text} as a store: {err}") from err
+    return Store(be)
+
+
+class Store:
+    """An attnhooks store, read through its backend. See :func:`open_store`."""
+
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+        self.location = backend.location
+        self._modules: dict[str, str] | None = None
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Re-read the root metadata (a store still being written may have committed more steps)."""
+        attrs = self.backend.attrs("")
+        schema = attrs.get("schema")
+        if schema is None:
+            raise NotAStoreError(f"{self.location} is not an attnhooks store (its root has no 'schema' attribute)")
+        if schema not in SUPPORTED:
+            raise NotAStoreError(
+                f"{self.location} has schema {schema!r}; this attnhooks reads {', '.join(SUPPORTED)}: upgrade attnhooks"
+            )
+        self.metadata: dict[str, Any] = attrs
+        self.committed = int(attrs.get("committed", 0))
+        self._steps = self._read_steps()
+        self._modules = None
+
+    # -- what is there --------------------------------------------------------------------------
+    @property
+    def schema(self) -> str:
+        return str(self.metadata["schema"])
+
+    @property
+    def status(self) -> str:
+        """``"writing"`` (open, or its writer was killed), ``"complete"`` or ``"recovered"``."""
+        return str(self.metadata.get("status", ""))
+
+    @property
+    def dropped(self) -> int:
+        """Steps the writer dropped because it fell behind (``when_full="drop"``)."""
+        return int(self.metadata.get("dropped", 0))
+
+    @property
+    def dropped_steps(self) -> list[int]:
+        n = self.dropped
+        return [int(x) for x in self.backend.read("dropped_steps", (slice(0, n),))] if n else []
+
+    @property
+    def steps(self) -> list[int]:
+        """User step ids of the committed steps, in the order they were written."""
+        return list(self._steps)
+
+    @property
+    def modules(self) -> list[str]:
+        """Names of the modules with records, in model order when layer indices are known."""
+        return list(self._module_paths())
+
+    def module_info(self, module: str) -> dict[str, Any]:
+        """The module's attributes: kind, heads, kv_heads, head_dim, scale, causal, dtype, layer, ..."""
+        return self.backend.attrs(self._module_path(module))
+
+    def calls(self, module: str, step: int | None = None) -> int:
+        """Number of calls of ``module`` stored for ``step`` (0 when it was not called)."""
+        pos = self._position(step)
+        path = self._module_path(module) + "/calls"
+        if not self.backend.contains(path) or self.backend.shape(path)[0] <= pos:
+            return 0
+        return int(self.backend.read(path, (pos,)))
+
+    def info(self, module: str, step: int | None = None, call: int = 0) -> dict[str, Any]:
+        """Sizes, offsets and mask flags of one call (the ``info`` and ``scalars`` columns)."""
+        pos, base = self._call(module, step, call)
+        ints = self.backend.read(base + "/info", (pos, call))
+        floats = self.backend.read(base + "/scalars", (pos, call))
+        out: dict[str, Any] = {name: int(v) for name, v in zip(INFO, ints)}
+        out.update({name: float(v) for name, v in zip(SCALARS, floats)})
+        return out
+
+    # -- tensors ----------------------------------------------------------------------------------
+    def attention(self, module: str, step: int | None = None, sample: int = 0, call: int = 0) -> np.ndarray:
+        """The stored probabilities ``[heads, q_len, k_len]`` (float32) of one call and sample.
+
+        Rows of a KV-cache stream are zero beyond the keys that existed when they were computed,
+        exactly as in the model's full causal matrix.
+        """
+        pos, base, meta = self._block(module, step, call, sample, "attn")
+        attn = self.backend.read(
+            base + "/attn", (pos, call, sample, slice(None), slice(0, meta["q_len"]), slice(0, meta["k_len"]))
+        )
+        attn = attn.astype(np.float32, copy=False)
+        rowkeys = self.backend.read(base + "/rowkeys", (pos, call, slice(0, meta["q_len"])))
+        if (rowkeys < meta["k_len"]).any():
+            attn = np.where(np.arange(meta["k_len"])[None, None, :] < rowkeys[None, :, None], attn, 0.0)
+        return attn
+
+    def q(self, module: str, step: int | None = None, sample: int = 0, call: int = 0) -> np.ndarray:
+        """Queries ``[heads, q_len, head_dim]`` as the kernel received them."""
+        pos, base, meta = self._block(module, step, call, sample, "q")
+        return self._values(base, "q", (pos, call, sample, slice(None), slice(0, meta["q_len"])))
+
+    def k(self, module: str, step: int | None = None, sample: int = 0, call: int = 0) -> np.ndarray:
+        """Keys ``[kv_heads, k_stored, head_dim]`` (positions from ``info()["k_offset"]``)."""
+        pos, base, meta = self._block(module, step, call, sample, "k")
+        return self._values(base, "k", (pos, call, sample, slice(None), slice(0, meta["k_stored"])))
+
+    def lse(self, module: str, step: int | None = None, sample: int = 0, call: int = 0) -> np.ndarray:
+        """Row log-sum-exp of the scores ``[heads, q_len]`` (float32)."""
+        pos, base, meta = self._block(module, step, call, sample, "lse")
+        return self.backend.read(base + "/lse", (pos, call, sample, slice(None), slice(0, meta["q_len"])))
+
+    def mask(self, module: str, step: int | None = None, sample: int = 0, call: int = 0) -> dict[str, Any]:
+        """The call's mask: ``causal``, ``offset`` (row i sees keys ``j <= i + offset``),
+        ``window`` (None or int), ``key_valid`` (bool ``[k_len]`` or None), ``dense`` (additive
+        float32 ``[heads|1, q_len, k_len]`` or None)."""
+        pos, base, meta = self._block(module, step, call, sample, None)
+        key_valid = None
+        if meta["has_key_valid"]:
+            key_valid = self.backend.read(base + "/mask/key_valid", (pos, call, sample, slice(0, meta["k_len"])))
+        dense = None
+        if meta["dense_batch"]:
+            b = sample if meta["dense_batch"] > 1 else 0
+            sel = (pos, call, b, slice(0, meta["dense_heads"]), slice(0, meta["q_len"]), slice(0, meta["k_len"]))
+            dense = self.backend.read(base + "/mask/dense", sel)
+        return {
+            "causal": bool(meta["causal"]),
+            "offset": meta["mask_offset"],
+            "window": None if meta["window"] < 0 else meta["window"],
+            "key_valid": key_valid,
+            "dense": dense,
+        }
+
+    def tokens(self, step: int | None = None, sample: int = 0) -> tuple[list[int], list[str] | None]:
+        """Token ids (and strings, when stored) of one sample of ``step``; ``([], None)`` when none."""
+        pos = self._position(step)
+        if not self.backend.contains("tokens/ids") or self.backend.shape("tokens/ids")[0] <= pos:
+            return [], None
+        ids = self.backend.read("tokens/ids", (pos, sample))
+        n = int((ids >= 0).sum())
+        text = None
+        if self.backend.contains("tokens/text") and self.backend.shape("tokens/text")[0] > pos:
+            text = [str(t) for t in self.backend.read("tokens/text", (pos, sample, slice(0, n)))]
+        return [int(i) for i in ids[:n]], text
+
+    # -- plumbing ---------------------------------------------------------------------------------
+    def _read_steps(self) -> list[int]:
+        if not self.committed:
+            return []
+        if not self.backend.contains("steps") or self.backend.shape("steps")[0] < self.committed:
+            raise NotAStoreError(f"{self.location}: committed={self.committed} but the steps array is shorter")
+        return [int(s) for s in self.backend.read("steps", (slice(0, self.committed),))]
+
+    def _module_paths(self) -> dict[str, str]:
+        if self._modules is None:
+            found = {}
+            segments = self.backend.children("modules") if self.backend.contains("modules") else []
+            for segment in segments:
+                path = f"modules/{segment}"
+                found[self.backend.attrs(path).get("name", unescape(segment))] = path
+            self._modules = dict(sorted(found.items(), key=lambda kv: _natural(kv[0])))
+        return self._modules
+
+    def _module_path(self, module: str) -> str:
+        paths = self._module_paths()
+        if module not in paths:
+            near = [m for m in paths if module in m or m in module][:5] or list(paths)[:5]
+            raise NotInStoreError(f"{self.location} has no module {module!r}; it has e.g. {near}")
+        return paths[module]
+
+    def _position(self, step: int | None) -> int:
+        if not self._steps:
+            raise NotInStoreError(f"{self.location} has no committed steps yet")
+        if step is None:
+            return 0
+        try:
+            return self._steps.index(step)
+        except ValueError:
+            shown = self._steps[:10] + (["..."] if len(self._steps) > 10 else [])  # type: ignore[list-item]
+            raise NotInStoreError(f"{self.location} has no step {step}; its steps are {shown}") from None
+
+    def _call(self, module: str, step: int | None, call: int) -> tuple[int, str]:
+        base = self._module_path(module)
+        pos = self._position(step)
+        n = self.calls(module, step)
+        if not 0 <= call < n:
+            raise NotInStoreError(
+                f"{module!r} has {n} call(s) at step {self._steps[pos]}; call={call} is not one of them"
+            )
+        return pos, base
+
+    def _block(
+        self, module: str, step: int | None, call: int, sample: int, leaf: str | None
+    ) -> tuple[int, str, dict[str, Any]]:
+        pos, base = self._call(module, step, call)
+        if leaf is not None and not self.backend.contains(f"{base}/{leaf}"):
+            stored = [t for t in ("attn", "q", "k", "lse") if self.backend.contains(f"{base}/{t}")]
+            raise NotInStoreError(f"{module!r} has no {leaf!r} in this store (recorded: {stored})")
+        meta = self.info(module, step, call)
+        if not 0 <= sample < meta["batch"]:
+            raise NotInStoreError(f"sample={sample} is out of range: the call has batch size {meta['batch']}")
+        return pos, base, meta
+
+    def _values(self, base: str, leaf: str, sel: tuple[Any, ...]) -> np.ndarray:
+        out = self.backend.read(f"{base}/{leaf}", sel)
+        if self.backend.attrs(base).get("bits"):  # raw bfloat16 bits: widen to float32 exactly
+            return (out.astype(np.uint32) << 16).view(np.float32)
+        return out
+
+    def close(self) -> None:
+        self.backend.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"<attnhooks store {self.location} {self.status}: {self.committed} step(s), {len(self.modules)} module(s)>"
+        )
+
+
+@dataclass
+class RepairReport:
+    """What :func:`repair` found and did."""
+
+    location: str
+    status_before: str
+    status: str
+    committed: int
+    removed: list[str] = field(default_factory=list)
+    trimmed: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        return (
+            f"{self.location}: {self.status_before} -> {self.status}, {self.committed} committed step(s); "
+            f"removed {len(self.removed)} leftover(s), trimmed {len(self.trimmed)} array(s)"
+        )
+
+
+def repair(location: str | os.PathLike[str], *, backend: str | None = None) -> RepairReport:
+    """Make a store left by a killed writer whole again: remove the engine's leftovers, cut every
+    array to the committed steps, and mark it ``recovered``. No writer may still be running.
+
+    A complete store is left as it is (its leftovers, if any, are still removed).
+    """
+    text = os.fspath(location)
+    cls = backend_for(text, backend)
+    try:
+        removed = cls.cleanup(text)
+        be = cls.open(text, "r+")
+    except AttnHooksError:
+        raise
+    except PermissionError as err:
+        raise StoreWriteError(f"cannot repair {text}: {err}") from err
+    except OSError as err:
+        raise NotAStoreError(f"cannot open {text} as a store: {err}") from err
+    try:
+        store = Store(be)  # validates the schema
+        before = store.status
+        committed = store.committed
+        trimmed = trim(be, committed)
+        if be.contains("dropped_steps"):
+            n = store.dropped
+            if be.shape("dropped_steps")[0] != n:
+                be.resize("dropped_steps", (n,))
+        status = STATUS_RECOVERED if before == STATUS_WRITING else before
+        if status != before:
+            be.set_attrs("", {"status": status, "recovered": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+        be.flush()
+    finally:
+        be.close()
+    return RepairReport(text, before, status, committed, removed, trimmed)
+
+
+def _natural(name: str) -> list[tuple[int, int, str]]:
+    """Sort key: ``layers.10`` after ``layers.9``."""
+    return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in name.replace("/", ".").split(".")]

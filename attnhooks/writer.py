@@ -1,0 +1,666 @@
+"""Streaming records into a store: a memory budget, a queue and one writer thread.
+
+The model thread (inside hooks) only reserves budget, stages tensors and enqueues; the writer
+thread converts to numpy, writes whole slabs through the backend and commits. The commit protocol
+of schema ``attnhooks/1`` (see :mod:`attnhooks.schema`):
+
+1. every record of a step is written at the step's position ``p`` (positions ``>= committed``
+   hold nothing a reader trusts, so a killed writer only ever leaves ignorable garbage);
+2. at the step's end the per-call tables (``calls``, ``info``, ``scalars``, ``rowkeys``), the
+   ``steps`` entry and the tokens are written for every module;
+3. the backend flushes, then the root attribute ``committed`` becomes ``p + 1`` in one atomic
+   attribute write, and the backend flushes again.
+
+A step that continues (a decode forward of a hand-written loop, micro-batches under a manual
+``cap.step``) reuses its position and is committed again with its grown tables.
+
+Errors in the writer thread stop it, release every waiting producer and resurface in the model
+thread at its next :meth:`StoreWriter.admit` / :meth:`StoreWriter.close` as :class:`StoreWriteError`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import math
+import platform
+import queue
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+import torch
+
+from .backends.base import Backend, Codec
+from .errors import (
+    AttnHooksError,
+    StoreError,
+    StoreFullError,
+    StoreMismatchError,
+    StoreOptionError,
+    StoreStateError,
+    StoreWriteError,
+)
+from .record import Record
+from .schema import INFO, SCALARS, SCHEMA, STATUS_COMPLETE, STATUS_WRITING, SUPPORTED, module_path, trim
+
+__all__ = ["Budget", "StoreOptions", "StoreWriter", "parse_bytes"]
+
+_CHUNK_BYTES = 8 << 20
+_GROW = 1.5
+
+
+@dataclass(frozen=True)
+class StoreOptions:
+    """How a capture writes its store (see :func:`attnhooks.capture` for each option)."""
+
+    mode: str = "create"
+    buffer: int = 1 << 30
+    when_full: str = "block"
+    dtype: str | None = None
+    codec: Codec | None = None
+
+
+def parse_bytes(value: int | str) -> int:
+    """``1 << 30``, ``"512MiB"``, ``"1GiB"``, ``"2GB"`` -> bytes."""
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    if isinstance(value, str):
+        match = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]?i?B?)\s*", value, re.IGNORECASE)
+        if match:
+            unit = match.group(2).upper().rstrip("B").rstrip("I")
+            power = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit]
+            base = 1024 if "I" in match.group(2).upper() or unit == "" else 1000
+            return int(float(match.group(1)) * base**power)
+    raise StoreOptionError(f"buffer={value!r}: use a number of bytes or a size such as '512MiB' or '2GiB'")
+
+
+class Budget:
+    """Bytes staged but not yet written; producers wait (or give up) when it is spent."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self.peak = 0
+        self.blocked_s = 0.0
+        self._cond = threading.Condition()
+        self._failed: BaseException | None = None
+
+    def acquire(self, nbytes: int, wait: bool) -> bool:
+        """Reserve ``nbytes``; with ``wait=False`` return False instead of waiting."""
+        if nbytes > self.limit:
+            raise StoreOptionError(
+                f"one attention call needs {nbytes / 2**20:.1f} MiB of staging but the capture's buffer is "
+                f"{self.limit / 2**20:.1f} MiB: pass a larger buffer= or record less (e.g. record=('q', 'k', 'lse'))"
+            )
+        with self._cond:
+            if self.used + nbytes > self.limit and self._failed is None:
+                if not wait:
+                    return False
+                start = time.perf_counter()
+                self._cond.wait_for(lambda: self.used + nbytes <= self.limit or self._failed is not None)
+                self.blocked_s += time.perf_counter() - start
+            if self._failed is not None:
+                raise _surface(self._failed)
+            self.used += nbytes
+            self.peak = max(self.peak, self.used)
+            return True
+
+    def release(self, nbytes: int) -> None:
+        with self._cond:
+            self.used -= nbytes
+            self._cond.notify_all()
+
+    def fail(self, error: BaseException) -> None:
+        with self._cond:
+            self._failed = error
+            self._cond.notify_all()
+
+
+@dataclass
+class _Call:
+    """What the writer knows about one call (stream) at the open position."""
+
+    batch: int
+    q_len: int
+    k_len: int
+    k_stored: int
+    q_offset: int
+    k_offset: int
+    causal: bool
+    mask_offset: int
+    window: int
+    has_key_valid: bool
+    dense: tuple[int, int]
+    scale: float
+    dropout: float
+    softcap: float
+    rowkeys: list[int] = field(default_factory=list)
+
+
+@dataclass
+class _Module:
+    attrs: dict[str, Any]
+    arrays: set[str] = field(default_factory=set)
+
+
+_STOP = object()
+
+
+class StoreWriter:
+    """One store being written by one capture."""
+
+    def __init__(self, backend: Backend, options: StoreOptions, meta: dict[str, Any], appending: bool = False) -> None:
+        self.backend = backend
+        self.options = options
+        self.codec = options.codec or backend.default_codec
+        self.budget = Budget(options.buffer)
+        self.dropped = 0
+        self.bytes_written = 0
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._error: BaseException | None = None
+        self._modules: dict[str, _Module] = {}
+        self._calls: dict[str, dict[int, _Call]] = {}
+        self._open_pos = -1
+        self._committed = 0
+        self._dropped_steps: list[int] = []
+        self._closed = False
+        # model-thread view of positions
+        self._next_pos = 0
+        self._last: tuple[int, int] | None = None  # (user step, position) of the last step begun
+        self.last_step: int | None = None
+        if appending:
+            self._resume()
+        else:
+            self._create(meta)
+        self._thread = threading.Thread(target=self._run, name="attnhooks-writer", daemon=True)
+        self._thread.start()
+
+    # -- model thread -----------------------------------------------------------------------
+    def admit(self, nbytes: int) -> bool:
+        """Reserve staging for a record of ``nbytes``; False means drop the step (``when_full="drop"``)."""
+        self.check()
+        return self.budget.acquire(nbytes, wait=self.options.when_full == "block")
+
+    def begin_step(self, step: int) -> None:
+        """A captured step starts; the same step begun again (a continuation) keeps its position."""
+        self.check()
+        if self._last is not None and self._last[0] == step:
+            return
+        pos = self._next_pos
+        self._next_pos += 1
+        self._last = (step, pos)
+        self._queue.put(("begin", pos))
+
+    def put(self, rec: Record, nbytes: int, ready: Any = None) -> None:
+        assert self._last is not None, "begin_step() first"
+        self._queue.put(("record", self._last[1], rec, nbytes, ready))
+
+    def dropout(self, module: str, call: int, p: float) -> None:
+        if self._last is not None:
+            self._queue.put(("dropout", self._last[1], module, call, p))
+
+    def tokens(self, ids: np.ndarray, text: list[list[str]] | None) -> None:
+        if self._last is not None:
+            self._queue.put(("tokens", self._last[1], ids, text))
+
+    def end_step(self) -> None:
+        """Commit the step begun last (again, when it continued)."""
+        if self._last is not None:
+            self._queue.put(("commit", self._last[1], self._last[0]))
+
+    def drop_step(self) -> None:
+        """The step begun last is dropped: its position is reused and the drop recorded."""
+        if self._last is None:
+            return
+        step, pos = self._last
+        self._queue.put(("drop", pos, step))
+        self._next_pos = pos
+        self._last = None
+
+    def check(self) -> None:
+        """Raise the writer thread's error, if it had one."""
+        if self._error is not None:
+            raise _surface(self._error)
+
+    def close(self) -> None:
+        """Flush everything, mark the store complete, stop the thread; raise its error if any."""
+        if self._closed:
+            self.check()
+            return
+        self._closed = True
+        self._queue.put(_STOP)
+        self._thread.join()
+        self.check()
+
+    # -- writer thread --------------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            msg = self._queue.get()
+            try:
+                if msg is _STOP:
+                    self._finish()
+                    return
+                getattr(self, "_on_" + msg[0])(*msg[1:])
+            except BaseException as err:  # anything: the model thread must hear of it, never hang
+                self._error = err
+                self.budget.fail(err)
+                self._drain()
+                with contextlib.suppress(Exception):
+                    self.backend.close()
+                return
+            finally:
+                if msg is not _STOP and msg[0] == "record":
+                    self.budget.release(msg[3])
+                msg = None  # the record's tensors go now, not at the next message
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                msg = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if msg is not _STOP and msg[0] == "record":
+                self.budget.release(msg[3])
+
+    def _on_begin(self, pos: int) -> None:
+        self._open_pos = pos
+        self._calls = {}
+
+    def _on_record(self, pos: int, rec: Record, nbytes: int, ready: Any) -> None:
+        if pos != self._open_pos:
+            return  # its step was dropped
+        if ready is not None:
+            ready.synchronize()
+        module = self._module(rec)
+        calls = self._calls.setdefault(rec.module, {})
+        state = calls.get(rec.call)
+        continues = state is not None and rec.q_offset > 0
+        if not continues:
+            state = calls[rec.call] = _new_call(rec)
+        assert state is not None
+        row = rec.q_offset - state.q_offset if continues else 0
+        key = rec.k_offset - state.k_offset if continues else 0
+        base = (pos, rec.call)
+        n_rows = int(_rows(rec))
+        if rec.q is not None:
+            self._put(module, "q", base, (slice(None), slice(row, row + n_rows)), self._cast(rec.q))
+        if rec.k is not None:
+            k = self._cast(rec.k)
+            self._put(module, "k", base, (slice(None), slice(key, key + k.shape[2])), k)
+            state.k_stored = max(state.k_stored, key + k.shape[2])
+        if rec.attn is not None:
+            self._put(module, "attn", base, (slice(None), slice(row, row + n_rows)), self._attn(rec.attn))
+        if rec.lse is not None:
+            self._put(module, "lse", base, (slice(None), slice(row, row + n_rows)), rec.lse.float().numpy())
+        if rec.mask.key_valid is not None:
+            valid = rec.mask.key_valid.numpy()
+            self._put(module, "mask/key_valid", base, (), valid)
+            state.has_key_valid = True
+        if rec.mask.dense is not None:
+            dense = _additive(rec.mask.dense, n_rows, rec.k_len)
+            self._put(module, "mask/dense", base, (slice(None), slice(None), slice(row, row + n_rows)), dense)
+            state.dense = (max(state.dense[0], dense.shape[0]), max(state.dense[1], dense.shape[1]))
+        if continues:
+            state.q_len = row + n_rows
+            state.k_len = max(state.k_len, rec.k_len)
+            state.batch = max(state.batch, _batch(rec))
+            state.dropout = max(state.dropout, rec.dropout)
+        state.rowkeys.extend([rec.k_len] * n_rows)
+
+    def _on_dropout(self, pos: int, module: str, call: int, p: float) -> None:
+        state = self._calls.get(module, {}).get(call) if pos == self._open_pos else None
+        if state is not None:
+            state.dropout = max(state.dropout, p)
+
+    def _on_tokens(self, pos: int, ids: np.ndarray, text: list[list[str]] | None) -> None:
+        if pos != self._open_pos:
+            return
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1, ids.shape[-1]) if ids.ndim else ids
+        b, n = ids.shape
+        self._ensure("tokens/ids", (pos + 1, b, n), "int64", (1, b, max(n, 1)), -1)
+        self._write_at("tokens/ids", (pos, slice(0, b), slice(0, n)), ids, fill=-1)
+        if text is not None:
+            arr = np.full((b, n), "", dtype=object)
+            for i, row in enumerate(text[:b]):
+                arr[i, : len(row[:n])] = row[:n]
+            self._ensure("tokens/text", (pos + 1, b, n), "str", (1, b, max(n, 1)), "")
+            self._write_at("tokens/text", (pos, slice(0, b), slice(0, n)), arr, fill="")
+
+    def _on_commit(self, pos: int, step: int) -> None:
+        if pos != self._open_pos:
+            return
+        be = self.backend
+        for name, _module in self._modules.items():
+            calls = self._calls.get(name, {})
+            n = max(calls) + 1 if calls else 0
+            path = module_path(name)
+            self._ensure(f"{path}/calls", (pos + 1,), "int64", (1024,), 0)
+            be.write(f"{path}/calls", (pos,), np.asarray(n, dtype=np.int64))
+            if not n:
+                continue
+            info = np.zeros((n, len(INFO)), dtype=np.int64)
+            scalars = np.zeros((n, len(SCALARS)), dtype=np.float64)
+            width = max(len(c.rowkeys) for c in calls.values())
+            rowkeys = np.zeros((n, width), dtype=np.int64)
+            for c, st in calls.items():
+                info[c] = (
+                    st.batch, st.q_len, st.k_len, st.k_stored, st.q_offset, st.k_offset,
+                    int(st.causal), st.mask_offset, st.window, int(st.has_key_valid), *st.dense,
+                )  # fmt: skip
+                scalars[c] = (st.scale, st.dropout, st.softcap)
+                rowkeys[c, : len(st.rowkeys)] = st.rowkeys
+            self._ensure(f"{path}/info", (pos + 1, n, len(INFO)), "int64", (1, 64, len(INFO)), 0)
+            be.write(f"{path}/info", (pos, slice(0, n)), info)
+            self._ensure(f"{path}/scalars", (pos + 1, n, len(SCALARS)), "float64", (1, 64, len(SCALARS)), 0.0)
+            be.write(f"{path}/scalars", (pos, slice(0, n)), scalars)
+            self._ensure(f"{path}/rowkeys", (pos + 1, n, width), "int64", (1, 1, _pow2(width)), 0)
+            be.write(f"{path}/rowkeys", (pos, slice(0, n), slice(0, width)), rowkeys)
+        self._ensure("steps", (pos + 1,), "int64", (1024,), -1)
+        be.write("steps", (pos,), np.asarray(step, dtype=np.int64))
+        be.flush()
+        self._committed = max(self._committed, pos + 1)
+        be.set_attrs("", {"committed": self._committed, "dropped": self.dropped})
+        be.flush()
+
+    def _on_drop(self, pos: int, step: int) -> None:
+        self._open_pos = -1
+        self._calls = {}
+        self.dropped += 1
+        self._dropped_steps.append(step)
+        n = len(self._dropped_steps)
+        self._ensure("dropped_steps", (n,), "int64", (1024,), -1)
+        self.backend.write("dropped_steps", (n - 1,), np.asarray(step, dtype=np.int64))
+        self.backend.flush()
+        self.backend.set_attrs("", {"dropped": self.dropped})
+        self.backend.flush()
+
+    def _finish(self) -> None:
+        be = self.backend
+        trim(be, self._committed)
+        be.flush()
+        be.set_attrs("", {"status": STATUS_COMPLETE, "closed": _now(), "dropped": self.dropped})
+        be.flush()
+        be.close()
+
+    # -- layout -------------------------------------------------------------------------------
+    def _module(self, rec: Record) -> _Module:
+        module = self._modules.get(rec.module)
+        attrs = _module_attrs(rec, self._stored_dtype(rec))
+        if module is None:
+            path = module_path(rec.module)
+            if self.backend.contains(path):
+                old = self.backend.attrs(path)
+                for key in ("heads", "kv_heads", "head_dim", "kind"):
+                    if old.get(key) is not None and attrs.get(key) is not None and old[key] != attrs[key]:
+                        raise StoreMismatchError(
+                            f"appending to {self.backend.location}: module {rec.module!r} has {key}={attrs[key]} "
+                            f"but the store holds {key}={old[key]}"
+                        )
+                attrs = {**old, **{k: v for k, v in attrs.items() if old.get(k) is None}}
+            elif self._appending_modules:
+                raise StoreMismatchError(
+                    f"appending to {self.backend.location}: this capture records module {rec.module!r}, which the "
+                    f"store does not have (it has {sorted(self._appending_modules)}); capture the same modules "
+                    "or write a new store"
+                )
+            self.backend.create_group(path)
+            self.backend.set_attrs(path, attrs)
+            module = self._modules[rec.module] = _Module(attrs)
+        return module
+
+    def _put(
+        self, module: _Module, leaf: str, base: tuple[int, int], inner: tuple[slice, ...], value: np.ndarray
+    ) -> None:
+        """Write ``value`` (a call's ``[batch, ...]`` block) at ``[pos, call, :batch, *inner]``."""
+        path = module_path(module.attrs["name"], leaf)
+        sel = _inner_selection(value.shape, inner)
+        need = (base[0] + 1, base[1] + 1, *(s.stop for s in sel))
+        if path not in module.arrays:
+            module.arrays.add(path)
+            if not self.backend.contains(path):
+                fill = True if leaf == "mask/key_valid" else (0 if leaf != "lse" else -np.inf)
+                self.backend.create_array(
+                    path, need, value.dtype.name, _chunks(need, value.dtype.itemsize, leaf), fill, self._codec(leaf)
+                )
+        self._grow(path, need)
+        self.backend.write(path, (*base, *sel), value)
+        self.bytes_written += value.nbytes
+
+    def _ensure(self, path: str, need: tuple[int, ...], dtype: str, chunks: tuple[int, ...], fill: Any) -> None:
+        if not self.backend.contains(path):
+            self.backend.create_array(
+                path, need, dtype, chunks, fill, Codec("none", 0) if dtype == "str" else self.codec
+            )
+        else:
+            self._grow(path, need)
+
+    def _grow(self, path: str, need: tuple[int, ...]) -> None:
+        shape = self.backend.shape(path)
+        if all(s >= n for s, n in zip(shape, need)):
+            return
+        grown = list(shape)
+        grown[0] = max(shape[0], need[0] if need[0] <= shape[0] else max(need[0], math.ceil(shape[0] * _GROW)))
+        for axis in range(1, len(shape)):
+            grown[axis] = max(shape[axis], need[axis])
+        self.backend.resize(path, tuple(grown))
+
+    def _write_at(self, path: str, sel: tuple[Any, ...], value: np.ndarray, fill: Any) -> None:
+        """Write ``value`` and reset the rest of the row to ``fill`` (stale data of a dropped step)."""
+        shape = self.backend.shape(path)
+        row = np.full(shape[1:], fill, dtype=value.dtype)
+        row[tuple(sel[1:])] = value
+        self.backend.write(path, (sel[0],), row)
+
+    def _codec(self, leaf: str) -> Codec:
+        return Codec("none", 0) if leaf == "mask/key_valid" and self.codec.name == "none" else self.codec
+
+    def _stored_dtype(self, rec: Record) -> str:
+        t = rec.q if rec.q is not None else rec.k
+        return _storage_dtype(t.dtype if t is not None else torch.float32, self.options.dtype)
+
+    def _cast(self, t: torch.Tensor) -> np.ndarray:
+        target = _storage_dtype(t.dtype, self.options.dtype)
+        if target == "bfloat16-bits":
+            return t.contiguous().view(torch.uint16).numpy()  # type: ignore[no-any-return]
+        return t.to(getattr(torch, target)).numpy()  # type: ignore[no-any-return]
+
+    def _attn(self, t: torch.Tensor) -> np.ndarray:
+        return t.to(torch.float16 if self.options.dtype == "float16" else torch.float32).numpy()  # type: ignore[no-any-return]
+
+    # -- store creation -----------------------------------------------------------------------
+    _appending_modules: frozenset[str] = frozenset()
+
+    def _create(self, meta: dict[str, Any]) -> None:
+        be = self.backend
+        be.create_group("modules")
+        be.set_attrs(
+            "",
+            {
+                "schema": SCHEMA,
+                "status": STATUS_WRITING,
+                "committed": 0,
+                "dropped": 0,
+                "created": _now(),
+                "closed": "",
+                "versions": _versions(be),
+                **meta,
+            },
+        )
+        be.flush()
+
+    def _resume(self) -> None:
+        be = self.backend
+        attrs = be.attrs("")
+        if attrs.get("schema") not in SUPPORTED:
+            raise StoreMismatchError(
+                f"{be.location} has schema {attrs.get('schema')!r}; this version appends to {SCHEMA}"
+            )
+        if attrs.get("status") == STATUS_WRITING:
+            raise StoreStateError(
+                f"{be.location} was not closed (its writer is still running, or was killed); "
+                f"if no writer is running, run attnhooks.repair({be.location!r}) before appending"
+            )
+        self._committed = self._next_pos = int(attrs.get("committed", 0))
+        self.dropped = int(attrs.get("dropped", 0))
+        if self._committed and be.contains("steps"):
+            self.last_step = int(be.read("steps", (self._committed - 1,)))
+        self._appending_modules = frozenset(be.children("modules")) if be.contains("modules") else frozenset()
+        self._appending_modules = frozenset(be.attrs(f"modules/{m}").get("name", m) for m in self._appending_modules)
+        if be.contains("dropped_steps"):
+            n = int(attrs.get("dropped", 0))
+            self._dropped_steps = [int(x) for x in be.read("dropped_steps", (slice(0, n),))]
+        be.set_attrs("", {"status": STATUS_WRITING, "closed": ""})
+        be.flush()
+
+
+def _surface(error: BaseException) -> BaseException:
+    """The writer's error as the model thread should see it."""
+    if isinstance(error, AttnHooksError):
+        return error
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        out: StoreError = StoreFullError(
+            f"the store's device is full: {error}; the steps committed before stay readable"
+        )
+    else:
+        out = StoreWriteError(
+            f"writing the store failed: {type(error).__name__}: {error}; the steps committed before stay readable"
+        )
+    out.__cause__ = error
+    return out
+
+
+def _new_call(rec: Record) -> _Call:
+    mask = rec.mask
+    return _Call(
+        batch=_batch(rec),
+        q_len=int(_rows(rec)),
+        k_len=rec.k_len,
+        k_stored=0,
+        q_offset=rec.q_offset,
+        k_offset=rec.k_offset,
+        causal=mask.causal,
+        mask_offset=mask.offset - rec.q_offset,
+        window=-1 if mask.window is None else mask.window,
+        has_key_valid=False,
+        dense=(0, 0),
+        scale=float(rec.scale),
+        dropout=float(rec.dropout),
+        softcap=float(rec.softcap or 0.0),
+    )
+
+
+def _rows(rec: Record) -> int:
+    for t in (rec.q, rec.attn, rec.lse):
+        if t is not None:
+            return int(t.shape[2])
+    return 0
+
+
+def _batch(rec: Record) -> int:
+    for t in (rec.q, rec.k, rec.attn, rec.lse):
+        if t is not None:
+            return int(t.shape[0])
+    return 0
+
+
+def _additive(dense: torch.Tensor, q_len: int, k_len: int) -> np.ndarray:
+    """A dense mask as float32 ``[batch|1, heads|1, q_len, k_len]``, 0 / -inf for booleans."""
+    while dense.dim() < 4:
+        dense = dense.unsqueeze(0)
+    if dense.dtype == torch.bool:
+        dense = torch.zeros(dense.shape, dtype=torch.float32).masked_fill(~dense, -math.inf)
+    dense = dense.float().expand(dense.shape[0], dense.shape[1], q_len, k_len)
+    return dense.contiguous().numpy()  # type: ignore[no-any-return]
+
+
+def _inner_selection(shape: tuple[int, ...], inner: tuple[slice, ...]) -> tuple[slice, ...]:
+    """Selection of a ``[batch, ...]`` block: ``inner`` slices for axes 1.., full extents elsewhere."""
+    sel = [slice(0, shape[0])]
+    for axis in range(1, len(shape)):
+        given = inner[axis - 1] if axis - 1 < len(inner) else slice(None)
+        start = given.start or 0
+        sel.append(slice(start, start + shape[axis]))
+    return tuple(sel)
+
+
+def _pow2(n: int, floor: int = 16) -> int:
+    return max(floor, 1 << max(n - 1, 0).bit_length())
+
+
+def _chunks(shape: tuple[int, ...], itemsize: int, leaf: str) -> tuple[int, ...]:
+    """Chunks of a ``[steps, calls, batch, ...]`` array: one step, one call, one sample; the
+    sequence axes rounded up to powers of two and split so that a chunk stays under ~8 MiB."""
+    chunks = [1, 1, 1, *shape[3:]]
+    if leaf in ("q", "k", "lse", "mask/dense"):
+        seq_axis = {"q": 4, "k": 4, "lse": 4, "mask/dense": 4}[leaf]
+    elif leaf == "attn":
+        chunks[3] = 1  # one head per chunk
+        seq_axis = 4
+    else:  # mask/key_valid [S, C, B, Lk]
+        seq_axis = 3
+    for axis in range(seq_axis, len(shape)):
+        chunks[axis] = _pow2(shape[axis])
+    while math.prod(chunks) * itemsize > _CHUNK_BYTES and chunks[seq_axis] > 16:
+        chunks[seq_axis] //= 2
+    return tuple(chunks)
+
+
+def _storage_dtype(dtype: torch.dtype, option: str | None) -> str:
+    if option == "float16":
+        return "float16"
+    if option == "float32":
+        return "float32"
+    if dtype == torch.bfloat16:
+        return "bfloat16-bits" if option == "bfloat16-bits" else "float32"
+    return str(dtype).removeprefix("torch.")
+
+
+def _module_attrs(rec: Record, stored: str) -> dict[str, Any]:
+    layer = re.search(r"(?:^|\.)(\d+)(?:\.|$)", rec.module)
+    source = rec.q if rec.q is not None else rec.k
+    return {
+        "name": rec.module,
+        "kind": rec.kind,
+        "heads": rec.heads,
+        "kv_heads": int(rec.k.shape[1]) if rec.k is not None else None,
+        "head_dim": int(source.shape[-1]) if source is not None else None,
+        "scale": float(rec.scale),
+        "causal": bool(rec.mask.causal),
+        "window": rec.mask.window,
+        "dtype": "bfloat16" if stored == "bfloat16-bits" else stored,
+        "bits": stored == "bfloat16-bits",
+        "source_dtype": str(source.dtype).removeprefix("torch.") if source is not None else None,
+        "source": rec.source,
+        "layer": int(layer.group(1)) if layer else None,
+        "info_columns": list(INFO),
+        "scalars_columns": list(SCALARS),
+    }
+
+
+def _versions(backend: Backend) -> dict[str, str]:
+    from . import __version__
+
+    versions = {
+        "attnhooks": __version__,
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+    }
+    engine = {"zarr": "zarr", "hdf5": "h5py"}.get(type(backend).name)
+    if engine:
+        versions[engine] = __import__(engine).__version__
+    return versions
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def dumps_options(options: dict[str, Any]) -> str:
+    return json.dumps(options, default=repr, sort_keys=True)
