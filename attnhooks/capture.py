@@ -155,6 +155,11 @@ class Capture:
             raise RecordOptionError(f"set_tokens(ids=...): expected integer ids [batch, len], got {type(ids).__name__}")
         self.writer.tokens(ids_np, text if text is not None else self._token_text(ids_np))
 
+    def flush(self) -> None:
+        """With a store: wait until every step so far is written and committed (readers see it)."""
+        if self.writer is not None:
+            self.writer.flush()
+
     def clear(self) -> None:
         """Forget the records kept so far (hooks stay installed)."""
         self._recorder.records.clear()

@@ -51,7 +51,7 @@ class Stager:
             return None
         events = []
         for device in self._dirty:
-            event = torch.cuda.Event()
+            event = torch.cuda.Event()  # type: ignore[no-untyped-call]
             event.record(self._streams[device])
             events.append(event)
         self._dirty.clear()
@@ -67,7 +67,7 @@ class Stager:
     def _stream(self, device: torch.device) -> Any:
         stream = self._streams.get(device)
         if stream is None:
-            stream = self._streams[device] = torch.cuda.Stream(device=device)
+            stream = self._streams[device] = torch.cuda.Stream(device=device)  # type: ignore[no-untyped-call]
         return stream
 
 

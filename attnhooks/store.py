@@ -222,7 +222,7 @@ class Store:
         try:
             return self._steps.index(step)
         except ValueError:
-            shown = self._steps[:10] + (["..."] if len(self._steps) > 10 else [])  # type: ignore[list-item]
+            shown = self._steps[:10] + (["..."] if len(self._steps) > 10 else [])
             raise NotInStoreError(f"{self.location} has no step {step}; its steps are {shown}") from None
 
     def _call(self, module: str, step: int | None, call: int) -> tuple[int, str]:

@@ -223,6 +223,22 @@ class StoreWriter:
         self._next_pos = pos
         self._last = None
 
+    def flush(self, timeout: float | None = None) -> None:
+        """Wait until everything enqueued so far is written and committed."""
+        self.check()
+        done = threading.Event()
+        self._queue.put(("sync", done))
+        while not done.wait(0.05):
+            if self._error is not None or not self._thread.is_alive():
+                break
+            if timeout is not None:
+                timeout -= 0.05
+                if timeout <= 0:
+                    raise StoreWriteError(
+                        f"the writer did not catch up within the timeout ({self.budget.used} bytes pending)"
+                    )
+        self.check()
+
     def check(self) -> None:
         """Raise the writer thread's error, if it had one."""
         if self._error is not None:
@@ -267,6 +283,9 @@ class StoreWriter:
                 return
             if msg is not _STOP and msg[0] == "record":
                 self.budget.release(msg[3])
+
+    def _on_sync(self, done: threading.Event) -> None:
+        done.set()
 
     def _on_begin(self, pos: int) -> None:
         self._open_pos = pos
@@ -467,11 +486,11 @@ class StoreWriter:
     def _cast(self, t: torch.Tensor) -> np.ndarray:
         target = _storage_dtype(t.dtype, self.options.dtype)
         if target == "bfloat16-bits":
-            return t.contiguous().view(torch.uint16).numpy()  # type: ignore[no-any-return]
-        return t.to(getattr(torch, target)).numpy()  # type: ignore[no-any-return]
+            return t.contiguous().view(torch.uint16).numpy()
+        return t.to(getattr(torch, target)).numpy()
 
     def _attn(self, t: torch.Tensor) -> np.ndarray:
-        return t.to(torch.float16 if self.options.dtype == "float16" else torch.float32).numpy()  # type: ignore[no-any-return]
+        return t.to(torch.float16 if self.options.dtype == "float16" else torch.float32).numpy()
 
     # -- store creation -----------------------------------------------------------------------
     _appending_modules: frozenset[str] = frozenset()
@@ -576,7 +595,7 @@ def _additive(dense: torch.Tensor, q_len: int, k_len: int) -> np.ndarray:
     if dense.dtype == torch.bool:
         dense = torch.zeros(dense.shape, dtype=torch.float32).masked_fill(~dense, -math.inf)
     dense = dense.float().expand(dense.shape[0], dense.shape[1], q_len, k_len)
-    return dense.contiguous().numpy()  # type: ignore[no-any-return]
+    return dense.contiguous().numpy()
 
 
 def _inner_selection(shape: tuple[int, ...], inner: tuple[slice, ...]) -> tuple[slice, ...]:

@@ -40,7 +40,7 @@ class ZarrBackend:
         self.location = location
         self.readonly = readonly
         self._root = group
-        self._arrays: dict[str, zarr.Array] = {}
+        self._arrays: dict[str, zarr.Array[Any]] = {}
 
     @classmethod
     def exists(cls, location: str) -> bool:
@@ -68,7 +68,7 @@ class ZarrBackend:
         return cls(location, group, readonly=mode == "r")
 
     # -- structure --------------------------------------------------------------------------
-    def _array(self, path: str) -> zarr.Array:
+    def _array(self, path: str) -> zarr.Array[Any]:
         arr = self._arrays.get(path)
         if arr is None:
             node = self._root[path] if path else self._root
@@ -120,8 +120,7 @@ class ZarrBackend:
         self._array(path)[selection] = value
 
     def read(self, path: str, selection: Selection = ()) -> np.ndarray:
-        out = self._array(path)[selection]
-        out = np.asarray(out)
+        out = np.asarray(self._array(path)[selection])
         return out.astype(object) if out.dtype.kind == "T" else out
 
     # -- attributes ---------------------------------------------------------------------------
