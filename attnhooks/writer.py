@@ -167,6 +167,7 @@ class StoreWriter:
         self._modules: dict[str, _Module] = {}
         self._calls: dict[str, dict[int, _Call]] = {}
         self._open_pos = -1
+        self._has_tokens = False
         self._committed = 0
         self._dropped_steps: list[int] = []
         self._closed = False
@@ -290,6 +291,7 @@ class StoreWriter:
     def _on_begin(self, pos: int) -> None:
         self._open_pos = pos
         self._calls = {}
+        self._has_tokens = False
 
     def _on_record(self, pos: int, rec: Record, nbytes: int, ready: Any) -> None:
         if pos != self._open_pos:
@@ -342,6 +344,7 @@ class StoreWriter:
             return
         ids = np.asarray(ids, dtype=np.int64).reshape(-1, ids.shape[-1]) if ids.ndim else ids
         b, n = ids.shape
+        self._has_tokens = True
         self._ensure("tokens/ids", (pos + 1, b, n), "int64", (1, b, max(n, 1)), -1)
         self._write_at("tokens/ids", (pos, slice(0, b), slice(0, n)), ids, fill=-1)
         if text is not None:
@@ -380,6 +383,10 @@ class StoreWriter:
             be.write(f"{path}/scalars", (pos, slice(0, n)), scalars)
             self._ensure(f"{path}/rowkeys", (pos + 1, n, width), "int64", (1, 1, _pow2(width)), 0)
             be.write(f"{path}/rowkeys", (pos, slice(0, n), slice(0, width)), rowkeys)
+        if not self._has_tokens:  # clear what a dropped or killed step may have left at this position
+            for path, fill in (("tokens/ids", -1), ("tokens/text", "")):
+                if be.contains(path) and be.shape(path)[0] > pos:
+                    be.write(path, (pos,), np.full(be.shape(path)[1:], fill, dtype=object if fill == "" else np.int64))
         self._ensure("steps", (pos + 1,), "int64", (1024,), -1)
         be.write("steps", (pos,), np.asarray(step, dtype=np.int64))
         be.flush()
