@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 import warnings
 from collections.abc import Callable, Iterable
 from contextlib import ExitStack
@@ -180,7 +181,7 @@ class Capture:
     def __exit__(self, *exc: object) -> None:
         stack, self._exit = self._exit, None
         try:
-            self._close_unit()
+            self._close_unit(failed=exc[0] is not None)
         finally:
             if stack is not None:
                 stack.close()
@@ -255,7 +256,8 @@ class Capture:
     def _root_post(self, module: nn.Module, args: Any, output: Any) -> None:
         self._fwd_depth = max(self._fwd_depth - 1, 0)
         if self._fwd_depth == 0 and self._gen_depth == 0:
-            self._close_unit()
+            # always_call: on an exception the hook runs inside torch's except block with no output
+            self._close_unit(failed=output is None and sys.exc_info()[0] is not None)
 
     def _generate_scope(self, generate: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """``model.generate``: the whole generation is one step; decode forwards continue it."""
@@ -271,7 +273,7 @@ class Capture:
         finally:
             self._gen_depth -= 1
             if self._gen_depth == 0:
-                self._close_unit()
+                self._close_unit(failed=sys.exc_info()[0] is not None)
 
     def _open_unit(self, new_step: bool = True) -> None:
         """A top-level forward (or generate) begins: advance the step, decide, push the mode.
@@ -293,14 +295,16 @@ class Capture:
         torch.backends.mha.set_fastpath_enabled(False)
         self._mode.__enter__()  # type: ignore[no-untyped-call]
 
-    def _close_unit(self) -> None:
+    def _close_unit(self, failed: bool = False) -> None:
+        """The captured forward (or generate) ended; ``failed`` when it raised: the store then
+        keeps only what the step committed before (a half-run step is never committed)."""
         if not self._capturing:
             return
         self._capturing = False
         self._recorder.stager.synchronize()
         if self.writer is not None:
-            if self._recorder.dropping:
-                self.writer.drop_step()
+            if failed or self._recorder.dropping:
+                self.writer.drop_step(count=not failed)
             else:
                 self.writer.end_step()
         self._mode.forget()

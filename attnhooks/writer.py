@@ -174,6 +174,7 @@ class StoreWriter:
         # model-thread view of positions
         self._next_pos = 0
         self._last: tuple[int, int] | None = None  # (user step, position) of the last step begun
+        self._ended = -1  # the last position committed at least once
         self.last_step: int | None = None
         if appending:
             self._resume()
@@ -214,14 +215,18 @@ class StoreWriter:
         """Commit the step begun last (again, when it continued)."""
         if self._last is not None:
             self._queue.put(("commit", self._last[1], self._last[0]))
+            self._ended = self._last[1]
 
-    def drop_step(self) -> None:
-        """The step begun last is dropped: its position is reused and the drop recorded."""
+    def drop_step(self, count: bool = True) -> None:
+        """Give up the rest of the step begun last: what it committed before stays, the rest is
+        discarded and its position reused. ``count``: record it as dropped (the writer fell behind)
+        rather than abandoned (its forward raised)."""
         if self._last is None:
             return
         step, pos = self._last
-        self._queue.put(("drop", pos, step))
-        self._next_pos = pos
+        self._queue.put(("drop", pos, step, count))
+        if self._ended != pos:
+            self._next_pos = pos
         self._last = None
 
     def flush(self, timeout: float | None = None) -> None:
@@ -394,9 +399,11 @@ class StoreWriter:
         be.set_attrs("", {"committed": self._committed, "dropped": self.dropped})
         be.flush()
 
-    def _on_drop(self, pos: int, step: int) -> None:
+    def _on_drop(self, pos: int, step: int, count: bool) -> None:
         self._open_pos = -1
         self._calls = {}
+        if not count:
+            return
         self.dropped += 1
         self._dropped_steps.append(step)
         n = len(self._dropped_steps)

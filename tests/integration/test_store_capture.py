@@ -147,7 +147,7 @@ def test_training_is_unchanged_by_streaming_capture(tmp_path):
         losses = []
         ctx = attnhooks.capture(model, store=store, every=2) if store else None
         with ctx or torch.enable_grad():
-            for step in range(4):
+            for _ in range(4):
                 loss = model(input_ids=x, attention_mask=mask, labels=x).loss
                 loss.backward()
                 opt.step()
@@ -160,3 +160,32 @@ def test_training_is_unchanged_by_streaming_capture(tmp_path):
     assert plain == captured
     assert all(torch.equal(a, b) for a, b in zip(weights, weights2))
     assert attnhooks.open_store(tmp_path / "t.zarr").steps == [0, 2]
+
+
+def test_a_forward_that_raises_commits_nothing_of_its_step(tmp_path):
+    """Layer 0 runs, layer 1 raises: the half-run step is not committed, the earlier ones are."""
+    model = models.llama()
+    x, _ = models.ids(batch=1, length=6)
+    boom = {"on": False}
+
+    def explode(module, args):
+        if boom["on"]:
+            raise RuntimeError("boom")
+
+    handle = model.model.layers[1].register_forward_pre_hook(explode)
+    path = tmp_path / "fail.zarr"
+    try:
+        with torch.no_grad(), attnhooks.capture(model, store=path) as cap:
+            model(input_ids=x)
+            model(input_ids=x)
+            boom["on"] = True
+            with pytest.raises(RuntimeError, match="boom"):
+                model(input_ids=x)
+            boom["on"] = False
+            model(input_ids=x[:, :4])
+            cap.flush()
+    finally:
+        handle.remove()
+    st = attnhooks.open_store(path)
+    assert st.steps == [0, 1, 3] and st.dropped == 0
+    assert st.info("model.layers.0.self_attn", 3)["q_len"] == 4
