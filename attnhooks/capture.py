@@ -427,8 +427,9 @@ def capture(
             losslessly), ``"float32"``, ``"float16"`` (also attn), or ``"bfloat16-bits"`` (raw
             bfloat16 bits as uint16, converted back by the reader).
         compression: ``"zstd"``, ``"gzip"``, ``"lzf"`` (HDF5), ``"none"``, a
-            :class:`~attnhooks.backends.Codec`, or None for the backend's default (Zarr: zstd
-            level 1; HDF5: gzip level 1, which every HDF5 reader can decode).
+            :class:`~attnhooks.backends.Codec`, or None for the backend's default (zstd level 1;
+            in HDF5 through ``hdf5plugin``, which other HDF5 readers then need; ``"gzip"`` is
+            readable by every HDF5 tool but about 10x slower to write).
         keep: also keep the records in ``cap.records`` (default: only without a store).
         tokenizer: with a store, token strings are stored next to the ids through
             ``tokenizer.convert_ids_to_tokens``.

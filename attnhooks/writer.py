@@ -522,6 +522,7 @@ class StoreWriter:
                 "created": _now(),
                 "closed": "",
                 "versions": _versions(be),
+                "compression": {"name": self.codec.name, "level": self.codec.level},
                 **meta,
             },
         )

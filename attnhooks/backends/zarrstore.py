@@ -18,7 +18,7 @@ import zarr
 import zarr.errors
 from zarr.codecs import BloscCodec, GzipCodec, ZstdCodec
 
-from ..errors import NotAStoreError
+from ..errors import NotAStoreError, StoreOptionError
 from .base import Codec, Selection, check_mode, refuse_existing, split
 
 __all__ = ["ZarrBackend"]
@@ -157,4 +157,4 @@ def _compressor(codec: Codec) -> Any:
         return GzipCodec(level=codec.level)
     if codec.name == "blosc":
         return BloscCodec(cname="zstd", clevel=codec.level, shuffle="shuffle")
-    raise ValueError(f"codec {codec.name!r} is not available in the zarr backend (zstd, gzip, blosc, none)")
+    raise StoreOptionError(f"compression {codec.name!r} is not available in the zarr backend (zstd, gzip, blosc, none)")
