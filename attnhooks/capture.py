@@ -520,11 +520,17 @@ def _open_backend(store: str | os.PathLike[str] | Backend, mode: str) -> Backend
 def _as_ids(value: Any) -> np.ndarray | None:
     """Integer token ids as int64 ``[batch, len]``, or None when ``value`` is not ids."""
     if isinstance(value, torch.Tensor):
-        if value.dtype.is_floating_point or value.dtype == torch.bool or value.dim() not in (1, 2):
+        if value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool:
+            return None
+        if value.dim() not in (1, 2):
             return None
         value = value.detach().cpu().numpy()
     elif isinstance(value, list) and value:
-        value = np.asarray(value)
+        rows = value if isinstance(value[0], list) else [value]
+        ints = all(isinstance(r, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in r) for r in rows)
+        if not ints or len({len(r) for r in rows}) != 1:
+            return None
+        value = np.asarray(rows, dtype=np.int64)
     if not isinstance(value, np.ndarray) or value.dtype.kind not in "iu" or value.ndim not in (1, 2):
         return None
     return value.reshape(-1, value.shape[-1]).astype(np.int64)

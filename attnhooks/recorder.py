@@ -209,8 +209,15 @@ class Recorder:
         if "k" in want and k is not None:
             rec.k = self.stager.stage(k[:, :, k_offset:])
         attn = None
-        if event.attn is not None:
+        if event.attn is not None and event.scores is not None:
             attn = self._from_eager(rec, event)
+        elif event.attn is not None:  # probabilities given without scores (attnhooks.emit)
+            attn = event.attn.detach()
+            if "attn" in want:
+                rec.attn = self.stager.stage(attn.float(), owned=attn.dtype != torch.float32)
+            if "lse" in want and q is not None and k is not None:
+                _, lse = attention_probs(q, k, rec.scale, rec.mask, softcap=event.softcap)
+                rec.lse = self.stager.stage(lse, owned=True) if lse is not None else None
         elif ("attn" in want or "lse" in want) and q is not None and k is not None:
             attn, lse = attention_probs(q, k, rec.scale, rec.mask, softcap=event.softcap, with_lse="lse" in want)
             rec.lse = self.stager.stage(lse, owned=True) if lse is not None else None

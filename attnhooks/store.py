@@ -182,6 +182,8 @@ class Store:
         pos = self._position(step)
         if not self.backend.contains("tokens/ids") or self.backend.shape("tokens/ids")[0] <= pos:
             return [], None
+        if not 0 <= sample < self.backend.shape("tokens/ids")[1]:
+            raise NotInStoreError(f"sample={sample} is out of range: step {self._steps[pos]} stored fewer samples")
         ids = self.backend.read("tokens/ids", (pos, sample))
         n = int((ids >= 0).sum())
         text = None

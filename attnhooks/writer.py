@@ -168,6 +168,7 @@ class StoreWriter:
         self._calls: dict[str, dict[int, _Call]] = {}
         self._open_pos = -1
         self._has_tokens = False
+        self._status_set = True
         self._committed = 0
         self._dropped_steps: list[int] = []
         self._closed = False
@@ -396,7 +397,11 @@ class StoreWriter:
         be.write("steps", (pos,), np.asarray(step, dtype=np.int64))
         be.flush()
         self._committed = max(self._committed, pos + 1)
-        be.set_attrs("", {"committed": self._committed, "dropped": self.dropped})
+        commit: dict[str, Any] = {"committed": self._committed, "dropped": self.dropped}
+        if not self._status_set:
+            commit.update(status=STATUS_WRITING, closed="")
+            self._status_set = True
+        be.set_attrs("", commit)
         be.flush()
 
     def _on_drop(self, pos: int, step: int, count: bool) -> None:
@@ -415,6 +420,9 @@ class StoreWriter:
 
     def _finish(self) -> None:
         be = self.backend
+        if not self._status_set:  # an append that committed nothing leaves the store as it was
+            be.close()
+            return
         trim(be, self._committed)
         be.flush()
         be.set_attrs("", {"status": STATUS_COMPLETE, "closed": _now(), "dropped": self.dropped})
@@ -549,8 +557,7 @@ class StoreWriter:
         if be.contains("dropped_steps"):
             n = int(attrs.get("dropped", 0))
             self._dropped_steps = [int(x) for x in be.read("dropped_steps", (slice(0, n),))]
-        be.set_attrs("", {"status": STATUS_WRITING, "closed": ""})
-        be.flush()
+        self._status_set = False  # "writing" only once this run commits: a refused append changes nothing
 
 
 def _surface(error: BaseException) -> BaseException:

@@ -114,7 +114,17 @@ class ZarrBackend:
         return "str" if dtype.kind in "UTO" else np.dtype(dtype).name
 
     def resize(self, path: str, shape: tuple[int, ...]) -> None:
-        self._array(path).resize(shape)
+        """Resize; values cut off by a shrink read as the fill value if the array grows again
+        (zarr itself only deletes chunks wholly outside the new shape)."""
+        arr = self._array(path)
+        # per axis, the extent of the chunks that survive the resize
+        kept = [min(o, -(-n // c) * c) for o, n, c in zip(arr.shape, shape, arr.chunks)]
+        for axis, new in enumerate(shape):
+            if new < kept[axis]:
+                region = [slice(0, k) for k in kept]
+                region[axis] = slice(new, kept[axis])
+                arr[tuple(region)] = arr.metadata.fill_value  # type: ignore[assignment]
+        arr.resize(shape)
 
     def write(self, path: str, selection: Selection, value: np.ndarray) -> None:
         self._array(path)[selection] = value
