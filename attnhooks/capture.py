@@ -36,7 +36,7 @@ from .record import Record
 from .recorder import RECORDABLE, Recorder, RecordOptions
 from .select import Modules, select, unwrap
 from .streams import assemble
-from .writer import StoreOptions, StoreWriter, dumps_options, parse_bytes
+from .writer import StoreOptions, StoreWriter, dumps_options, parse_bytes, root_attrs
 
 __all__ = ["Capture", "capture"]
 
@@ -211,9 +211,9 @@ class Capture:
     def _open_store(self, stack: ExitStack) -> None:
         options = self._store_options
         assert options is not None and self._store is not None
-        backend = _open_backend(self._store, options.mode)
         meta = {"model": f"{type(self._chain[-1]).__module__}.{type(self._chain[-1]).__qualname__}"}
         meta["options"] = dumps_options(self._options_meta)
+        backend = _open_backend(self._store, options, meta)
         try:
             writer = StoreWriter(backend, options, meta, appending=options.mode == "r+")
         except BaseException:
@@ -287,10 +287,10 @@ class Capture:
         self._step_used = True
         if self._recorder.step % self.every:
             return
+        if self.writer is not None:  # may raise the writer's error: before anything is entered
+            self.writer.begin_step(self._recorder.step)
         self._capturing = True
         self._stack.clear()
-        if self.writer is not None:
-            self.writer.begin_step(self._recorder.step)
         self._fastpath = torch.backends.mha.get_fastpath_enabled()
         torch.backends.mha.set_fastpath_enabled(False)
         self._mode.__enter__()  # type: ignore[no-untyped-call]
@@ -499,16 +499,20 @@ def _store_options(
     return StoreOptions(_MODES[mode], parse_bytes(buffer), when_full, dtype, compression)
 
 
-def _open_backend(store: str | os.PathLike[str] | Backend, mode: str) -> Backend:
-    """Open the store's backend for writing, with typed errors for the usual failures."""
+def _open_backend(store: str | os.PathLike[str] | Backend, options: StoreOptions, meta: dict[str, Any]) -> Backend:
+    """Open the store's backend for writing, with typed errors for the usual failures. A new
+    store is created with its root attributes in place (it never exists without its schema)."""
     if not isinstance(store, (str, os.PathLike)):
         if not isinstance(store, Backend):
             raise StoreOptionError(f"store={store!r}: use a path, a URL or a backend instance")
         return store
     location = os.fspath(store)
     cls = backend_for(location)
+    mode = options.mode
     try:
-        return cls.open(location, mode)
+        if mode == "r+":
+            return cls.open(location, mode)
+        return cls.open(location, mode, root_attrs(cls, options, meta))
     except AttnHooksError:
         raise
     except PermissionError as err:

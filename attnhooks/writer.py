@@ -95,8 +95,9 @@ class Budget:
         """Reserve ``nbytes``; with ``wait=False`` return False instead of waiting."""
         if nbytes > self.limit:
             raise StoreOptionError(
-                f"one attention call needs {nbytes / 2**20:.1f} MiB of staging but the capture's buffer is "
-                f"{self.limit / 2**20:.1f} MiB: pass a larger buffer= or record less (e.g. record=('q', 'k', 'lse'))"
+                f"one attention call needs {_size(nbytes)} of staging but the capture's buffer is only "
+                f"{_size(self.limit)}: pass buffer= of at least {_size(nbytes)}, or record less "
+                "(e.g. record=('q', 'k', 'lse'))"
             )
         with self._cond:
             if self.used + nbytes > self.limit and self._failed is None:
@@ -518,23 +519,11 @@ class StoreWriter:
     _appending_modules: frozenset[str] = frozenset()
 
     def _create(self, meta: dict[str, Any]) -> None:
-        be = self.backend
-        be.create_group("modules")
-        be.set_attrs(
-            "",
-            {
-                "schema": SCHEMA,
-                "status": STATUS_WRITING,
-                "committed": 0,
-                "dropped": 0,
-                "created": _now(),
-                "closed": "",
-                "versions": _versions(be),
-                "compression": {"name": self.codec.name, "level": self.codec.level},
-                **meta,
-            },
-        )
-        be.flush()
+        """Root attributes for a backend handed over already open (a path's backend was created
+        with them, atomically)."""
+        if self.backend.attrs("").get("schema") is None:
+            self.backend.set_attrs("", root_attrs(self.backend, self.options, meta))
+            self.backend.flush()
 
     def _resume(self) -> None:
         be = self.backend
@@ -558,6 +547,32 @@ class StoreWriter:
             n = int(attrs.get("dropped", 0))
             self._dropped_steps = [int(x) for x in be.read("dropped_steps", (slice(0, n),))]
         self._status_set = False  # "writing" only once this run commits: a refused append changes nothing
+
+
+def _size(nbytes: int) -> str:
+    """Bytes for people: exact below 1 KiB, else three significant digits and the byte count."""
+    if nbytes < 1024:
+        return f"{nbytes} B"
+    for unit, power in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if nbytes >= 1 << power:
+            return f"{nbytes / (1 << power):.3g} {unit} ({nbytes} B)"
+    raise AssertionError  # unreachable
+
+
+def root_attrs(backend: type[Backend] | Backend, options: StoreOptions, meta: dict[str, Any]) -> dict[str, Any]:
+    """The root attributes of a new store (status ``writing``, nothing committed)."""
+    codec = options.codec or backend.default_codec
+    return {
+        "schema": SCHEMA,
+        "status": STATUS_WRITING,
+        "committed": 0,
+        "dropped": 0,
+        "created": _now(),
+        "closed": "",
+        "versions": _versions(backend),
+        "compression": {"name": codec.name, "level": codec.level},
+        **meta,
+    }
 
 
 def _surface(error: BaseException) -> BaseException:
@@ -684,7 +699,7 @@ def _module_attrs(rec: Record, stored: str) -> dict[str, Any]:
     }
 
 
-def _versions(backend: Backend) -> dict[str, str]:
+def _versions(backend: type[Backend] | Backend) -> dict[str, str]:
     from . import __version__
 
     versions = {
@@ -693,7 +708,7 @@ def _versions(backend: Backend) -> dict[str, str]:
         "numpy": np.__version__,
         "python": platform.python_version(),
     }
-    engine = {"zarr": "zarr", "hdf5": "h5py"}.get(type(backend).name)
+    engine = {"zarr": "zarr", "hdf5": "h5py"}.get(backend.name)
     if engine:
         versions[engine] = __import__(engine).__version__
     return versions

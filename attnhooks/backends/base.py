@@ -63,8 +63,13 @@ class Backend(Protocol):
     readonly: bool
 
     @classmethod
-    def open(cls, location: str, mode: str) -> Backend:
-        """Open ``location`` in one of :data:`MODES`; ``w-`` raises :class:`StoreExistsError`."""
+    def open(cls, location: str, mode: str, attrs: dict[str, Any] | None = None) -> Backend:
+        """Open ``location`` in one of :data:`MODES`; ``w-`` raises :class:`StoreExistsError`.
+
+        With ``w-`` / ``w`` and ``attrs``, the new store must appear at ``location`` with these
+        root attributes already in place (build it aside and rename it), so that a process
+        killed while creating it never leaves a store without its schema.
+        """
         ...
 
     @classmethod

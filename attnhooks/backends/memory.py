@@ -58,7 +58,7 @@ class MemoryBackend:
         return cls._key(location) in cls._stores
 
     @classmethod
-    def open(cls, location: str, mode: str) -> MemoryBackend:
+    def open(cls, location: str, mode: str, attrs: dict[str, Any] | None = None) -> MemoryBackend:
         check_mode(mode)
         key = cls._key(location)
         with cls._lock:
@@ -68,7 +68,7 @@ class MemoryBackend:
                 return cls(location, cls._stores[key], readonly=mode == "r")
             if mode == "w-" and key in cls._stores:
                 refuse_existing(location)
-            cls._stores[key] = _Group()
+            cls._stores[key] = _Group(attrs=json.loads(json.dumps(attrs or {})))
             return cls(location, cls._stores[key], readonly=False)
 
     @classmethod

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import uuid
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -48,7 +49,7 @@ class ZarrBackend:
         return os.path.exists(path)
 
     @classmethod
-    def open(cls, location: str, mode: str) -> ZarrBackend:
+    def open(cls, location: str, mode: str, attrs: dict[str, Any] | None = None) -> ZarrBackend:
         check_mode(mode)
         path = _local(location.removeprefix("zarr://"))
         exists = os.path.exists(path)
@@ -59,13 +60,19 @@ class ZarrBackend:
                 raise NotAStoreError(f"{location}: no such store")
             if not os.path.isdir(path) or not os.path.exists(os.path.join(path, "zarr.json")):
                 raise NotAStoreError(f"{location} is not a Zarr v3 store (no zarr.json)")
+            try:
+                group = zarr.open_group(path, mode="r" if mode == "r" else "r+", zarr_format=3)
+            except (zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError, ValueError) as err:
+                raise NotAStoreError(f"{location} is not a Zarr v3 group: {err}") from err
+            return cls(location, group, readonly=mode == "r")
+        # create aside, then rename into place: the store never exists without its root attributes
+        parent = os.path.dirname(os.path.abspath(path))
+        tmp = os.path.join(parent, f".{os.path.basename(path)}.creating-{uuid.uuid4().hex[:8]}")
+        zarr.open_group(tmp, mode="w-", zarr_format=3, attributes=attrs or {})
         if mode == "w" and exists:
             shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-        try:
-            group = zarr.open_group(path, mode="r" if mode == "r" else ("r+" if mode == "r+" else "w-"), zarr_format=3)
-        except (zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError, ValueError) as err:
-            raise NotAStoreError(f"{location} is not a Zarr v3 group: {err}") from err
-        return cls(location, group, readonly=mode == "r")
+        os.rename(tmp, path)
+        return cls(location, zarr.open_group(path, mode="r+", zarr_format=3), readonly=False)
 
     # -- structure --------------------------------------------------------------------------
     def _array(self, path: str) -> zarr.Array[Any]:
