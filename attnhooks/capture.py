@@ -9,6 +9,7 @@ captured step's forward runs.
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 import sys
 import warnings
@@ -510,8 +511,8 @@ def _open_backend(store: str | os.PathLike[str] | Backend, options: StoreOptions
     cls = backend_for(location)
     mode = options.mode
     try:
-        if mode == "r+":
-            return cls.open(location, mode)
+        if mode == "r+" or "attrs" not in inspect.signature(cls.open).parameters:
+            return cls.open(location, mode)  # (a backend without atomic creation: the writer sets the root)
         return cls.open(location, mode, root_attrs(cls, options, meta))
     except AttnHooksError:
         raise

@@ -47,6 +47,8 @@ from .base import Codec, Selection, check_mode, refuse_existing
 __all__ = ["HDF5Backend"]
 
 _JSON_START = ("{", "[", '"')
+_STR = "attnhooks:utf8"  # marks a uint8 dataset holding strings as UTF-8 bytes, NUL-padded, on a last axis
+_STR_CHUNK = 32
 
 
 class HDF5Backend:
@@ -91,8 +93,12 @@ class HDF5Backend:
                     file.attrs[key] = _encode(value)
                 file.flush()
             os.replace(tmp, path)
-        with _io():
-            file.swmr_mode = True  # from here on the file on disk is always consistent
+        try:
+            with _io():
+                file.swmr_mode = True  # from here on the file on disk is always consistent
+        except RuntimeError as err:  # a file in an older format (not written by attnhooks): no SWMR
+            if "superblock version" not in str(err):
+                raise
         return cls(location, file, readonly=False)
 
     # -- structure --------------------------------------------------------------------------
@@ -113,20 +119,38 @@ class HDF5Backend:
     def create_array(
         self, path: str, shape: tuple[int, ...], dtype: str, chunks: tuple[int, ...], fill_value: Any, codec: Codec
     ) -> None:
+        if path in self._file:
+            self._delete(path)
         file = self._file
-        if path in file:
-            del file[path]
         is_str = dtype == "str"
+        if is_str:  # UTF-8 bytes along one more axis: SWMR cannot write variable-length strings
+            shape, chunks, dtype, fill_value = (*shape, 0), (*chunks, _STR_CHUNK), "uint8", 0
         with _io():
-            self._datasets[path] = file.create_dataset(
+            ds = self._datasets[path] = file.create_dataset(
                 path,
                 shape=shape,
                 maxshape=(None,) * len(shape),
                 chunks=tuple(max(c, 1) for c in chunks),
-                dtype=h5py.string_dtype() if is_str else np.dtype(dtype),
-                fillvalue=None if is_str else fill_value,
-                **({} if is_str else _filter(codec)),
+                dtype=np.dtype(dtype),
+                fillvalue=fill_value,
+                **_filter(codec),
             )
+            if is_str:
+                ds.attrs[_STR] = True
+
+    def _delete(self, path: str) -> None:
+        """Delete an object. SWMR cannot (HDF5 crashes): leave it for the deletion, then resume.
+        The writer never deletes; only a caller re-creating an array lands here."""
+        self._datasets.clear()
+        swmr = self._file.swmr_mode
+        with _io():
+            if swmr:
+                self._file.close()
+                self._file = h5py.File(self._path, "r+", libver="latest")
+            del self._file[path]
+            if swmr:
+                self._file.flush()
+                self._file.swmr_mode = True
 
     def contains(self, path: str) -> bool:
         return path == "" or path in self._file
@@ -135,29 +159,47 @@ class HDF5Backend:
         node = self._file[path] if path else self._file
         return sorted(node.keys()) if isinstance(node, h5py.Group) else []
 
+    def _is_str(self, ds: h5py.Dataset) -> bool:
+        return bool(ds.attrs.get(_STR, False))
+
     def shape(self, path: str) -> tuple[int, ...]:
-        return tuple(self._dataset(path).shape)
+        ds = self._dataset(path)
+        return tuple(ds.shape[:-1] if self._is_str(ds) else ds.shape)
 
     def dtype(self, path: str) -> str:
         ds = self._dataset(path)
-        return "str" if h5py.check_string_dtype(ds.dtype) else ds.dtype.name
+        return "str" if self._is_str(ds) else ds.dtype.name
 
     def resize(self, path: str, shape: tuple[int, ...]) -> None:
+        ds = self._dataset(path)
         with _io():
-            self._dataset(path).resize(shape)
+            ds.resize((*shape, ds.shape[-1]) if self._is_str(ds) else shape)
 
     def write(self, path: str, selection: Selection, value: np.ndarray) -> None:
         ds = self._dataset(path)
-        if h5py.check_string_dtype(ds.dtype):
-            value = np.asarray(value, dtype=object)
         with _io():
-            ds[selection] = value
+            if not self._is_str(ds):
+                ds[selection] = value
+                return
+            encoded = [str(v).encode() for v in np.asarray(value, dtype=object).ravel()]
+            width = max([ds.shape[-1], *map(len, encoded)])
+            if width > ds.shape[-1]:
+                ds.resize((*ds.shape[:-1], width))
+            raw = np.zeros((len(encoded), width), dtype=np.uint8)
+            for i, data in enumerate(encoded):
+                raw[i, : len(data)] = np.frombuffer(data, dtype=np.uint8)
+            ds[(*selection, slice(None))] = raw.reshape(*np.shape(value), width)
 
     def read(self, path: str, selection: Selection = ()) -> np.ndarray:
         ds = self._dataset(path)
-        if h5py.check_string_dtype(ds.dtype):
-            return np.asarray(ds.asstr()[selection], dtype=object)
-        return np.asarray(ds[selection])
+        if not self._is_str(ds):
+            return np.asarray(ds[selection])
+        if ds.shape[-1] == 0:  # nothing written yet: every string is empty
+            return np.full(np.empty(ds.shape[:-1], dtype=np.uint8)[selection].shape, "", dtype=object)
+        raw = np.asarray(ds[(*selection, slice(None))])
+        flat = raw.reshape(-1, raw.shape[-1])
+        out = np.array([bytes(row).rstrip(b"\0").decode() for row in flat], dtype=object)
+        return out.reshape(raw.shape[:-1])
 
     # -- attributes ---------------------------------------------------------------------------
     def attrs(self, path: str) -> dict[str, Any]:
