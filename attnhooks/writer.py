@@ -21,6 +21,7 @@ thread at its next :meth:`StoreWriter.admit` / :meth:`StoreWriter.close` as :cla
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import json
 import math
@@ -168,6 +169,8 @@ class StoreWriter:
         self._modules: dict[str, _Module] = {}
         self._calls: dict[str, dict[int, _Call]] = {}
         self._open_pos = -1
+        self._tails: dict[tuple[str, int], list[Record]] = {}
+        self._held = 0
         self._has_tokens = False
         self._status_set = True
         self._committed = 0
@@ -266,11 +269,12 @@ class StoreWriter:
     def _run(self) -> None:
         while True:
             msg = self._queue.get()
+            held = False
             try:
                 if msg is _STOP:
                     self._finish()
                     return
-                getattr(self, "_on_" + msg[0])(*msg[1:])
+                held = bool(getattr(self, "_on_" + msg[0])(*msg[1:]))
             except BaseException as err:  # anything: the model thread must hear of it, never hang
                 self._error = err
                 self.budget.fail(err)
@@ -279,7 +283,7 @@ class StoreWriter:
                     self.backend.close()
                 return
             finally:
-                if msg is not _STOP and msg[0] == "record":
+                if msg is not _STOP and msg[0] == "record" and not held:
                     self.budget.release(msg[3])
                 msg = None  # the record's tensors go now, not at the next message
 
@@ -296,25 +300,44 @@ class StoreWriter:
         done.set()
 
     def _on_begin(self, pos: int) -> None:
+        self._drop_tails()
         self._open_pos = pos
         self._calls = {}
         self._has_tokens = False
 
-    def _on_record(self, pos: int, rec: Record, nbytes: int, ready: Any) -> None:
+    def _on_record(self, pos: int, rec: Record, nbytes: int, ready: Any) -> bool:
+        """Write a call's record, or hold a KV-cache continuation to write its rows in one slab
+        later (one decode row per write would cost a chunk rewrite per token). Returns True
+        when the record's budget is held, to be released when its rows are written."""
         if pos != self._open_pos:
-            return  # its step was dropped
+            return False  # its step was dropped
         if ready is not None:
             ready.synchronize()
         module = self._module(rec)
         calls = self._calls.setdefault(rec.module, {})
         state = calls.get(rec.call)
-        continues = state is not None and rec.q_offset > 0
-        if not continues:
+        n_rows = int(_rows(rec))
+        if state is None or rec.q_offset == 0:
             state = calls[rec.call] = _new_call(rec)
-        assert state is not None
-        row = rec.q_offset - state.q_offset if continues else 0
-        key = rec.k_offset - state.k_offset if continues else 0
-        base = (pos, rec.call)
+            state.rowkeys.extend([rec.k_len] * n_rows)
+            self._write(module, (pos, rec.call), state, rec)
+            return False
+        state.q_len = rec.q_offset - state.q_offset + n_rows
+        state.k_len = max(state.k_len, rec.k_len)
+        state.batch = max(state.batch, _batch(rec))
+        state.dropout = max(state.dropout, rec.dropout)
+        state.rowkeys.extend([rec.k_len] * n_rows)
+        tail = self._tails.setdefault((rec.module, rec.call), [])
+        tail.append(rec)
+        self._held += nbytes
+        if rec.mask.dense is not None or self._held > self.budget.limit // 4 or len(tail) >= 512:
+            self._flush_tails()
+        return True
+
+    def _write(self, module: _Module, base: tuple[int, int], state: _Call, rec: Record) -> None:
+        """Write ``rec``'s tensors into its call's slot, at its rows and keys within the call."""
+        row = rec.q_offset - state.q_offset
+        key = rec.k_offset - state.k_offset
         n_rows = int(_rows(rec))
         if rec.q is not None:
             self._put(module, "q", base, (slice(None), slice(row, row + n_rows)), self._cast(rec.q))
@@ -327,19 +350,26 @@ class StoreWriter:
         if rec.lse is not None:
             self._put(module, "lse", base, (slice(None), slice(row, row + n_rows)), rec.lse.float().numpy())
         if rec.mask.key_valid is not None:
-            valid = rec.mask.key_valid.numpy()
-            self._put(module, "mask/key_valid", base, (), valid)
+            self._put(module, "mask/key_valid", base, (), rec.mask.key_valid.numpy())
             state.has_key_valid = True
         if rec.mask.dense is not None:
             dense = _additive(rec.mask.dense, n_rows, rec.k_len)
             self._put(module, "mask/dense", base, (slice(None), slice(None), slice(row, row + n_rows)), dense)
             state.dense = (max(state.dense[0], dense.shape[0]), max(state.dense[1], dense.shape[1]))
-        if continues:
-            state.q_len = row + n_rows
-            state.k_len = max(state.k_len, rec.k_len)
-            state.batch = max(state.batch, _batch(rec))
-            state.dropout = max(state.dropout, rec.dropout)
-        state.rowkeys.extend([rec.k_len] * n_rows)
+
+    def _flush_tails(self) -> None:
+        """Write the held continuation rows, one slab per call where they are contiguous."""
+        for (name, call), tail in self._tails.items():
+            state = self._calls[name][call]
+            for part in _merge_contiguous(tail):
+                self._write(self._modules[name], (self._open_pos, call), state, part)
+        self._drop_tails()
+
+    def _drop_tails(self) -> None:
+        self._tails.clear()
+        held, self._held = self._held, 0
+        if held:
+            self.budget.release(held)
 
     def _on_dropout(self, pos: int, module: str, call: int, p: float) -> None:
         state = self._calls.get(module, {}).get(call) if pos == self._open_pos else None
@@ -364,6 +394,7 @@ class StoreWriter:
     def _on_commit(self, pos: int, step: int) -> None:
         if pos != self._open_pos:
             return
+        self._flush_tails()
         be = self.backend
         for name, _module in self._modules.items():
             calls = self._calls.get(name, {})
@@ -406,6 +437,7 @@ class StoreWriter:
         be.flush()
 
     def _on_drop(self, pos: int, step: int, count: bool) -> None:
+        self._drop_tails()
         self._open_pos = -1
         self._calls = {}
         if not count:
@@ -588,6 +620,52 @@ def _surface(error: BaseException) -> BaseException:
             f"writing the store failed: {type(error).__name__}: {error}; the steps committed before stay readable"
         )
     out.__cause__ = error
+    return out
+
+
+def _merge_contiguous(parts: list[Record]) -> list[Record]:
+    """Join consecutive continuation records whose rows and keys follow each other into one."""
+    out: list[Record] = []
+    run: list[Record] = []
+    for part in parts:
+        if run and not _follows(run[-1], part):
+            out.append(_join(run))
+            run = []
+        run.append(part)
+    if run:
+        out.append(_join(run))
+    return out
+
+
+def _follows(prev: Record, part: Record) -> bool:
+    rows = prev.q_offset + _rows(prev) == part.q_offset
+    keys = prev.k is None or part.k is None or prev.k_offset + prev.k.shape[2] == part.k_offset
+    return rows and keys and prev.mask.dense is None and part.mask.dense is None and _batch(prev) == _batch(part)
+
+
+def _join(run: list[Record]) -> Record:
+    if len(run) == 1:
+        return run[0]
+    first, last = run[0], run[-1]
+    k_len = max(r.k_len for r in run)
+    out = dataclasses.replace(first, k_len=k_len, mask=last.mask)
+
+    def cat(name: str) -> torch.Tensor | None:
+        tensors = [getattr(r, name) for r in run]
+        return None if any(t is None for t in tensors) else torch.cat(tensors, dim=2)
+
+    out.q, out.k, out.lse = cat("q"), cat("k"), cat("lse")
+    if all(r.attn is not None for r in run):
+        rows = sum(_rows(r) for r in run)
+        b, h = first.attn.shape[:2]  # type: ignore[union-attr]
+        attn = torch.zeros(b, h, rows, k_len, dtype=torch.float32)
+        for r in run:
+            assert r.attn is not None
+            row = r.q_offset - first.q_offset
+            attn[:, :, row : row + r.attn.shape[2], : r.attn.shape[3]] = r.attn
+        out.attn = attn
+    else:
+        out.attn = None
     return out
 
 
