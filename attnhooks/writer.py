@@ -53,7 +53,7 @@ from .schema import INFO, SCALARS, SCHEMA, STATUS_COMPLETE, STATUS_WRITING, SUPP
 __all__ = ["Budget", "StoreOptions", "StoreWriter", "parse_bytes"]
 
 _CHUNK_BYTES = 8 << 20
-_GROW = 1.5
+_MIN_STEPS = 64  # step-axis capacity of a new array; it doubles when full, and close trims it
 
 
 @dataclass(frozen=True)
@@ -148,7 +148,6 @@ class _Call:
 @dataclass
 class _Module:
     attrs: dict[str, Any]
-    arrays: set[str] = field(default_factory=set)
 
 
 _STOP = object()
@@ -170,6 +169,7 @@ class StoreWriter:
         self._calls: dict[str, dict[int, _Call]] = {}
         self._open_pos = -1
         self._tails: dict[tuple[str, int], list[Record]] = {}
+        self._shapes: dict[str, tuple[int, ...] | None] = {}
         self._held = 0
         self._has_tokens = False
         self._status_set = True
@@ -423,8 +423,9 @@ class StoreWriter:
             be.write(f"{path}/rowkeys", (pos, slice(0, n), slice(0, width)), rowkeys)
         if not self._has_tokens:  # clear what a dropped or killed step may have left at this position
             for path, fill in (("tokens/ids", -1), ("tokens/text", "")):
-                if be.contains(path) and be.shape(path)[0] > pos:
-                    be.write(path, (pos,), np.full(be.shape(path)[1:], fill, dtype=object if fill == "" else np.int64))
+                shape = self._shape_of(path)
+                if shape is not None and shape[0] > pos:
+                    be.write(path, (pos,), np.full(shape[1:], fill, dtype=object if fill == "" else np.int64))
         self._ensure("steps", (pos + 1,), "int64", (1024,), -1)
         be.write("steps", (pos,), np.asarray(step, dtype=np.int64))
         be.flush()
@@ -457,6 +458,8 @@ class StoreWriter:
             be.close()
             return
         trim(be, self._committed)
+        if self._shape_of("dropped_steps") not in (None, (self.dropped,)):
+            be.resize("dropped_steps", (self.dropped,))
         be.flush()
         be.set_attrs("", {"status": STATUS_COMPLETE, "closed": _now(), "dropped": self.dropped})
         be.flush()
@@ -495,38 +498,48 @@ class StoreWriter:
         path = module_path(module.attrs["name"], leaf)
         sel = _inner_selection(value.shape, inner)
         need = (base[0] + 1, base[1] + 1, *(s.stop for s in sel))
-        if path not in module.arrays:
-            module.arrays.add(path)
-            if not self.backend.contains(path):
-                fill = True if leaf == "mask/key_valid" else (0 if leaf != "lse" else -np.inf)
-                self.backend.create_array(
-                    path, need, value.dtype.name, _chunks(need, value.dtype.itemsize, leaf), fill, self._codec(leaf)
-                )
+        if self._shape_of(path) is None:
+            fill = True if leaf == "mask/key_valid" else (0 if leaf != "lse" else -np.inf)
+            chunks = _chunks(need, value.dtype.itemsize, leaf)
+            self._new_array(path, need, value.dtype.name, chunks, fill, self._codec(leaf))
         self._grow(path, need)
         self.backend.write(path, (*base, *sel), value)
         self.bytes_written += value.nbytes
 
+    def _shape_of(self, path: str) -> tuple[int, ...] | None:
+        """The array's shape, None when it does not exist; cached (this writer alone changes it)."""
+        if path not in self._shapes:
+            self._shapes[path] = self.backend.shape(path) if self.backend.contains(path) else None
+        return self._shapes[path]
+
+    def _new_array(
+        self, path: str, need: tuple[int, ...], dtype: str, chunks: tuple[int, ...], fill: Any, codec: Codec
+    ) -> None:
+        shape = (max(need[0], _MIN_STEPS), *need[1:])  # room for steps ahead: one metadata write, not one per step
+        self.backend.create_array(path, shape, dtype, chunks, fill, codec)
+        self._shapes[path] = shape
+
     def _ensure(self, path: str, need: tuple[int, ...], dtype: str, chunks: tuple[int, ...], fill: Any) -> None:
-        if not self.backend.contains(path):
-            self.backend.create_array(
-                path, need, dtype, chunks, fill, Codec("none", 0) if dtype == "str" else self.codec
-            )
+        if self._shape_of(path) is None:
+            self._new_array(path, need, dtype, chunks, fill, Codec("none", 0) if dtype == "str" else self.codec)
         else:
             self._grow(path, need)
 
     def _grow(self, path: str, need: tuple[int, ...]) -> None:
-        shape = self.backend.shape(path)
+        shape = self._shape_of(path)
+        assert shape is not None
         if all(s >= n for s, n in zip(shape, need)):
             return
-        grown = list(shape)
-        grown[0] = max(shape[0], need[0] if need[0] <= shape[0] else max(need[0], math.ceil(shape[0] * _GROW)))
-        for axis in range(1, len(shape)):
-            grown[axis] = max(shape[axis], need[axis])
+        grown = [max(s, n) for s, n in zip(shape, need)]
+        if need[0] > shape[0]:
+            grown[0] = max(need[0], 2 * shape[0], _MIN_STEPS)
         self.backend.resize(path, tuple(grown))
+        self._shapes[path] = tuple(grown)
 
     def _write_at(self, path: str, sel: tuple[Any, ...], value: np.ndarray, fill: Any) -> None:
         """Write ``value`` and reset the rest of the row to ``fill`` (stale data of a dropped step)."""
-        shape = self.backend.shape(path)
+        shape = self._shape_of(path)
+        assert shape is not None
         row = np.full(shape[1:], fill, dtype=value.dtype)
         row[tuple(sel[1:])] = value
         self.backend.write(path, (sel[0],), row)

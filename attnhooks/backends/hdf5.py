@@ -88,7 +88,9 @@ class HDF5Backend:
         else:  # create aside with the root attributes, in SWMR mode, then rename into place
             tmp = f"{path}.creating-{uuid.uuid4().hex[:8]}"
             with _io():
-                file = h5py.File(tmp, "w", libver="latest")
+                # no chunk cache: the writer writes each chunk whole, once, and a cache would only
+                # hold a chunk per dataset in memory, outside the capture's budget
+                file = h5py.File(tmp, "w", libver="latest", rdcc_nbytes=0)
                 for key, value in (attrs or {}).items():
                     file.attrs[key] = _encode(value)
                 file.flush()
@@ -146,7 +148,7 @@ class HDF5Backend:
         with _io():
             if swmr:
                 self._file.close()
-                self._file = h5py.File(self._path, "r+", libver="latest")
+                self._file = h5py.File(self._path, "r+", libver="latest", rdcc_nbytes=0)
             del self._file[path]
             if swmr:
                 self._file.flush()
@@ -283,7 +285,7 @@ def _open_or_explain(path: str) -> h5py.File:
     from ..errors import StoreStateError
 
     try:
-        return h5py.File(path, "r+", libver="latest")
+        return h5py.File(path, "r+", libver="latest", rdcc_nbytes=0)
     except OSError as err:
         if "already open for write" in str(err):
             raise StoreStateError(
