@@ -48,12 +48,12 @@ from .errors import (
     StoreWriteError,
 )
 from .record import Record
-from .schema import INFO, SCALARS, SCHEMA, STATUS_COMPLETE, STATUS_WRITING, SUPPORTED, module_path, trim
+from .schema import INFO, SCALARS, SCHEMA, STATUS_COMPLETE, STATUS_WRITING, SUPPORTED, module_path
 
 __all__ = ["Budget", "StoreOptions", "StoreWriter", "parse_bytes"]
 
 _CHUNK_BYTES = 8 << 20
-_MIN_STEPS = 64  # step-axis capacity of a new array; it doubles when full, and close trims it
+_MIN_STEPS = 64  # step-axis capacity of a new array; it doubles when full (readers go by ``committed``)
 
 
 @dataclass(frozen=True)
@@ -396,7 +396,7 @@ class StoreWriter:
             return
         self._flush_tails()
         be = self.backend
-        for name, _module in self._modules.items():
+        for name in [*self._modules, *self._earlier_modules.difference(self._modules)]:
             calls = self._calls.get(name, {})
             n = max(calls) + 1 if calls else 0
             path = module_path(name)
@@ -457,10 +457,8 @@ class StoreWriter:
         if not self._status_set:  # an append that committed nothing leaves the store as it was
             be.close()
             return
-        trim(be, self._committed)
-        if self._shape_of("dropped_steps") not in (None, (self.dropped,)):
-            be.resize("dropped_steps", (self.dropped,))
-        be.flush()
+        # no trimming: readers go by ``committed``, and shrinking makes zarr delete every chunk key
+        # past the new end one by one (repair() does trim, once, after a crash)
         be.set_attrs("", {"status": STATUS_COMPLETE, "closed": _now(), "dropped": self.dropped})
         be.flush()
         be.close()
@@ -562,6 +560,7 @@ class StoreWriter:
 
     # -- store creation -----------------------------------------------------------------------
     _appending_modules: frozenset[str] = frozenset()
+    _earlier_modules: frozenset[str] = frozenset()  # an appended store's modules: "not called" is written for them
 
     def _create(self, meta: dict[str, Any]) -> None:
         """Root attributes for a backend handed over already open (a path's backend was created
@@ -588,6 +587,7 @@ class StoreWriter:
             self.last_step = int(be.read("steps", (self._committed - 1,)))
         self._appending_modules = frozenset(be.children("modules")) if be.contains("modules") else frozenset()
         self._appending_modules = frozenset(be.attrs(f"modules/{m}").get("name", m) for m in self._appending_modules)
+        self._earlier_modules = self._appending_modules
         if be.contains("dropped_steps"):
             n = int(attrs.get("dropped", 0))
             self._dropped_steps = [int(x) for x in be.read("dropped_steps", (slice(0, n),))]

@@ -584,7 +584,7 @@ def test_variable_lengths_read_back_at_their_true_shapes(location, llama):
     module = "model.layers.1.self_attn"
     with attnhooks.open_store(location) as st:
         q_path = module_path(module, "q")
-        assert st.backend.shape(q_path)[0] == 4 and st.backend.shape(q_path)[2:] == (3, 4, 9, 16), "padded storage"
+        assert st.backend.shape(q_path)[0] >= 4 and st.backend.shape(q_path)[2:] == (3, 4, 9, 16), "padded storage"
         for step, (batch, length) in enumerate(shapes):
             info = st.info(module, step)
             assert (info["batch"], info["q_len"], info["k_len"], info["k_stored"]) == (batch, length, length, length)
