@@ -363,17 +363,10 @@ def direct_zarr(path: str, records: list, steps: int, layout: dict, codec: Any) 
 
 
 def h5py_filter(codec: Any) -> dict[str, Any]:
-    if codec.name == "none":
-        return {}
-    if codec.name == "gzip":
-        return {"compression": "gzip", "compression_opts": codec.level}
-    if codec.name == "lzf":
-        return {"compression": "lzf"}
-    if codec.name == "zstd":
-        import hdf5plugin
+    """The h5py filter options attnhooks' HDF5 backend uses for ``codec`` (the same baseline)."""
+    from attnhooks.backends.hdf5 import _filter
 
-        return dict(hdf5plugin.Zstd(clevel=codec.level))
-    raise SystemExit(f"no direct h5py baseline for codec {codec.name!r}")
+    return _filter(codec)
 
 
 def direct_h5py(path: str, records: list, steps: int, layout: dict, codec: Any) -> float:
