@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from .errors import ModuleSelectionError
 from .record import Record
 
-__all__ = ["assemble"]
+__all__ = ["assemble", "join"]
 
 
 def assemble(records: list[Record], module: str, step: int, call: int = 0) -> Record:
@@ -34,28 +36,34 @@ def assemble(records: list[Record], module: str, step: int, call: int = 0) -> Re
         raise ModuleSelectionError(
             f"no records for module={module!r}, step={step}, call={call}; captured streams include {known}"
         )
-    first, last = parts[0], parts[-1]
-    out = Record(
-        module=module,
-        call=call,
-        step=step,
-        scale=first.scale,
-        mask=first.mask,
+    return join(parts)
+
+
+def join(parts: list[Record]) -> Record:
+    """One record for consecutive parts of a stream (ordered by ``q_offset``): q, k and lse
+    concatenated, ``attn`` zero-padded to the last part's keys; other fields from the first part
+    (the mask too), ``k_len`` and ``dropout`` the largest."""
+    first = parts[0]
+    if len(parts) == 1:
+        return first
+    out = dataclasses.replace(
+        first,
         k_len=max(r.k_len for r in parts),
-        kind=first.kind,
-        source=first.source,
         dropout=max(r.dropout for r in parts),
+        verify_error=None,
     )
     out.q = _cat([r.q for r in parts], dim=2)
     out.k = _cat([r.k for r in parts], dim=2)
     out.lse = _cat([r.lse for r in parts], dim=2)
+    out.attn = None
     if all(r.attn is not None for r in parts):
         rows = sum(int(r.attn.shape[2]) for r in parts if r.attn is not None)
-        b, h = last.attn.shape[:2]  # type: ignore[union-attr]
+        b, h = parts[-1].attn.shape[:2]  # type: ignore[union-attr]
         attn = torch.zeros(b, h, rows, out.k_len, dtype=torch.float32)
         for r in parts:
             assert r.attn is not None
-            attn[:, :, r.q_offset : r.q_offset + r.attn.shape[2], : r.attn.shape[3]] = r.attn
+            row = r.q_offset - first.q_offset
+            attn[:, :, row : row + r.attn.shape[2], : r.attn.shape[3]] = r.attn
         out.attn = attn
     return out
 

@@ -49,6 +49,7 @@ from .errors import (
 )
 from .record import Record
 from .schema import INFO, SCALARS, SCHEMA, STATUS_COMPLETE, STATUS_WRITING, SUPPORTED, module_path
+from .streams import join
 
 __all__ = ["Budget", "StoreOptions", "StoreWriter", "parse_bytes"]
 
@@ -657,29 +658,8 @@ def _follows(prev: Record, part: Record) -> bool:
 
 
 def _join(run: list[Record]) -> Record:
-    if len(run) == 1:
-        return run[0]
-    first, last = run[0], run[-1]
-    k_len = max(r.k_len for r in run)
-    out = dataclasses.replace(first, k_len=k_len, mask=last.mask)
-
-    def cat(name: str) -> torch.Tensor | None:
-        tensors = [getattr(r, name) for r in run]
-        return None if any(t is None for t in tensors) else torch.cat(tensors, dim=2)
-
-    out.q, out.k, out.lse = cat("q"), cat("k"), cat("lse")
-    if all(r.attn is not None for r in run):
-        rows = sum(_rows(r) for r in run)
-        b, h = first.attn.shape[:2]  # type: ignore[union-attr]
-        attn = torch.zeros(b, h, rows, k_len, dtype=torch.float32)
-        for r in run:
-            assert r.attn is not None
-            row = r.q_offset - first.q_offset
-            attn[:, :, row : row + r.attn.shape[2], : r.attn.shape[3]] = r.attn
-        out.attn = attn
-    else:
-        out.attn = None
-    return out
+    """The run as one record; its mask is the last part's (whose ``key_valid`` covers every key)."""
+    return dataclasses.replace(join(run), mask=run[-1].mask) if len(run) > 1 else run[0]
 
 
 def _new_call(rec: Record) -> _Call:

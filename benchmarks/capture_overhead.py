@@ -77,21 +77,11 @@ MiB = 1024 * 1024
 
 # -- model ------------------------------------------------------------------------------------
 def build(args: argparse.Namespace, impl: str = "sdpa") -> Any:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from common import llama
 
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        hidden_size=args.hidden,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.heads,
-        num_key_value_heads=args.heads,
-        intermediate_size=args.intermediate,
-        vocab_size=args.vocab,
-        max_position_embeddings=max(4096, max(args.lengths)),
+    return llama(
+        args.hidden, args.layers, args.heads, args.intermediate, args.vocab, max(4096, max(args.lengths)), impl
     )
-    model = LlamaForCausalLM._from_config(cfg, attn_implementation=impl, dtype=torch.float32)
-    return model.eval()
 
 
 def set_impl(model: Any, impl: str) -> None:

@@ -96,23 +96,17 @@ BLOCKED_TARGET = 0.10
 
 # -- model ------------------------------------------------------------------------------------
 def build(args: argparse.Namespace, impl: str = "sdpa") -> Any:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-    from transformers.utils import logging
+    from common import llama
 
-    logging.set_verbosity_error()
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        hidden_size=args.hidden,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.heads,
-        num_key_value_heads=args.heads,
-        intermediate_size=args.intermediate,
-        vocab_size=args.vocab,
-        max_position_embeddings=max(4096, args.tokens, args.stream_tokens),
+    return llama(
+        args.hidden,
+        args.layers,
+        args.heads,
+        args.intermediate,
+        args.vocab,
+        max(4096, args.tokens, args.stream_tokens),
+        impl,
     )
-    model = LlamaForCausalLM._from_config(cfg, attn_implementation=impl, dtype=torch.float32)
-    return model.eval()
 
 
 def make_input(args: argparse.Namespace, length: int) -> Any:
