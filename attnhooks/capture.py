@@ -496,6 +496,11 @@ def _store_options(
     if dtype not in (None, "float32", "float16", "bfloat16-bits"):
         raise StoreOptionError(f"dtype={dtype!r}: use None (the model's), 'float32', 'float16' or 'bfloat16-bits'")
     if isinstance(compression, str):
+        if compression not in ("zstd", "gzip", "lzf", "blosc", "none"):
+            raise StoreOptionError(
+                f"compression={compression!r}: use 'zstd', 'gzip', 'lzf' (HDF5), 'blosc' (Zarr), 'none', "
+                "or None for the backend's default"
+            )
         compression = Codec(compression, 0 if compression in ("none", "lzf") else 1)
     return StoreOptions(_MODES[mode], parse_bytes(buffer), when_full, dtype, compression)
 

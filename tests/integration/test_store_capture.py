@@ -189,3 +189,9 @@ def test_a_forward_that_raises_commits_nothing_of_its_step(tmp_path):
     st = attnhooks.open_store(path)
     assert st.steps == [0, 1, 3] and st.dropped == 0
     assert st.info("model.layers.0.self_attn", 3)["q_len"] == 4
+
+
+def test_an_unknown_compression_is_refused_before_anything_is_written(tmp_path):
+    with pytest.raises(attnhooks.StoreOptionError, match="compression='brotli'"):
+        attnhooks.capture(models.bert(), store=tmp_path / "x.zarr", compression="brotli")
+    assert not (tmp_path / "x.zarr").exists()
