@@ -57,7 +57,7 @@ def to_xarray(
         import xarray as xr
     except ImportError as err:
         raise StoreOptionError(f"to_xarray() needs xarray and dask: pip install 'attnhooks[analysis]' ({err})") from err
-    names = _module_names(store, modules)
+    names = store.select(modules)
     unknown = sorted(set(variables) - set(VARIABLES))
     if unknown:
         raise StoreOptionError(f"to_xarray(variables=...) has unknown {unknown}; choose from {VARIABLES}")
@@ -87,15 +87,6 @@ def to_xarray(
     }
     attrs = {"location": store.location, "schema": store.schema, "status": store.status, "method": method}
     return xr.Dataset(data, coords=coords, attrs=attrs)
-
-
-def _module_names(store: Store, modules: str | Sequence[str] | None) -> list[str]:
-    if modules is None:
-        return store.self_attention() or store.modules
-    names = [modules] if isinstance(modules, str) else list(modules)
-    for name in names:
-        store.module_info(name)  # raises NotInStoreError naming what there is
-    return names
 
 
 def _extent(store: Store, module: str) -> _Extent:

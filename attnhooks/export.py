@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import fnmatch
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from .errors import NotInStoreError, StoreOptionError
+from .errors import StoreOptionError
 
 if TYPE_CHECKING:
     from .store import Store
@@ -29,7 +28,7 @@ def to_bertviz(
         import torch
     except ImportError as err:  # pragma: no cover - torch is a dependency of attnhooks
         raise StoreOptionError("to_bertviz() needs torch (BertViz takes torch tensors)") from err
-    names = _self_attention(store, modules)
+    names = store.select(modules)
     layers = []
     for name in names:
         attn = store.attention(name, step, sample, call, method=method)
@@ -47,19 +46,6 @@ def to_bertviz(
         )
     n = sizes.pop()
     return tuple(layers), _tokens(store, step, sample, n)
-
-
-def _self_attention(store: Store, modules: str | Sequence[str] | None) -> list[str]:
-    if modules is None:
-        names = store.self_attention()
-    elif isinstance(modules, str):
-        pattern = modules.replace("**", "\0").replace("*", "[!.]*").replace("\0", "*")
-        names = [m for m in store.modules if fnmatch.fnmatchcase(m, pattern)]
-    else:
-        names = list(modules)
-    if not names:
-        raise NotInStoreError(f"to_bertviz(modules={modules!r}) matches no self-attention module of {store.modules}")
-    return names
 
 
 def _tokens(store: Store, step: int | None, sample: int, n: int) -> list[str]:

@@ -8,13 +8,13 @@ are looked through, so a record says ``model.layers.0.self_attn`` however the mo
 from __future__ import annotations
 
 import difflib
-import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch.nn as nn
 
 from .errors import ModuleSelectionError
+from .names import glob_regex
 
 __all__ = ["Modules", "Selection", "glob_regex", "select", "unwrap"]
 
@@ -88,29 +88,6 @@ def select(model: nn.Module, modules: Modules) -> Selection:
             raise ModuleSelectionError(_no_match(pattern, list(named)))
         chosen_names.update(dict.fromkeys(hits))
     return Selection({by_name[n]: n for n in chosen_names}, everything=False)
-
-
-def glob_regex(pattern: str) -> re.Pattern[str]:
-    """Module-name glob: ``*`` and ``?`` stay within one dotted segment, ``**`` spans segments.
-
-    ``"model.layers.*.self_attn"`` matches every layer's attention, ``"blocks.*"`` the direct
-    children of ``blocks``, ``"**.attn1"`` every ``attn1`` at any depth.
-    """
-    out, i = [], 0
-    while i < len(pattern):
-        if pattern.startswith("**", i):
-            out.append(".*")
-            i += 2
-        elif pattern[i] == "*":
-            out.append("[^.]*")
-            i += 1
-        elif pattern[i] == "?":
-            out.append("[^.]")
-            i += 1
-        else:
-            out.append(re.escape(pattern[i]))
-            i += 1
-    return re.compile("".join(out))
 
 
 def _no_match(pattern: str, names: list[str]) -> str:

@@ -18,6 +18,7 @@ import numpy as np
 
 from .backends.base import Backend, backend_for
 from .errors import AttnHooksError, NotAStoreError, NotInStoreError
+from .names import match_names
 from .schema import INFO, ROWWISE, SCALARS, SUPPORTED, unescape
 from .tiles import CallLayout, CallReader, HeadSelection, head_index, span, widen_bits
 
@@ -109,6 +110,31 @@ class Store:
     def self_attention(self) -> list[str]:
         """The modules whose calls are self-attention (``kind == "self"``), in model order."""
         return [m for m in self.modules if self._module_tables(m).attrs.get("kind") == "self"]
+
+    def select(self, modules: str | Sequence[str] | None = None, *, kind: str = "self") -> list[str]:
+        """Module names, in model order, from names or globs (capture's rules: ``*`` stays within a
+        dotted segment, ``**`` spans segments), or None: every module of ``kind`` ("self" or
+        "cross"), all modules when none is of that kind."""
+        if modules is None:
+            names = [m for m in self.modules if self._module_tables(m).attrs.get("kind") == kind] or self.modules
+        else:
+            names = match_names(self.modules, modules)
+        if not names:
+            raise NotInStoreError(f"modules={modules!r} matches no module of {self.location}: {_listing(self.modules)}")
+        return names
+
+    def resolve(self, module: str | int | None = None) -> str:
+        """One module name from a name, a glob (its first match), an index into the self-attention
+        modules (the layer; negative counts from the last), or None (the first layer)."""
+        layers = self.select()
+        if module is None:
+            return layers[0]
+        if isinstance(module, (int, np.integer)) or str(module).lstrip("-").isdigit():
+            index = int(module)
+            if not -len(layers) <= index < len(layers):
+                raise NotInStoreError(f"layer {index} is out of range: {self.location} has {len(layers)} layers")
+            return layers[index]
+        return self.select(module)[0]
 
     def module_info(self, module: str) -> dict[str, Any]:
         """The module's attributes: kind, heads, kv_heads, head_dim, scale, causal, dtype, layer, ..."""
@@ -466,3 +492,8 @@ class _Tables:
 def _natural(name: str) -> list[tuple[int, int, str]]:
     """Sort key: ``layers.10`` after ``layers.9``."""
     return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in name.replace("/", ".").split(".")]
+
+
+def _listing(names: Sequence[str], limit: int = 6) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "") if names else "no modules"

@@ -78,7 +78,7 @@ def head_table(
         >>> table = head_table(attnhooks.open_store("run.zarr"))  # doctest: +SKIP
         >>> table.top("sink", 3)  # doctest: +SKIP
     """
-    names = list(modules) if modules is not None else _self_attention(store)
+    names: list[str] = store.select(modules)
     per_module = []
     for name in names:
         reader = store.call_reader(name, step, sample, call)
@@ -103,13 +103,6 @@ def head_table(
         )
     metrics = {key: np.stack([m[key] for m in per_module]) for key in per_module[0]} if per_module else {}
     return HeadTable(names, metrics)
-
-
-def _self_attention(store: Any) -> list[str]:
-    names: list[str] = store.self_attention()
-    if not names:
-        raise AnalysisError(f"{store.location} has no self-attention module; pass modules=")
-    return names
 
 
 def _row_slices(n: int, tile: int) -> list[tuple[slice, None]]:

@@ -1,0 +1,1 @@
+"""Matplotlib views of attention (filled in as the views land)."""
