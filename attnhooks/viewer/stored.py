@@ -136,9 +136,7 @@ def _model(where: Where, *, modules: str | Sequence[str] | None = None, method: 
     layers = [
         pooled_attention(where.store, m, where.step, where.sample, where.call, size=64, method=method)[0] for m in names
     ]
-    return model_view(
-        layers, layer_names=_short_names(names), tokens=where.tokens() if layers[0].shape[-1] <= 64 else None
-    )
+    return model_view(layers, layer_names=names, tokens=where.tokens() if layers[0].shape[-1] <= 64 else None)
 
 
 def _head(
@@ -146,11 +144,10 @@ def _head(
 ) -> Figure:
     from .head_view import head_view
 
-    attn = where.store.attention(
-        where.name, where.step, where.sample, where.call, heads=list(heads) if heads else None, method=method
-    )
+    _square(where, [where.name])
+    attn = where.store.attention(where.name, where.step, where.sample, where.call, method=method)
     tokens = where.tokens() or [str(i) for i in range(attn.shape[-1])]
-    ax = head_view(attn, tokens, heads=None, topk=topk, title=where.name)
+    ax = head_view(attn, tokens, heads=list(heads) if heads else None, topk=topk, title=where.name)
     return _figure(ax)
 
 
@@ -210,42 +207,36 @@ def _metrics(
 
     names = where.store.select(modules)
     table = head_table(where.store, where.step, where.sample, modules=names, call=where.call, method=method)
-    table.modules = _short_names(table.modules)
     return metric_grids(table, metrics=metrics)
 
 
 def _overview(where: Where, *, head: int | None = None, method: str = "auto", **_: Any) -> Figure:
+    """From the ``summary`` reductions when stored, else pooled (and summed) while reading row tiles."""
     from ..errors import NotInStoreError
     from .maps import overview
 
-    st, name = where.store, where.name
+    st, name, at = where.store, where.name, (where.step, where.sample, where.call)
     try:
-        summary = st.summary(name, where.step, where.sample, where.call)
+        summary = st.summary(name, *at)
     except NotInStoreError:
         summary = {}
-    pick = (lambda a: a) if head is None else (lambda a: a[head])
     if "pooled_max" in summary:
+        maps = {key: summary.get(key) for key in ("pooled_max", "received", "band")}
         bins = tuple(int(b) for b in summary["pooled_bins"][:2])
-        return overview(
-            pick(summary["pooled_max"]),
-            received=pick(summary["received"]) if "received" in summary else None,
-            band=pick(summary["band"]) if "band" in summary else None,
-            bins=bins,
-            title=name,
-        )
-    pooled, visible, block = pooled_attention(st, name, where.step, where.sample, where.call, heads=head, method=method)
-    received = np.stack(
-        [
-            tile.sum(axis=-2)
-            for _, tile in st.row_tiles(name, where.step, where.sample, where.call, heads=head, method=method)
-        ]
-    ).sum(0)
-    pooled[:, ~visible] = np.nan
+    else:
+        pooled, visible, bins = pooled_attention(st, name, *at, method=method)
+        pooled[:, ~visible] = np.nan
+        received = sum(tile.sum(axis=-2) for _, tile in st.row_tiles(name, *at, method=method))
+        maps = {"pooled_max": pooled, "received": received, "band": None}
+    if head is not None:
+        maps = {key: None if value is None else value[head] for key, value in maps.items()}
     return overview(
-        pooled if head is None else pooled[0],
-        received=received if head is None else received[0],
-        bins=block,
-        title=name,
+        maps["pooled_max"],
+        received=maps["received"],
+        band=maps["band"],
+        bins=bins,
+        q_start=where.reader().query_start(),
+        title=name + (f" · head {head}" if head is not None else " · mean over heads"),
     )
 
 
@@ -295,9 +286,7 @@ def _divergence(
     names = where.store.select(modules)
     a = [where.store.attention(m, where.step, where.sample, where.call, method=method) for m in _square(where, names)]
     b = [other.store.attention(m, other.step, other.sample, other.call, method=method) for m in names]
-    ax = divergence_grid(
-        a, b, layer_names=_short_names(names), title=f"JS divergence: {_label(where)} vs {_label(other)}"
-    )
+    ax = divergence_grid(a, b, layer_names=names, title=f"JS divergence: {_label(where)} vs {_label(other)}")
     return _figure(ax)
 
 
@@ -413,20 +402,6 @@ def _square(where: Where, names: Sequence[str]) -> Sequence[str]:
                 "use 'overview' or 'heatmap'"
             )
     return names
-
-
-def _short_names(names: Sequence[str]) -> list[str]:
-    """Module names without their common prefix and suffix ("encoder.layer.3.attention.self" -> "3")."""
-    if len(names) < 2:
-        return list(names)
-    split = [n.split(".") for n in names]
-    head = 0
-    while all(len(s) > head + 1 and s[head] == split[0][head] for s in split):
-        head += 1
-    tail = 0
-    while all(len(s) > head + tail + 1 and s[-1 - tail] == split[0][-1 - tail] for s in split):
-        tail += 1
-    return [".".join(s[head : len(s) - tail]) or n for s, n in zip(split, names)]
 
 
 def _label(where: Where) -> str:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import socket
-import warnings
 
 import pytest
 import torch
@@ -14,28 +13,10 @@ import attnhooks
 from tests import models
 
 
-def _unet():
-    from diffusers import UNet2DConditionModel
-
-    warnings.filterwarnings("ignore", module="diffusers")
-    return UNet2DConditionModel(
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(32, 64),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=8,
-        norm_num_groups=8,
-    ).eval()
-
-
 def test_unet_self_and_cross_attention_match_the_eager_processor():
     from diffusers.models.attention_processor import AttnProcessor
 
-    unet = _unet()
+    unet = models.unet()
     x, text = torch.randn(2, 4, 16, 16), torch.randn(2, 7, 32)
     with torch.no_grad(), attnhooks.capture(unet, verify=True) as sdpa_cap:
         unet(x, 10, encoder_hidden_states=text)
@@ -55,7 +36,7 @@ def test_unet_self_and_cross_attention_match_the_eager_processor():
 
 
 def test_unet_called_per_timestep_in_one_step_stores_each_call():
-    unet = _unet()
+    unet = models.unet()
     x, text = torch.randn(1, 4, 16, 16), torch.randn(1, 7, 32)
     with torch.no_grad(), attnhooks.capture(unet, record=("q", "k")) as cap:
         cap.step = 0
