@@ -1,4 +1,5 @@
-# Two commands: `make demo` (the main job) and `make test`. Both create .venv on first use,
+# Two commands: `make demo` (the main job: the pretrained MiniLM captured, figures and metrics written
+# to attnhooks-demo/) and `make test`. Both create .venv on first use,
 # installing the CPU build of torch first so nothing pulls a CUDA build.
 PYTHON ?= python3
 VENV ?= .venv
@@ -15,7 +16,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) examples/quickstart.py
+	$(VENV)/bin/attnhooks demo --out attnhooks-demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider

@@ -37,7 +37,10 @@ def run(out: str | Path, *, text: str | None = None, quiet: bool = False) -> lis
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     text = (text or bundled_text()).strip()
-    say = (lambda *_: None) if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+
+    def say(message: str) -> None:
+        if not quiet:
+            print(message, file=sys.stderr, flush=True)
 
     say("loading the pretrained MiniLM (all-MiniLM-L6-v2) ...")
     model, tokenizer = load_model("all-MiniLM-L6-v2")

@@ -55,8 +55,8 @@ def load_model(
         raise ModelLoadError("attnhooks capture needs transformers: pip install 'attnhooks[hf]'") from err
     from transformers.utils import logging
 
-    logging.set_verbosity_error()
-    logging.disable_progress_bar()
+    logging.set_verbosity_error()  # type: ignore[no-untyped-call]
+    logging.disable_progress_bar()  # type: ignore[no-untyped-call]
     path = model_path(name)
     try:
         config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)

@@ -84,49 +84,32 @@ def pooled_attention(
     return np.concatenate(parts, axis=-2), np.concatenate(seen, axis=-2), block
 
 
-def _head_map(where: Where, head: int, rows: slice | None, cols: slice | None, method: str) -> dict[str, Any]:
-    """One head's map: exact when small or windowed, pooled while read otherwise (heatmap's arguments)."""
+# -- the views ------------------------------------------------------------------------------------
+def _heatmap(
+    where: Where, *, head: int = 0, rows: slice | None = None, cols: slice | None = None, method: str = "auto", **_: Any
+) -> Figure:
+    """One head: read exactly when the window is small enough, else pooled while read (whole calls only)."""
+    from .maps import heatmap
+
     reader = where.reader()
-    rows = rows or slice(0, reader.q_len)
-    cols = cols or slice(0, reader.k_len)
-    r = range(reader.q_len)[rows]
-    c = range(reader.k_len)[cols]
+    r, c = range(reader.q_len)[rows or slice(None)], range(reader.k_len)[cols or slice(None)]
     rows, cols = slice(r.start, r.stop), slice(c.start, c.stop)
+    title = f"{where.name} · head {head}"
     if len(r) * len(c) <= FULL_LIMIT:
         attn = where.store.attention(
             where.name, where.step, where.sample, where.call, heads=head, rows=rows, cols=cols, method=method
         )
         mask = reader.allowed(rows, cols)
-        return {"attn": attn, "mask": mask, "row_start": rows.start, "col_start": cols.start}
-    if (rows.start, rows.stop, cols.start, cols.stop) != (0, reader.q_len, 0, reader.k_len):
+        ax = heatmap(attn, tokens=where.tokens(), mask=mask, row_start=rows.start, col_start=cols.start, title=title)
+        return _figure(ax)
+    if (len(r), len(c)) != (reader.q_len, reader.k_len):
         raise ViewError(
-            f"a window of {len(r)} x {len(c)} cells is too large to read whole: choose at most {FULL_LIMIT} cells"
+            f"a window of {len(r)} x {len(c)} cells is too large to read whole: choose at most {FULL_LIMIT}"
         )
     pooled, visible, block = pooled_attention(
-        where.store, where.name, where.step, where.sample, where.call, heads=head, method=method
+        where.store, where.name, where.step, where.sample, where.call, heads=head, size=256, method=method
     )
-    return {"attn": pooled[0], "mask": visible, "row_start": 0, "col_start": 0, "block": block}
-
-
-# -- the views ------------------------------------------------------------------------------------
-def _heatmap(
-    where: Where, *, head: int = 0, rows: slice | None = None, cols: slice | None = None, method: str = "auto", **_: Any
-) -> Figure:
-    from .maps import heatmap
-
-    data = _head_map(where, head, rows, cols, method)
-    block = data.pop("block", None)
-    title = f"{where.name} · head {head}" + (f" · max over {block[0]}×{block[1]} blocks" if block else "")
-    ax = heatmap(
-        data["attn"],
-        tokens=None if block else where.tokens(),
-        mask=data["mask"],
-        row_start=data["row_start"],
-        col_start=data["col_start"],
-        title=title,
-        max_cells=512,
-    )
-    return _figure(ax)
+    return _figure(heatmap(pooled[0], mask=visible, title=title, cell=block))
 
 
 def _model(where: Where, *, modules: str | Sequence[str] | None = None, method: str = "auto", **_: Any) -> Figure:

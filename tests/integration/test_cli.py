@@ -18,7 +18,28 @@ import attnhooks
 from attnhooks.cli import VIEW_NAMES, main
 from attnhooks.viewer.stored import VIEWS
 
-WORDS = "the a cat dog sat ran on mat mice day it was tired after chasing because later that evening .".split()
+WORDS = [
+    "the",
+    "a",
+    "cat",
+    "dog",
+    "sat",
+    "ran",
+    "on",
+    "mat",
+    "mice",
+    "day",
+    "it",
+    "was",
+    "tired",
+    "after",
+    "chasing",
+    "because",
+    "later",
+    "that",
+    "evening",
+    ".",
+]
 TEXT = "the cat sat on the mat because it was tired after chasing mice ."
 
 
@@ -37,10 +58,27 @@ def saved(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("cli")
     torch.manual_seed(0)
     vocab = 5 + len(WORDS)
-    bert = BertModel(BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                intermediate_size=64, max_position_embeddings=64))  # fmt: skip
-    llama = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                         num_key_value_heads=2, intermediate_size=64, pad_token_id=0))  # fmt: skip
+    bert = BertModel(
+        BertConfig(
+            vocab_size=vocab,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            max_position_embeddings=64,
+        )
+    )
+    llama = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=vocab,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=64,
+            pad_token_id=0,
+        )
+    )
     out = {}
     for name, model in (("bert", bert), ("llama", llama)):
         folder = root / name
@@ -73,15 +111,25 @@ def test_round_trip(saved, capsys):
     assert info["status"] == "complete" and [m["heads"] for m in info["modules"]] == [4, 4]
     assert info["modules"][0]["recorded"] == ["attn", "k", "q"]
 
-    for view, extra in (("heatmap", ["--head", "1"]), ("model", []), ("head", ["--topk", "2"]), ("qk", ["--query", "3"]),
-                        ("rollout", []), ("metrics", []), ("overview", []), ("compare", ["--against", store])):  # fmt: skip
+    for view, extra in (
+        ("heatmap", ["--head", "1"]),
+        ("model", []),
+        ("head", ["--topk", "2"]),
+        ("qk", ["--query", "3"]),
+        ("rollout", []),
+        ("metrics", []),
+        ("overview", []),
+        ("compare", ["--against", store]),
+    ):
         png = saved["root"] / f"{view}.png"
         code, out, err = run(capsys, "view", store, view, "-o", png, *extra)
         assert code == 0, (view, err)
         assert out.strip() == str(png)
         pixels = imread(png)
         assert pixels.ndim == 3 and pixels[..., :3].std() > 0.05, view  # an image, not a blank page
-    code, _, err = run(capsys, "view", store, "heatmap", "--module", "1", "--rows", "2:6", "-o", saved["root"] / "w.svg")
+    code, _, err = run(
+        capsys, "view", store, "heatmap", "--module", "1", "--rows", "2:6", "-o", saved["root"] / "w.svg"
+    )
     assert code == 0, err
     assert (saved["root"] / "w.svg").read_text().lstrip().startswith("<?xml")
 
@@ -101,8 +149,21 @@ def test_round_trip(saved, capsys):
 
 def test_generation_capture_with_lse_only_is_viewable(saved, capsys):
     store = saved["root"] / "gen.zarr"
-    code, out, err = run(capsys, "capture", "--model", saved["llama"], "--prompt", "the cat sat", "--out", store,
-                         "--generate", "4", "--record", "q,k,lse", "--no-progress")  # fmt: skip
+    code, out, err = run(
+        capsys,
+        "capture",
+        "--model",
+        saved["llama"],
+        "--prompt",
+        "the cat sat",
+        "--out",
+        store,
+        "--generate",
+        "4",
+        "--record",
+        "q,k,lse",
+        "--no-progress",
+    )
     assert code == 0, err
     assert "generated 4 tokens" in out
     st = attnhooks.open_store(store)
@@ -115,8 +176,9 @@ def test_generation_capture_with_lse_only_is_viewable(saved, capsys):
     # capturing into an existing store needs --overwrite
     code, _, err = run(capsys, "capture", "--model", saved["llama"], "--prompt", "a", "--out", store, "--no-progress")
     assert code == 1 and "exists" in err and len(err.strip().splitlines()) == 1
-    code, _, err = run(capsys, "capture", "--model", saved["llama"], "--prompt", "a", "--out", store, "--no-progress",
-                       "--overwrite")  # fmt: skip
+    code, _, err = run(
+        capsys, "capture", "--model", saved["llama"], "--prompt", "a", "--out", store, "--no-progress", "--overwrite"
+    )
     assert code == 0, err
 
 
@@ -138,7 +200,10 @@ def test_generation_capture_with_lse_only_is_viewable(saved, capsys):
 def test_bad_arguments_fail_in_one_line(saved, capsys, tmp_path, argv, code, says):
     store = saved["root"] / "bad.zarr"
     if not store.exists():
-        assert main(["capture", "--model", str(saved["bert"]), "--prompt", TEXT, "--out", str(store), "--no-progress"]) == 0
+        assert (
+            main(["capture", "--model", str(saved["bert"]), "--prompt", TEXT, "--out", str(store), "--no-progress"])
+            == 0
+        )
     os.chdir(tmp_path)
     argv = [a.format(store=store, missing=tmp_path / "missing.zarr") for a in argv]
     try:

@@ -1,18 +1,30 @@
-"""Every Python block of the README runs as written."""
+"""Every code block of the README runs as written: the Python blocks, and the ``attnhooks`` command
+lines of the shell blocks (``make`` and ``pip`` lines are what CI itself runs: .ci/run)."""
 
 from __future__ import annotations
 
 import re
+import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 README = Path(__file__).resolve().parents[2] / "README.md"
-BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+TEXT = README.read_text()
+BLOCKS = re.findall(r"```python\n(.*?)```", TEXT, flags=re.S)
+COMMANDS = [
+    line.strip()
+    for block in re.findall(r"```(?:sh|bash)\n(.*?)```", TEXT, flags=re.S)
+    for line in block.splitlines()
+    if line.strip().startswith("attnhooks ")
+]
 
 
 def test_readme_has_examples():
     assert len(BLOCKS) >= 3
+    assert len(COMMANDS) >= 5
 
 
 @pytest.mark.parametrize("index", range(len(BLOCKS)))
@@ -25,3 +37,12 @@ def test_readme_block_runs(index, capsys):
     assert len(printed) >= len(expected)
     for want in expected:
         assert want in printed, (want, printed)
+
+
+def test_readme_command_lines_run_in_order(tmp_path):
+    script = Path(sys.executable).with_name("attnhooks")
+    for line in COMMANDS:
+        argv = shlex.split(line, comments=True)
+        command = [str(script), *argv[1:]] if script.exists() else [sys.executable, "-m", "attnhooks.cli", *argv[1:]]
+        done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, (line, done.stderr[-2000:])
