@@ -71,12 +71,17 @@ def run(out: str | Path, *, text: str | None = None, quiet: bool = False) -> lis
 def _figures(rows: list[dict[str, Any]], baseline: Any, n: int) -> list[tuple[str, str, dict[str, Any]]]:
     """What to draw: the notable heads the metrics found, with the views that show them best."""
     prev = max(rows, key=lambda r: r["previous"])
-    nxt = max((r for r in rows if r["layer"] == prev["layer"] and r["head"] != prev["head"]), key=lambda r: r["next"])
+    nxt = max(rows, key=lambda r: r["next"])
+    sink = max((r for r in rows if r["layer"] == nxt["layer"] and r["head"] != nxt["head"]), key=lambda r: r["special"])
     layer, head = prev["layer"], prev["head"]
     return [
         (f"heatmap_L{layer}H{head}.png", "heatmap", {"module": layer, "head": head}),
         ("model_view.png", "model", {}),
-        (f"head_view_L{layer}.png", "head", {"module": layer, "heads": [head, nxt["head"]], "topk": 2}),
+        (
+            f"head_view_L{nxt['layer']}.png",
+            "head",
+            {"module": nxt["layer"], "heads": [nxt["head"], sink["head"]], "topk": 2},
+        ),
         (f"qk_view_L{layer}H{head}.png", "qk", {"module": layer, "head": head, "query": n // 2}),
         ("rollout.png", "rollout", {}),
         ("metrics.png", "metrics", {}),
