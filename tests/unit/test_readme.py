@@ -1,5 +1,6 @@
-"""Every code block of the README runs as written: the Python blocks, and the ``attnhooks`` command
-lines of the shell blocks (``make`` and ``pip`` lines are what CI itself runs: .ci/run)."""
+"""Every code block of the README runs as written: the Python blocks, the ``attnhooks`` command lines
+and ``python examples/...`` lines of the shell blocks. ``make`` and ``pip`` lines are what CI itself
+runs (.ci/run); the benchmark lines are run, in their quick form, by tests/unit/test_bench_*.py."""
 
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ COMMANDS = [
     for line in block.splitlines()
     if line.strip().startswith("attnhooks ")
 ]
+
+EXAMPLES = re.findall(r"^python (examples/\S+\.py)", TEXT, flags=re.M)
 
 
 def test_readme_has_examples():
@@ -46,3 +49,10 @@ def test_readme_command_lines_run_in_order(tmp_path):
         command = [str(script), *argv[1:]] if script.exists() else [sys.executable, "-m", "attnhooks.cli", *argv[1:]]
         done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, (line, done.stderr[-2000:])
+
+
+@pytest.mark.parametrize("script", EXAMPLES)
+def test_readme_example_scripts_run(script):
+    done = subprocess.run([sys.executable, script], cwd=README.parent, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip()
