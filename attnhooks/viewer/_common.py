@@ -23,22 +23,27 @@ from ..errors import AnalysisError
 __all__ = [
     "ATTENTION_CMAP",
     "DIVERGING_CMAP",
+    "DIVERGING_MASKED_COLOR",
     "MASKED_COLOR",
     "ViewError",
     "as_numpy",
     "attention_cmap",
     "attention_norm",
+    "diverging_cmap",
     "diverging_norm",
+    "label_fontsize",
     "label_tokens",
     "new_axes",
     "new_grid",
     "pool",
     "pool_blocks",
+    "short_label",
 ]
 
 ATTENTION_CMAP = "magma"  # perceptually uniform, dark = 0, so small weights stay distinguishable
 DIVERGING_CMAP = "RdBu_r"  # blue = negative, white = 0, red = positive
 MASKED_COLOR = "#bfd3e6"  # light steel blue: outside the colour map, so "masked" never reads as "0"
+DIVERGING_MASKED_COLOR = "#8c8c8c"  # mid grey: outside RdBu_r (whose middle is near-white, its ends blue/red)
 MAX_TOKEN_LABELS = 64  # past this many tokens an axis shows positions instead of strings
 
 
@@ -84,6 +89,12 @@ def attention_cmap() -> Colormap:
     return colormaps[ATTENTION_CMAP].with_extremes(bad=MASKED_COLOR)
 
 
+def diverging_cmap() -> Colormap:
+    """The diverging colour map (differences, q⊙k), masked cells in :data:`DIVERGING_MASKED_COLOR`
+    (the attention map's light blue would read as a small negative value here)."""
+    return colormaps[DIVERGING_CMAP].with_extremes(bad=DIVERGING_MASKED_COLOR)
+
+
 def attention_norm(vmax: float | None = None, *, gamma: float = 0.5, values: Any = None) -> Normalize:
     """A power-law norm from 0 to ``vmax`` (default: the largest finite value of ``values``, or 1).
 
@@ -124,8 +135,8 @@ def label_tokens(
     """
     setter = ax.set_xticks if axis == "x" else ax.set_yticks
     if tokens is not None and step == 1 and n <= max_labels and start + n <= len(tokens):
-        labels = [_short(t) for t in tokens[start : start + n]]
-        setter(np.arange(n), labels, rotation=90 if axis == "x" else 0, fontsize=_fontsize(n))
+        labels = [short_label(t) for t in tokens[start : start + n]]
+        setter(np.arange(n), labels, rotation=90 if axis == "x" else 0, fontsize=label_fontsize(n))
         return
     ticks = np.unique(np.linspace(0, n - 1, num=min(n, 8)).round().astype(int))
     setter(ticks, [str(start + int(t) * step) for t in ticks])
@@ -166,10 +177,10 @@ def pool_blocks(values: npt.ArrayLike, block: tuple[int, int], how: str = "max")
     return out
 
 
-def _short(token: str, width: int = 12) -> str:
+def short_label(token: str, width: int = 12) -> str:
     token = str(token).replace("\n", "\\n")
     return token if len(token) <= width else token[: width - 1] + "…"
 
 
-def _fontsize(n: int) -> float:
+def label_fontsize(n: int) -> float:
     return float(np.clip(240 / max(n, 1), 5, 10))

@@ -18,12 +18,13 @@ from matplotlib.figure import Figure
 
 from ..analysis.similarity import js_divergence
 from ._common import (
-    DIVERGING_CMAP,
+    DIVERGING_MASKED_COLOR,
     MASKED_COLOR,
     ViewError,
     as_numpy,
     attention_cmap,
     attention_norm,
+    diverging_cmap,
     diverging_norm,
     label_tokens,
     new_axes,
@@ -140,8 +141,10 @@ def metric_grid(
     if grid.ndim != 2:
         raise ViewError(f"values has shape {grid.shape}; expected [layers, heads] (one layer: values[None])")
     fig, ax = new_axes(ax, figsize=(max(4.0, 0.45 * grid.shape[1] + 2.5), max(3.0, 0.35 * grid.shape[0] + 1.5)))
-    name = DIVERGING_CMAP if diverging and cmap == "viridis" else cmap
-    colours = colormaps[name].with_extremes(bad=MASKED_COLOR)
+    if diverging and cmap == "viridis":
+        colours = diverging_cmap()
+    else:
+        colours = colormaps[cmap].with_extremes(bad=DIVERGING_MASKED_COLOR if diverging else MASKED_COLOR)
     norm = diverging_norm(grid, vmax) if diverging else _linear_norm(grid, vmin, vmax)
     image = ax.imshow(grid, cmap=colours, norm=norm, interpolation="nearest", aspect="auto")
     names, pattern = _layer_labels(layer_names, grid.shape[0])
@@ -225,7 +228,7 @@ def compare_view(
         image = draw_map(ax, data, norm=norm, cmap=attention_cmap(), tokens=tokens, max_cells=max_cells, title=name)
     fig.colorbar(image, ax=axes[:2].tolist(), label=scale_label(gamma), shrink=0.8)
     diff = first - second
-    colours = colormaps[DIVERGING_CMAP].with_extremes(bad=MASKED_COLOR)
+    colours = diverging_cmap()
     image = draw_map(
         axes[2], diff, norm=diverging_norm(diff), cmap=colours, tokens=tokens, max_cells=max_cells,
         title=f"{labels[0]} − {labels[1]}", signed=True,

@@ -22,15 +22,15 @@ from matplotlib.lines import Line2D
 
 from ._common import (
     ViewError,
-    _fontsize,
-    _short,
     as_numpy,
     attention_cmap,
     attention_norm,
+    label_fontsize,
     label_tokens,
     new_axes,
     new_grid,
     pool,
+    short_label,
 )
 
 __all__ = ["head_colors", "head_edges", "head_view", "head_view_grid"]
@@ -264,9 +264,9 @@ def _rows_y(q: int, k: int, *, cross: bool) -> tuple[Float, Float]:
 def _frame(ax: Axes, yq: Float, yk: Float, rows: tuple[Sequence[str] | None, int], cols: Sequence[str] | None) -> None:
     """Token columns as tick labels (left: queries, right: keys), no spines, row 0 at the top."""
     row_tokens, start = rows
-    left = [str(start + r) if row_tokens is None else _short(row_tokens[start + r]) for r in range(len(yq))]
-    right = [str(j) if cols is None else _short(cols[j]) for j in range(len(yk))]
-    size = _fontsize(max(len(yq), len(yk)))
+    left = [str(start + r) if row_tokens is None else short_label(row_tokens[start + r]) for r in range(len(yq))]
+    right = [str(j) if cols is None else short_label(cols[j]) for j in range(len(yk))]
+    size = label_fontsize(max(len(yq), len(yk)))
     ax.set_yticks(yq, left, fontsize=size)
     keys = ax.secondary_yaxis("right")
     keys.set_yticks(yk, right, fontsize=size)

@@ -12,21 +12,20 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from matplotlib import colormaps
 from matplotlib.axes import Axes
 from matplotlib.collections import PolyCollection
 from matplotlib.figure import Figure
 from matplotlib.image import AxesImage
 
 from ._common import (
-    DIVERGING_CMAP,
     MASKED_COLOR,
     MAX_TOKEN_LABELS,
     ViewError,
-    _fontsize,
-    _short,
     as_numpy,
+    diverging_cmap,
     diverging_norm,
+    label_fontsize,
+    short_label,
 )
 
 __all__ = ["qk_scores", "qk_view"]
@@ -218,7 +217,7 @@ def _layout(fig: Figure | None, m: int, d: int) -> tuple[Figure, dict[str, Axes]
 
 def _draw_vectors(axes: dict[str, Axes], q: Float, k: Float, products: Float, visible: Bool) -> AxesImage:
     """q as a strip, k and q⊙k as images (masked keys' products in the masked colour)."""
-    cmap = colormaps[DIVERGING_CMAP].with_extremes(bad=MASKED_COLOR)
+    cmap = diverging_cmap()
     axes["q"].imshow(q[None, :], cmap=cmap, norm=diverging_norm(q), aspect="auto", interpolation="nearest")
     axes["q"].set_yticks([0], ["q"])
     axes["q"].tick_params(labelbottom=False)
@@ -282,9 +281,9 @@ def _label_keys(ax: Axes, shown: npt.NDArray[np.intp], tokens: Sequence[str] | N
     m = len(shown)
     subset = not np.array_equal(shown, np.arange(m))
     if m <= MAX_TOKEN_LABELS:
-        names = [str(i) if tokens is None else _short(tokens[i]) for i in shown]
+        names = [str(i) if tokens is None else short_label(tokens[i]) for i in shown]
         labels = [f"{i} {t}" if subset and tokens is not None else t for i, t in zip(shown, names)]
-        ax.set_yticks(np.arange(m), labels, fontsize=_fontsize(m))
+        ax.set_yticks(np.arange(m), labels, fontsize=label_fontsize(m))
     else:
         ticks = np.unique(np.linspace(0, m - 1, num=8).round().astype(int))
         ax.set_yticks(ticks, [str(shown[t]) for t in ticks])
