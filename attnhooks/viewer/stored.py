@@ -145,11 +145,10 @@ def _qk(where: Where, *, head: int = 0, query: int = -1, method: str = "auto", *
     k = st.k(name, where.step, where.sample, where.call)[kv]
     keys = slice(reader.k_offset, reader.k_offset + k.shape[0])
     visible = reader.allowed(slice(row, row + 1), keys)[0]
-    mask = st.mask(name, where.step, where.sample, where.call)
-    if mask["dense"] is not None:  # an additive mask (a position bias) is not a visibility flag: refuse it honestly
-        raise ViewError(
-            f"{name} has an additive mask (e.g. a position bias): the QK view shows q·k only; use the heatmap"
-        )
+    dense = st.mask(name, where.step, where.sample, where.call)["dense"]  # an additive mask: T5's position bias
+    bias = None if dense is None else dense[head if dense.shape[0] > 1 else 0, row, keys]
+    if bias is not None:
+        visible &= np.isfinite(bias)
     attn = st.attention(name, where.step, where.sample, where.call, heads=head, rows=row, cols=keys, method=method)
     tokens = where.tokens()
     return qk_view(
@@ -159,6 +158,7 @@ def _qk(where: Where, *, head: int = 0, query: int = -1, method: str = "auto", *
         scale=reader.scale,
         mask=visible,
         softcap=reader.softcap or None,
+        bias=None if bias is None else np.where(visible, bias, 0.0),
         attn=attn,
         tokens=tokens[keys] if tokens and len(tokens) >= keys.stop else None,
     )

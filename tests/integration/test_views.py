@@ -215,3 +215,18 @@ def test_bad_requests_say_what_to_do(short):
         render(short, "heatmap", module=5)
     with pytest.raises(LookupError, match="matches no module"):
         render(short, "heatmap", module="decoder.*")
+
+
+def test_qk_view_adds_t5s_position_bias_and_stays_exact(tmp_path):
+    from tests import models
+
+    t5 = models.t5()
+    ids = torch.randint(3, 100, (1, 9))
+    with torch.no_grad(), attnhooks.capture(t5, store=tmp_path / "t5.zarr"):
+        t5(input_ids=ids, decoder_input_ids=ids[:, :5])
+    st = attnhooks.open_store(tmp_path / "t5.zarr")
+    module = "decoder.block.0.layer.0.SelfAttention"
+    assert st.mask(module)["dense"] is not None  # the relative position bias (and the causal mask) as a dense mask
+    fig = render(st, "qk", module=module, head=1, query=3)
+    titles = " ".join(ax.get_title() for ax in fig.axes)
+    assert float(re.search(r"max \|p − attn\| = ([0-9.e+-]+)", titles).group(1)) < 1e-6
