@@ -192,13 +192,13 @@ class CallReader:
         counts = np.zeros((heads.size, rows.stop - rows.start), dtype=np.int64)
         for cols in _blocks(self.k_len, _KEY_BLOCK):
             ok = self.allowed(rows, cols)[None]
-            dense = self._dense(heads, rows, cols)
+            dense = self.dense(heads, rows, cols)
             if dense is not None:
                 ok = ok & np.isfinite(dense)
             counts += ok.sum(axis=-1)
         return counts
 
-    def _dense(self, heads: np.ndarray, rows: slice, cols: slice) -> np.ndarray | None:
+    def dense(self, heads: np.ndarray, rows: slice, cols: slice) -> np.ndarray | None:
         """The stored additive mask ``[h | 1, r, c]`` (float32), None when the mask is compact."""
         info, lay = self.layout.info, self.layout
         if not info["dense_batch"]:
@@ -245,7 +245,7 @@ class CallReader:
         if self.softcap:
             cap = np.float32(self.softcap)
             s = np.tanh(s / cap) * cap
-        dense = self._dense(heads, rows, cols)
+        dense = self.dense(heads, rows, cols)
         if dense is not None:
             s += dense
         np.copyto(s, np.float32(-np.inf), where=~self.allowed(rows, cols)[None])

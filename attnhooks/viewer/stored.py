@@ -100,6 +100,9 @@ def _heatmap(
             where.name, where.step, where.sample, where.call, heads=head, rows=rows, cols=cols, method=method
         )
         mask = reader.allowed(rows, cols)
+        dense = reader.dense(np.array([head]), rows, cols)  # an additive mask: its -inf entries are masked too
+        if dense is not None:
+            mask &= np.isfinite(dense[0])
         ax = heatmap(attn, tokens=where.tokens(), mask=mask, row_start=rows.start, col_start=cols.start, title=title)
         return _figure(ax)
     if (len(r), len(c)) != (reader.q_len, reader.k_len):
@@ -145,8 +148,8 @@ def _qk(where: Where, *, head: int = 0, query: int = -1, method: str = "auto", *
     k = st.k(name, where.step, where.sample, where.call)[kv]
     keys = slice(reader.k_offset, reader.k_offset + k.shape[0])
     visible = reader.allowed(slice(row, row + 1), keys)[0]
-    dense = st.mask(name, where.step, where.sample, where.call)["dense"]  # an additive mask: T5's position bias
-    bias = None if dense is None else dense[head if dense.shape[0] > 1 else 0, row, keys]
+    dense = reader.dense(np.array([head]), slice(row, row + 1), keys)  # an additive mask: T5's position bias
+    bias = None if dense is None else dense[0, 0]
     if bias is not None:
         visible &= np.isfinite(bias)
     attn = st.attention(name, where.step, where.sample, where.call, heads=head, rows=row, cols=keys, method=method)
