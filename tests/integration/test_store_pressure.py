@@ -12,6 +12,7 @@ timeout, and no ``attnhooks-writer`` thread may outlive its capture.
 from __future__ import annotations
 
 import errno
+import gc
 import itertools
 import os
 import re
@@ -240,6 +241,7 @@ def _rss() -> int:
 
 def _peak_rss_growth(body: Callable[[], Any]) -> tuple[int, Any]:
     """Highest resident memory above the starting point while ``body`` runs (sampled each ms)."""
+    gc.collect()  # earlier tests' garbage is not freed in the middle of the measure
     base, peak, running = _rss(), [0], [True]
 
     def sample() -> None:
@@ -285,7 +287,9 @@ def test_block_bounds_process_memory(location):
     assert writer.budget.peak <= buffer and writer.budget.blocked_s > 0
     assert attnhooks.open_store(writer.backend.location).committed == steps
     unbounded, writer = _peak_rss_growth(body(1 << 30, location("slowsink")))
-    assert writer.budget.peak > 30 << 20, "without a bound the writer falls behind (else nothing is tested)"
+    # without a bound the writer falls behind (else nothing is tested); how far depends on the machine's
+    # load: 28-60 MiB of the 60 MiB were seen on 2 cores
+    assert writer.budget.peak > 20 << 20, "without a bound the writer falls behind (else nothing is tested)"
     mib = 1 << 20
     print(f"resident memory growth: {bounded / mib:.1f} MiB bounded, {unbounded / mib:.1f} MiB unbounded")
     assert bounded <= buffer + margin, (
