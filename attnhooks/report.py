@@ -109,7 +109,8 @@ def head_rows(
     table = head_table(st, step, sample, modules=names, call=call, method=method)
     rows = table.rows()
     reader = st.call_reader(names[0], step, sample, call)
-    square = all(st.info(m, step, call)["q_len"] == st.info(m, step, call)["k_len"] for m in names)
+    sizes = [st.info(m, step, call) for m in names]
+    square = all(info["q_len"] == info["k_len"] for info in sizes)
     if square and reader.q_len <= CLASSIFY_LIMIT:
         _, tokens = st.tokens(step, sample)
         special = special_tokens(tokens) if tokens and len(tokens) == reader.k_len else None

@@ -238,8 +238,8 @@ class CallReader:
 
     def scores(self, heads: np.ndarray, rows: slice, cols: slice) -> np.ndarray:
         """Masked scores ``[h, r, c]`` float32 (``-inf`` where a key may not be attended)."""
-        q = self._q(heads, rows)
-        k = self._k(heads, cols)
+        q = self.queries(heads, rows)
+        k = self.keys(heads, cols)
         s = np.matmul(q, k.transpose(0, 2, 1))
         s *= np.float32(self.scale)
         if self.softcap:
@@ -282,10 +282,11 @@ class CallReader:
         start = max(start, 0)
         return slice(start, max(start, stop))
 
-    def _q(self, heads: np.ndarray, rows: slice) -> np.ndarray:
+    def queries(self, heads: np.ndarray, rows: slice) -> np.ndarray:
+        """Queries ``[h, r, d]`` (float32) of the selected heads and rows."""
         return self._take("q", heads, rows).astype(np.float32, copy=False)
 
-    def _k(self, heads: np.ndarray, cols: slice) -> np.ndarray:
+    def keys(self, heads: np.ndarray, cols: slice) -> np.ndarray:
         """Keys ``[h, c, d]`` for each selected query head (GQA: its key head, repeated)."""
         lay = self.layout
         kv = heads // (lay.heads // lay.kv_heads)

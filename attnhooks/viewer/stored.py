@@ -13,10 +13,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..tiles import head_index
 from ._common import ViewError, pool_blocks
 
 if TYPE_CHECKING:
@@ -39,7 +41,7 @@ class Where:
     sample: int = 0
     call: int = 0
 
-    @property
+    @cached_property
     def name(self) -> str:
         return self.store.resolve(self.module)
 
@@ -66,22 +68,30 @@ def pooled_attention(
     """Attention of a whole call pooled to at most ``size × size`` cells, read one row tile at a time.
 
     Returns ``(pooled [h, P_q, P_k], visible [P_q, P_k] bool, (rows per cell, keys per cell))``:
-    ``visible`` is False for cells no row of the block may attend (masked). Memory: one tile of
-    ``block rows × k_len`` per head, never ``q_len × k_len``.
+    ``visible`` is False for cells no row of the block may attend (masked, NaN in ``pooled``).
+    Memory: one tile of ``block rows × k_len`` per head, never ``q_len × k_len``.
     """
-    reader = store.call_reader(module, step, sample, call)
+    pooled, visible, block, _ = _pool_tiles(store.call_reader(module, step, sample, call), heads, size, how, method)
+    return pooled, visible, block
+
+
+def _pool_tiles(
+    reader: Any, heads: int | Sequence[int] | None, size: int, how: str, method: str
+) -> tuple[np.ndarray, np.ndarray, tuple[int, int], np.ndarray]:
+    """:func:`pooled_attention`, plus the attention each key receives ``[h, k_len]`` from the same reads."""
     index = np.arange(reader.layout.heads) if heads is None else np.atleast_1d(np.asarray(heads))
     block = (max(1, -(-reader.q_len // size)), max(1, -(-reader.k_len // size)))
     tile = block[0] * max(1, 256 // block[0])
-    parts, seen = [], []
+    parts, seen, received = [], [], np.zeros((index.size, reader.k_len))
     for start in range(0, reader.q_len, tile):
         rows = slice(start, min(start + tile, reader.q_len))
         values = reader.read(index, rows, slice(0, reader.k_len), reader.method(method)).astype(np.float64)
+        received += values.sum(axis=-2)
         allowed = reader.allowed(rows, slice(0, reader.k_len))
         values[:, ~allowed] = np.nan
         parts.append(pool_blocks(values, block, how))
         seen.append(pool_blocks(allowed[None].astype(np.float64), block, "max")[0] > 0)
-    return np.concatenate(parts, axis=-2), np.concatenate(seen, axis=-2), block
+    return np.concatenate(parts, axis=-2), np.concatenate(seen, axis=-2), block, received
 
 
 # -- the views ------------------------------------------------------------------------------------
@@ -100,7 +110,8 @@ def _heatmap(
             where.name, where.step, where.sample, where.call, heads=head, rows=rows, cols=cols, method=method
         )
         mask = reader.allowed(rows, cols)
-        dense = reader.dense(np.array([head]), rows, cols)  # an additive mask: its -inf entries are masked too
+        # an additive mask: its -inf entries are masked too
+        dense = reader.dense(head_index(head, reader.layout.heads), rows, cols)
         if dense is not None:
             mask &= np.isfinite(dense[0])
         ax = heatmap(attn, tokens=where.tokens(), mask=mask, row_start=rows.start, col_start=cols.start, title=title)
@@ -143,12 +154,12 @@ def _qk(where: Where, *, head: int = 0, query: int = -1, method: str = "auto", *
     st, name = where.store, where.name
     reader = where.reader()
     row = range(reader.q_len)[query]
-    kv = head // (reader.layout.heads // reader.layout.kv_heads)
-    q = st.q(name, where.step, where.sample, where.call)[head, row]
-    k = st.k(name, where.step, where.sample, where.call)[kv]
-    keys = slice(reader.k_offset, reader.k_offset + k.shape[0])
-    visible = reader.allowed(slice(row, row + 1), keys)[0]
-    dense = reader.dense(np.array([head]), slice(row, row + 1), keys)  # an additive mask: T5's position bias
+    keys = slice(reader.k_offset, reader.k_offset + reader.k_stored)
+    index, one = head_index(head, reader.layout.heads), slice(row, row + 1)
+    q = reader.queries(index, one)[0, 0]  # one row of one head is read, no more
+    k = reader.keys(index, keys)[0]  # its KV head's keys (GQA)
+    visible = reader.allowed(one, keys)[0]
+    dense = reader.dense(index, one, keys)  # an additive mask: T5's position bias
     bias = None if dense is None else dense[0, 0]
     if bias is not None:
         visible &= np.isfinite(bias)
@@ -210,9 +221,7 @@ def _overview(where: Where, *, head: int | None = None, method: str = "auto", **
         maps = {key: summary.get(key) for key in ("pooled_max", "received", "band")}
         bins = tuple(int(b) for b in summary["pooled_bins"][:2])
     else:
-        pooled, visible, bins = pooled_attention(st, name, *at, method=method)
-        pooled[:, ~visible] = np.nan
-        received = sum(tile.sum(axis=-2) for _, tile in st.row_tiles(name, *at, method=method))
+        pooled, _visible, bins, received = _pool_tiles(where.reader(), None, 512, "max", method)  # masked cells: NaN
         maps = {"pooled_max": pooled, "received": received, "band": None}
     if head is not None:
         maps = {key: None if value is None else value[head] for key, value in maps.items()}
