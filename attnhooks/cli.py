@@ -211,9 +211,10 @@ def _info(args: argparse.Namespace) -> None:
 
 
 def _view(args: argparse.Namespace) -> None:
+    from .viewer import ViewError, render
+
     if args.output.suffix.lower() not in FIGURE_SUFFIXES:
-        raise ValueError(f"-o {args.output}: the file must end in {', '.join(FIGURE_SUFFIXES)}")
-    from .viewer.stored import render
+        raise ViewError(f"-o {args.output}: the file must end in {', '.join(FIGURE_SUFFIXES)}")
 
     options: dict[str, Any] = {"method": args.method}
     for name in ("head", "heads", "rows", "cols", "topk", "token", "modules", "against_step"):

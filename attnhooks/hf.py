@@ -14,13 +14,17 @@ from typing import Any
 
 from .errors import AttnHooksError
 
-__all__ = ["MINILM", "ModelLoadError", "capture_text", "load_model", "model_path"]
+__all__ = ["MINILM", "ModelLoadError", "TextInputError", "capture_text", "load_model", "model_path"]
 
 MINILM = ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2", "minilm")
 
 
 class ModelLoadError(AttnHooksError, LookupError):
     """A model could not be found or loaded locally."""
+
+
+class TextInputError(AttnHooksError, ValueError):
+    """The text to capture is missing or empty."""
 
 
 def model_path(name: str | os.PathLike[str]) -> str:
@@ -98,7 +102,7 @@ def capture_text(
     from .store import open_store
 
     if not texts or not all(t.strip() for t in texts):
-        raise ValueError("the text is empty: give --prompt TEXT or --text FILE with some text")
+        raise TextInputError("the text is empty: give --prompt TEXT or --text FILE with some text")
     net, tokenizer = load_model(model, generate=bool(generate), attn_implementation=attn_implementation)
     if tokenizer.pad_token is None and len(texts) > 1:
         tokenizer.pad_token = tokenizer.eos_token

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from .errors import AnalysisError
 from .store import Store
 
 __all__ = ["describe", "head_rows", "store_info", "top_heads", "write_rows"]
@@ -144,7 +145,7 @@ def write_rows(rows: Sequence[dict[str, Any]], path: str | os.PathLike[str]) -> 
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in (".csv", ".json"):
-        raise ValueError(f"{path}: the file must end in .csv or .json")
+        raise AnalysisError(f"{path}: the file must end in .csv or .json")
     path.parent.mkdir(parents=True, exist_ok=True)
     if suffix == ".json":
         path.write_text(json.dumps(list(rows), indent=1))

@@ -195,6 +195,7 @@ def test_generation_capture_with_lse_only_is_viewable(saved, capsys):
         (["capture", "--model", "{missing}", "--prompt", "x", "--out", "y.zarr"], 1, "cannot load"),
         (["capture", "--model", "m", "--out", "y.zarr"], 2, "one of the arguments --text --prompt is required"),
         (["frobnicate"], 2, "invalid choice"),
+        (["capture", "--model", "m", "--prompt", " ", "--out", "y.zarr"], 1, "the text is empty"),
     ],
 )
 def test_bad_arguments_fail_in_one_line(saved, capsys, tmp_path, argv, code, says):
