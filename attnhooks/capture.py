@@ -34,6 +34,7 @@ from .errors import (
 from .intercept.event import AttentionEvent
 from .intercept.hf import RegistryPatch
 from .intercept.mode import AttentionMode
+from .ranks import RankInfo, current, open_rank
 from .record import Record
 from .recorder import RECORDABLE, Recorder, RecordOptions
 from .reduce import SummaryOptions
@@ -57,6 +58,8 @@ class Capture:
             unless ``keep=True``).
         every: capture one step in ``every``.
         writer: the :class:`~attnhooks.writer.StoreWriter` while streaming to a store, else None.
+        rank: this process's :class:`~attnhooks.ranks.RankInfo` while it writes its group of a
+            rank set (under ``torch.distributed``), else None.
     """
 
     def __init__(
@@ -79,6 +82,8 @@ class Capture:
         summary: SummaryOptions | dict[str, int] | None = None,
         progress: bool = False,
         rows: slice | Iterable[slice] | None = None,
+        distributed: bool | None = None,
+        ranks: Iterable[int] | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise RecordOptionError(f"capture() takes a torch.nn.Module, got {type(model).__name__}")
@@ -93,6 +98,10 @@ class Capture:
         self._recorder.keep = store is None if keep is None else bool(keep)
         self._store = store
         self._store_options = _store_options(mode, buffer, when_full, dtype, compression) if store is not None else None
+        self._distributed = _check_distributed(distributed)
+        self._ranks = _check_ranks(ranks)
+        self.rank: RankInfo | None = None
+        self._process: RankInfo | None = None
         self._options_meta = {
             "record": sorted(self._recorder.options.record),
             "every": self.every,
@@ -198,6 +207,11 @@ class Capture:
             self._stack.clear()
 
     def _install(self, stack: ExitStack) -> None:
+        process = current(None if self._distributed is False else self._distributed)
+        self.rank = None if self._distributed is False else process  # a rank set is written when set
+        if self._ranks is not None and (process.rank if process else 0) not in self._ranks:
+            return  # not a capturing rank: nothing is installed, the model runs untouched
+        self._process = process
         if self._progress is not None:
             self._bar = self._progress()
             stack.callback(self._bar.close)
@@ -223,9 +237,11 @@ class Capture:
     def _open_store(self, stack: ExitStack) -> None:
         options = self._store_options
         assert options is not None and self._store is not None
-        meta = {"model": f"{type(self._chain[-1]).__module__}.{type(self._chain[-1]).__qualname__}"}
+        meta: dict[str, Any] = {"model": f"{type(self._chain[-1]).__module__}.{type(self._chain[-1]).__qualname__}"}
         meta["options"] = dumps_options(self._options_meta)
-        backend = _open_backend(self._store, options, meta)
+        if self._process is not None:
+            meta.update(rank=self._process.rank, world_size=self._process.world_size)
+        backend = _open_backend(self._store, options, meta, self.rank)
         try:
             writer = StoreWriter(backend, options, meta, appending=options.mode == "r+")
         except BaseException:
@@ -416,6 +432,8 @@ def capture(
     summary: SummaryOptions | dict[str, int] | None = None,
     progress: bool = False,
     rows: slice | Iterable[slice] | None = None,
+    distributed: bool | None = None,
+    ranks: Iterable[int] | None = None,
 ) -> Capture:
     """Capture the attention of ``model`` while it runs, on its own attention path.
 
@@ -469,6 +487,14 @@ def capture(
             counting from the end of each forward call: ``slice(-512, None)`` keeps the last 512
             rows of a prefill (and every decode row). Other rows stay exactly rebuildable from q,
             k and lse (``Store.attention`` mixes both). Needs ``"attn"`` in ``record``.
+        distributed: under ``torch.distributed`` (DDP, FSDP, ``torchrun``), every rank writes its
+            own group of one store, with its rank and the world size in the metadata
+            (:mod:`attnhooks.ranks`; read them with ``Store.ranks`` and ``rank=``). None: whenever
+            the process group is initialised; True: require it; False: a plain store per process
+            (give each rank its own path). No collective operation is ever made: ranks never wait
+            for one another. Zarr stores only (HDF5 files take one writer).
+        ranks: the ranks that capture (e.g. ``[0]``); on the others the capture installs nothing
+            and the model runs untouched. Default: every rank.
 
     Returns:
         A :class:`Capture`; use it as a context manager.
@@ -500,6 +526,8 @@ def capture(
         summary=summary,
         progress=progress,
         rows=rows,
+        distributed=distributed,
+        ranks=ranks,
     )
 
 
@@ -573,9 +601,12 @@ def _store_options(
     return StoreOptions(_MODES[mode], parse_bytes(buffer), when_full, dtype, compression)
 
 
-def _open_backend(store: str | os.PathLike[str] | Backend, options: StoreOptions, meta: dict[str, Any]) -> Backend:
+def _open_backend(
+    store: str | os.PathLike[str] | Backend, options: StoreOptions, meta: dict[str, Any], rank: RankInfo | None
+) -> Backend:
     """Open the store's backend for writing, with typed errors for the usual failures. A new
-    store is created with its root attributes in place (it never exists without its schema)."""
+    store is created with its root attributes in place (it never exists without its schema).
+    Under ``torch.distributed`` (``rank``), this rank's group of a rank set (:mod:`attnhooks.ranks`)."""
     if not isinstance(store, (str, os.PathLike)):
         if not isinstance(store, Backend):
             raise StoreOptionError(f"store={store!r}: use a path, a URL or a backend instance")
@@ -584,6 +615,8 @@ def _open_backend(store: str | os.PathLike[str] | Backend, options: StoreOptions
     cls = backend_for(location)
     mode = options.mode
     try:
+        if rank is not None:
+            return open_rank(location, cls, rank, mode, root_attrs(cls, options, meta))
         if mode == "r+" or "attrs" not in inspect.signature(cls.open).parameters:
             return cls.open(location, mode)  # (a backend without atomic creation: the writer sets the root)
         return cls.open(location, mode, root_attrs(cls, options, meta))
@@ -612,6 +645,21 @@ def _as_ids(value: Any) -> np.ndarray | None:
     if not isinstance(value, np.ndarray) or value.dtype.kind not in "iu" or value.ndim not in (1, 2):
         return None
     return value.reshape(-1, value.shape[-1]).astype(np.int64)
+
+
+def _check_distributed(distributed: bool | None) -> bool | None:
+    if distributed not in (None, True, False):
+        raise RecordOptionError(f"distributed={distributed!r}: use None (auto), True or False")
+    return distributed
+
+
+def _check_ranks(ranks: Iterable[int] | None) -> frozenset[int] | None:
+    if ranks is None:
+        return None
+    chosen = frozenset([ranks] if isinstance(ranks, int) else ranks)
+    if not chosen or not all(isinstance(r, int) and not isinstance(r, bool) and r >= 0 for r in chosen):
+        raise RecordOptionError(f"ranks={ranks!r}: use None (every rank) or non-negative ints, e.g. ranks=[0]")
+    return chosen
 
 
 def _check_every(every: int) -> int:

@@ -5,13 +5,17 @@ Each dask chunk is one head of one call of one sample over a block of query rows
 than memory streams through it chunk by chunk, on the local scheduler or a dask cluster (the
 arrays re-open the store by location in each worker; ``memory://`` stores are local to a process).
 
+A rank set (a store written under ``torch.distributed``) has one more dimension, ``rank``, after
+``module``; its ``step`` coordinate is every step any rank committed, in order.
+
 Values that do not exist (rows past a call's ``q_len``, samples past its batch, calls a step did
-not make) are NaN, so xarray's NaN-skipping reductions average over real rows only; keys a row
-could not attend are 0, as in the model's matrix.
+not make, steps a rank did not commit) are NaN, so xarray's NaN-skipping reductions average over
+real rows only; keys a row could not attend are 0, as in the model's matrix.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -61,35 +65,46 @@ def to_xarray(
     unknown = sorted(set(variables) - set(VARIABLES))
     if unknown:
         raise StoreOptionError(f"to_xarray(variables=...) has unknown {unknown}; choose from {VARIABLES}")
-    extents = {name: _extent(store, name) for name in names}
-    shared = _shared(extents)
+    ranks: list[int | None] = list(store.ranks) if store.rank_set else [None]
+    stores = [store.rank(r) if r is not None else store for r in ranks]
+    steps = list(dict.fromkeys(step for st in stores for step in st.steps))
+    extents = {(name, i): _extent(st, name) for name in names for i, st in enumerate(stores)}
+    shared = dataclasses.replace(_shared(extents), steps=len(steps))
     chunk_rows = rows or max(1, min(shared.q_len, _CHUNK_BYTES // (4 * max(1, shared.k_len))))
+    lead = ("module", "rank") if store.rank_set else ("module",)
     data: dict[str, Any] = {}
     for var in variables:
-        per_module = [
-            da.from_array(  # type: ignore[no-untyped-call]
-                _Lazy(store.location, type(store.backend).name, name, var, method, shared),
-                chunks=_chunks(var, shared, chunk_rows),
-                meta=np.empty((0,) * len(_dims(var)), dtype=np.float32),
-                lock=False,
-                asarray=False,
-                name=f"attnhooks-{var}-{store.location}-{name}-{method}-{shared}",
-            )
-            for name in names
-        ]
-        data[var] = (("module", *_dims(var)), da.stack(per_module))  # type: ignore[no-untyped-call]
-    coords = {
+        per_module = []
+        for name in names:
+            per_rank = [
+                da.from_array(  # type: ignore[no-untyped-call]
+                    _Lazy(store.location, store.backend.name, name, var, method, shared, rank, tuple(steps)),
+                    chunks=_chunks(var, shared, chunk_rows),
+                    meta=np.empty((0,) * len(_dims(var)), dtype=np.float32),
+                    lock=False,
+                    asarray=False,
+                    name=f"attnhooks-{var}-{store.location}-{rank}-{name}-{method}-{shared}-{hash(tuple(steps))}",
+                )
+                for rank in ranks
+            ]
+            per_module.append(da.stack(per_rank) if store.rank_set else per_rank[0])  # type: ignore[no-untyped-call]
+        data[var] = ((*lead, *_dims(var)), da.stack(per_module))  # type: ignore[no-untyped-call]
+    coords: dict[str, Any] = {
         "module": list(names),
-        "step": store.steps,
+        "step": steps,
         "head": np.arange(shared.heads),
         "query": np.arange(shared.q_len),
         "key": np.arange(shared.k_len),
     }
+    if store.rank_set:
+        coords["rank"] = list(store.ranks)
     attrs = {"location": store.location, "schema": store.schema, "status": store.status, "method": method}
     return xr.Dataset(data, coords=coords, attrs=attrs)
 
 
 def _extent(store: Store, module: str) -> _Extent:
+    if module not in store.modules:  # a rank that never ran it
+        return _Extent(0, 0, 0, 0, 0, 0, 0, 0)
     base = store._module_path(module)
     attrs = store.backend.attrs(base)
     n = store.committed
@@ -109,7 +124,9 @@ def _extent(store: Store, module: str) -> _Extent:
     )
 
 
-def _shared(extents: dict[str, _Extent]) -> _Extent:
+def _shared(extents: dict[tuple[str, int], _Extent]) -> _Extent:
+    """The largest sizes over modules and ranks (ranks that never ran a module do not count)."""
+    extents = {key: e for key, e in extents.items() if e.heads} or extents
     heads = {e.heads for e in extents.values()}
     kv_heads = {e.kv_heads for e in extents.values()}
     dims = {e.head_dim for e in extents.values()}
@@ -162,9 +179,19 @@ def _chunks(var: str, e: _Extent, rows: int) -> tuple[int, ...]:
 class _Lazy:
     """One variable of one module, as an array dask can slice: each ``[...]`` reads one block."""
 
-    def __init__(self, location: str, backend: str, module: str, var: str, method: str, extent: _Extent) -> None:
+    def __init__(
+        self,
+        location: str,
+        backend: str,
+        module: str,
+        var: str,
+        method: str,
+        extent: _Extent,
+        rank: int | None,
+        steps: tuple[int, ...],
+    ) -> None:
         self.location, self.backend, self.module, self.var, self.method = location, backend, module, var, method
-        self.extent = extent
+        self.extent, self.rank, self.steps = extent, rank, steps
         self.shape = _shape(var, extent)
         self.ndim = len(self.shape)
         self.dtype = np.dtype(np.float32)
@@ -177,15 +204,20 @@ class _Lazy:
         if self._store is None:
             from .store import open_store
 
-            self._store = open_store(self.location, backend=self.backend)
+            store = open_store(self.location, backend=self.backend)
+            self._store = store if self.rank is None else store.rank(self.rank)
         return self._store
 
     def __getitem__(self, key: tuple[slice, ...]) -> np.ndarray:
         sel = [range(*s.indices(n)) for s, n in zip(key, self.shape)]
         out = np.full([len(r) for r in sel], np.nan, dtype=np.float32)
         store = self._open()
+        if self.module not in store.modules:
+            return out
         for a, pos in enumerate(sel[0]):
-            step = store.steps[pos]
+            step = self.steps[pos]
+            if not store.has_step(step):
+                continue
             for b, call in enumerate(sel[1]):
                 if call >= store.calls(self.module, step):
                     continue

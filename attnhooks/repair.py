@@ -6,9 +6,10 @@ import os
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
-from .backends.base import backend_for
+from .backends.base import Backend, backend_for
 from .errors import AttnHooksError, NotAStoreError, StoreWriteError
-from .schema import STATUS_RECOVERED, STATUS_WRITING, trim
+from .ranks import LAYOUT, group, present, subtree
+from .schema import STATUS_COMPLETE, STATUS_RECOVERED, STATUS_WRITING, trim
 from .store import Store
 
 __all__ = ["RepairReport", "repair"]
@@ -24,19 +25,24 @@ class RepairReport:
     committed: int
     removed: list[str] = field(default_factory=list)
     trimmed: list[str] = field(default_factory=list)
+    ranks: dict[int, RepairReport] = field(default_factory=dict)
+    """For a rank set: each rank's report (the fields above then sum or summarise them)."""
 
     def __str__(self) -> str:
-        return (
+        lines = [
             f"{self.location}: {self.status_before} -> {self.status}, {self.committed} committed step(s); "
             f"removed {len(self.removed)} leftover(s), trimmed {len(self.trimmed)} array(s)"
-        )
+        ]
+        lines += [f"  rank {rank}: {report}" for rank, report in self.ranks.items()]
+        return "\n".join(lines)
 
 
 def repair(location: str | os.PathLike[str], *, backend: str | None = None) -> RepairReport:
     """Make a store left by a killed writer whole again: remove the engine's leftovers, cut every
     array to the committed steps, and mark it ``recovered``. No writer may still be running.
 
-    A complete store is left as it is (its leftovers, if any, are still removed).
+    A complete store is left as it is (its leftovers, if any, are still removed). In a rank set
+    (written under ``torch.distributed``) every rank is repaired on its own.
     """
     text = os.fspath(location)
     cls = backend_for(text, backend)
@@ -50,18 +56,30 @@ def repair(location: str | os.PathLike[str], *, backend: str | None = None) -> R
     except OSError as err:
         raise NotAStoreError(f"cannot open {text} as a store: {err}") from err
     try:
-        store = Store(be)  # validates the schema
-        before = store.status
-        committed = store.committed
-        trimmed = trim(be, committed)
-        if be.contains("dropped_steps"):
-            n = store.dropped
-            if be.shape("dropped_steps")[0] != n:
-                be.resize("dropped_steps", (n,))
-        status = STATUS_RECOVERED if before == STATUS_WRITING else before
-        if status != before:
-            be.set_attrs("", {"status": status, "recovered": datetime.now(timezone.utc).isoformat(timespec="seconds")})
-        be.flush()
+        if be.attrs("").get("layout") != LAYOUT:
+            return _repair(be, text, removed)
+        ranks = {rank: _repair(subtree(be, group(rank)), f"rank {rank}", []) for rank in present(be)}
     finally:
         be.close()
-    return RepairReport(text, before, status, committed, removed, trimmed)
+    reports = list(ranks.values())
+    before = STATUS_WRITING if any(r.status_before == STATUS_WRITING for r in reports) else STATUS_COMPLETE
+    status = STATUS_RECOVERED if any(r.status == STATUS_RECOVERED for r in reports) else before
+    trimmed = [f"{group(rank)}/{path}" for rank, r in ranks.items() for path in r.trimmed]
+    return RepairReport(text, before, status, sum(r.committed for r in reports), removed, trimmed, ranks)
+
+
+def _repair(be: Backend, name: str, removed: list[str]) -> RepairReport:
+    """Cut one store's arrays to its committed steps and mark it recovered when it was left writing."""
+    store = Store(be)  # validates the schema
+    before = store.status
+    committed = store.committed
+    trimmed = trim(be, committed)
+    if be.contains("dropped_steps"):
+        n = store.dropped
+        if be.shape("dropped_steps")[0] != n:
+            be.resize("dropped_steps", (n,))
+    status = STATUS_RECOVERED if before == STATUS_WRITING else before
+    if status != before:
+        be.set_attrs("", {"status": status, "recovered": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+    be.flush()
+    return RepairReport(name, before, status, committed, removed, trimmed)

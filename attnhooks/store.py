@@ -19,6 +19,7 @@ import numpy as np
 from .backends.base import Backend, backend_for
 from .errors import AttnHooksError, NotAStoreError, NotInStoreError
 from .names import match_names
+from .ranks import LAYOUT, group, present, subtree
 from .schema import INFO, ROWWISE, SCALARS, SUPPORTED, unescape
 from .tiles import CallLayout, CallReader, HeadSelection, head_index, span, widen_bits
 
@@ -50,25 +51,35 @@ def open_store(location: str | os.PathLike[str], mode: str = "r", *, backend: st
 
 
 class Store:
-    """An attnhooks store, read through its backend. See :func:`open_store`."""
+    """An attnhooks store, read through its backend. See :func:`open_store`.
 
-    def __init__(self, backend: Backend) -> None:
+    A store written under ``torch.distributed`` is a rank set (:mod:`attnhooks.ranks`): every
+    method then reads the lowest rank unless given ``rank=``; :attr:`ranks` lists the ranks and
+    :meth:`rank` gives one rank's store.
+    """
+
+    def __init__(self, backend: Backend, *, _set: Store | None = None) -> None:
+        self._root = backend
         self.backend = backend
         self.location = backend.location
+        self._set = _set  # the rank set this store reads a rank of (itself for the set), or None
+        self._children: dict[int, Store] = {}
+        self._rank_ids: list[int] = []
         self._modules: dict[str, str] | None = None
         self._lock = threading.Lock()  # dask may read from several threads
         self.refresh()
 
     def refresh(self) -> None:
-        """Re-read the root metadata (a store still being written may have committed more steps)."""
-        attrs = self.backend.attrs("")
-        schema = attrs.get("schema")
-        if schema is None:
-            raise NotAStoreError(f"{self.location} is not an attnhooks store (its root has no 'schema' attribute)")
-        if schema not in SUPPORTED:
-            raise NotAStoreError(
-                f"{self.location} has schema {schema!r}; this attnhooks reads {', '.join(SUPPORTED)}: upgrade attnhooks"
-            )
+        """Re-read the root metadata (a store still being written may have committed more steps;
+        a rank set may have gained ranks)."""
+        attrs = self._checked(self._root.attrs(""))
+        if attrs.get("layout") == LAYOUT:
+            self._set, self._children, self._rank_ids = self, {}, present(self._root)
+            if self._rank_ids:
+                self.backend = subtree(self._root, group(self._rank_ids[0]))
+                attrs = self._checked(self.backend.attrs(""))
+            else:
+                attrs = {**attrs, "rank": 0}  # no rank has started writing yet: an empty store
         self.metadata: dict[str, Any] = attrs
         self.committed = int(attrs.get("committed", 0))
         self._steps = self._read_steps()
@@ -76,6 +87,62 @@ class Store:
         self._modules = None
         self._tables: dict[str, _Tables] = {}
         self._readers: OrderedDict[tuple[str, int, int, int], CallReader] = OrderedDict()
+
+    def _checked(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        schema = attrs.get("schema")
+        if schema is None:
+            raise NotAStoreError(f"{self.location} is not an attnhooks store (its root has no 'schema' attribute)")
+        if schema not in SUPPORTED:
+            raise NotAStoreError(
+                f"{self.location} has schema {schema!r}; this attnhooks reads {', '.join(SUPPORTED)}: upgrade attnhooks"
+            )
+        return attrs
+
+    # -- ranks ----------------------------------------------------------------------------------
+    @property
+    def ranks(self) -> list[int]:
+        """The ranks whose captures the store holds: ``[0]`` (or the writer's rank) for a store of
+        one process, every rank that has started writing for a rank set."""
+        if self._set is None:
+            return [self.default_rank]
+        return list(self._set._rank_ids)
+
+    @property
+    def default_rank(self) -> int:
+        """The rank this object reads when a method is given no ``rank=``."""
+        return int(self.metadata.get("rank", 0))
+
+    @property
+    def world_size(self) -> int:
+        """Processes in the job that wrote the store (1 without ``torch.distributed``)."""
+        return int(self.metadata.get("world_size", 1))
+
+    def rank(self, rank: int) -> Store:
+        """The store of one rank (a :class:`Store` whose methods read that rank).
+
+        Raises:
+            NotInStoreError: the store holds no such rank.
+        """
+        owner = self._set
+        if owner is not None and owner is not self:
+            return owner.rank(rank)
+        if rank == self.default_rank and (owner is None or rank in self._rank_ids):
+            return self
+        if owner is None or rank not in self._rank_ids:
+            raise NotInStoreError(f"{self.location} has no rank {rank}; its ranks are {self.ranks}")
+        with self._lock:
+            child = self._children.get(rank)
+            if child is None:
+                child = self._children[rank] = Store(subtree(self._root, group(rank)), _set=self)
+        return child
+
+    @property
+    def rank_set(self) -> bool:
+        """True for a store written under ``torch.distributed`` (one group per rank)."""
+        return self._set is not None
+
+    def _at(self, rank: int | None) -> Store:
+        return self if rank is None else self.rank(rank)
 
     # -- what is there --------------------------------------------------------------------------
     @property
@@ -101,6 +168,10 @@ class Store:
     def steps(self) -> list[int]:
         """User step ids of the committed steps, in the order they were written."""
         return list(self._steps)
+
+    def has_step(self, step: int) -> bool:
+        """True when ``step`` is one of the committed steps."""
+        return step in self._step_pos
 
     @property
     def modules(self) -> list[str]:
@@ -136,18 +207,21 @@ class Store:
             return layers[index]
         return self.select(module)[0]
 
-    def module_info(self, module: str) -> dict[str, Any]:
+    def module_info(self, module: str, *, rank: int | None = None) -> dict[str, Any]:
         """The module's attributes: kind, heads, kv_heads, head_dim, scale, causal, dtype, layer, ..."""
-        return dict(self._module_tables(module).attrs)
+        return dict(self._at(rank)._module_tables(module).attrs)
 
-    def calls(self, module: str, step: int | None = None) -> int:
+    def calls(self, module: str, step: int | None = None, *, rank: int | None = None) -> int:
         """Number of calls of ``module`` stored for ``step`` (0 when it was not called)."""
-        pos = self._position(step)
-        calls = self._module_tables(module).calls
+        st = self._at(rank)
+        pos = st._position(step)
+        calls = st._module_tables(module).calls
         return int(calls[pos]) if pos < calls.size else 0
 
-    def info(self, module: str, step: int | None = None, call: int = 0) -> dict[str, Any]:
+    def info(self, module: str, step: int | None = None, call: int = 0, *, rank: int | None = None) -> dict[str, Any]:
         """Sizes, offsets and mask flags of one call (the ``info`` and ``scalars`` columns)."""
+        if rank is not None:
+            return self.rank(rank).info(module, step, call)
         pos, _ = self._call(module, step, call)
         tables = self._module_tables(module)
         out: dict[str, Any] = {name: int(v) for name, v in zip(INFO, tables.info[pos, call])}
@@ -166,6 +240,7 @@ class Store:
         rows: slice | int | None = None,
         cols: slice | int | None = None,
         method: str = "auto",
+        rank: int | None = None,
     ) -> np.ndarray:
         """Exact probabilities ``[heads, rows, cols]`` (float32) of one call and sample.
 
@@ -181,11 +256,12 @@ class Store:
             rows: query rows (int drops the axis, slices must be contiguous); default all.
             cols: keys, as ``rows``.
             method: ``"auto"`` (stored when available), ``"stored"`` or ``"reconstructed"``.
+            rank: which rank of a store written under ``torch.distributed`` (default: the lowest).
 
         Example:
             >>> st.attention("model.layers.0.self_attn", step=0, heads=3, rows=slice(-256, None))  # doctest: +SKIP
         """
-        reader = self.call_reader(module, step, sample, call)
+        reader = self.call_reader(module, step, sample, call, rank=rank)
         index = head_index(heads, reader.layout.heads)
         row_span, col_span = span(rows, reader.q_len, "rows"), span(cols, reader.k_len, "cols")
         out = reader.read(index, row_span, col_span, method)
@@ -202,10 +278,11 @@ class Store:
         heads: HeadSelection = None,
         tile: int = 512,
         method: str = "auto",
+        rank: int | None = None,
     ) -> Iterator[tuple[slice, np.ndarray]]:
         """Yield ``(rows, probabilities [heads, len(rows), k_len])`` over all query rows, ``tile``
         rows at a time: analysis of a long sequence holds one tile, never the whole matrix."""
-        reader = self.call_reader(module, step, sample, call)
+        reader = self.call_reader(module, step, sample, call, rank=rank)
         index = head_index(heads, reader.layout.heads)
         reader.method(method)  # refuses at once what cannot be read
         for start in range(0, reader.q_len, max(1, tile)):
@@ -223,10 +300,12 @@ class Store:
         """The store as an ``xarray.Dataset`` of lazy dask arrays with named dimensions.
 
         Dimensions: ``module, step, call, sample, head, query, key`` (``dim`` and ``kv_head`` for
-        q and k). Each chunk is one head of one call over ``rows`` query rows (default: ~16 MiB
-        chunks), read or rebuilt exactly when computed, so reductions run over stores larger than
-        memory. Rows that do not exist are NaN (xarray's reductions skip them); keys a row could
-        not attend are 0. Needs ``attnhooks[analysis]`` (xarray, dask).
+        q and k); a rank set (written under ``torch.distributed``) has ``rank`` after ``module``
+        and every step any rank committed. Each chunk is one head of one call over ``rows`` query
+        rows (default: ~16 MiB chunks), read or rebuilt exactly when computed, so reductions run
+        over stores larger than memory. Rows that do not exist are NaN (xarray's reductions skip
+        them; sum over ``key`` with ``min_count=1`` so that they stay NaN); keys a row could not
+        attend are 0. Needs ``attnhooks[analysis]`` (xarray, dask).
 
         Args:
             modules: a name or names; default every self-attention module (all modules when there
@@ -238,7 +317,8 @@ class Store:
 
         Example:
             >>> ds = st.to_xarray()  # doctest: +SKIP
-            >>> entropy = -(ds.attention * np.log(ds.attention.where(ds.attention > 0))).sum("key")  # doctest: +SKIP
+            >>> p = ds.attention.where(ds.attention > 0)  # doctest: +SKIP
+            >>> entropy = -(p * np.log(p)).sum("key", min_count=1)  # doctest: +SKIP
             >>> entropy.mean(["step", "sample", "query"]).compute()  # doctest: +SKIP
         """
         from .dataset import to_xarray
@@ -253,6 +333,7 @@ class Store:
         modules: str | Sequence[str] | None = None,
         call: int = 0,
         method: str = "auto",
+        rank: int | None = None,
     ) -> tuple[tuple[Any, ...], list[str]]:
         """``(attention, tokens)`` in the format BertViz's ``head_view`` / ``model_view`` take.
 
@@ -273,13 +354,17 @@ class Store:
         """
         from .export import to_bertviz
 
-        return to_bertviz(self, step, sample, modules=modules, call=call, method=method)
+        return to_bertviz(self._at(rank), step, sample, modules=modules, call=call, method=method)
 
-    def summary(self, module: str, step: int | None = None, sample: int = 0, call: int = 0) -> dict[str, np.ndarray]:
+    def summary(
+        self, module: str, step: int | None = None, sample: int = 0, call: int = 0, *, rank: int | None = None
+    ) -> dict[str, np.ndarray]:
         """The call's ``record="summary"`` reductions (see :mod:`attnhooks.reduce`), one sample:
         ``entropy``, ``sink`` ``[heads, q_len]``; ``topk_index`` / ``topk_weight`` ``[heads, q_len, K]``;
         ``band`` ``[heads, q_len, W]``; ``received`` ``[heads, k_len]``; ``pooled_max`` /
         ``pooled_mean`` ``[heads, P_q, P_k]`` and ``pooled_bins`` (rows per bin, keys per bin, P_q, P_k)."""
+        if rank is not None:
+            return self.rank(rank).summary(module, step, sample, call)
         pos, base, meta = self._block(module, step, call, sample, None)
         if "summary" not in self._module_tables(module).leaves:
             raise NotInStoreError(f"{module!r} has no summary in this store: capture with record=('summary', ...)")
@@ -301,8 +386,12 @@ class Store:
                 )
         return out
 
-    def call_reader(self, module: str, step: int | None = None, sample: int = 0, call: int = 0) -> CallReader:
+    def call_reader(
+        self, module: str, step: int | None = None, sample: int = 0, call: int = 0, *, rank: int | None = None
+    ) -> CallReader:
         """The :class:`~attnhooks.tiles.CallReader` of one call: masks, key counts, tiles."""
+        if rank is not None:
+            return self.rank(rank).call_reader(module, step, sample, call)
         key = (module, self._position(step), sample, call)
         with self._lock:
             reader = self._readers.get(key)
@@ -323,25 +412,41 @@ class Store:
                 self._readers.popitem(last=False)
         return reader
 
-    def q(self, module: str, step: int | None = None, sample: int = 0, call: int = 0) -> np.ndarray:
+    def q(
+        self, module: str, step: int | None = None, sample: int = 0, call: int = 0, *, rank: int | None = None
+    ) -> np.ndarray:
         """Queries ``[heads, q_len, head_dim]`` as the kernel received them."""
+        if rank is not None:
+            return self.rank(rank).q(module, step, sample, call)
         pos, base, meta = self._block(module, step, call, sample, "q")
         return self._values(module, f"{base}/q", (pos, call, sample, slice(None), slice(0, meta["q_len"])))
 
-    def k(self, module: str, step: int | None = None, sample: int = 0, call: int = 0) -> np.ndarray:
+    def k(
+        self, module: str, step: int | None = None, sample: int = 0, call: int = 0, *, rank: int | None = None
+    ) -> np.ndarray:
         """Keys ``[kv_heads, k_stored, head_dim]`` (positions from ``info()["k_offset"]``)."""
+        if rank is not None:
+            return self.rank(rank).k(module, step, sample, call)
         pos, base, meta = self._block(module, step, call, sample, "k")
         return self._values(module, f"{base}/k", (pos, call, sample, slice(None), slice(0, meta["k_stored"])))
 
-    def lse(self, module: str, step: int | None = None, sample: int = 0, call: int = 0) -> np.ndarray:
+    def lse(
+        self, module: str, step: int | None = None, sample: int = 0, call: int = 0, *, rank: int | None = None
+    ) -> np.ndarray:
         """Row log-sum-exp of the scores ``[heads, q_len]`` (float32)."""
+        if rank is not None:
+            return self.rank(rank).lse(module, step, sample, call)
         pos, base, meta = self._block(module, step, call, sample, "lse")
         return self.backend.read(base + "/lse", (pos, call, sample, slice(None), slice(0, meta["q_len"])))
 
-    def mask(self, module: str, step: int | None = None, sample: int = 0, call: int = 0) -> dict[str, Any]:
+    def mask(
+        self, module: str, step: int | None = None, sample: int = 0, call: int = 0, *, rank: int | None = None
+    ) -> dict[str, Any]:
         """The call's mask: ``causal``, ``offset`` (row i sees keys ``j <= i + offset``),
         ``window`` (None or int), ``key_valid`` (bool ``[k_len]`` or None), ``dense`` (additive
         float32 ``[heads|1, q_len, k_len]`` or None)."""
+        if rank is not None:
+            return self.rank(rank).mask(module, step, sample, call)
         pos, base, meta = self._block(module, step, call, sample, None)
         key_valid = None
         if meta["has_key_valid"]:
@@ -359,8 +464,12 @@ class Store:
             "dense": dense,
         }
 
-    def tokens(self, step: int | None = None, sample: int = 0) -> tuple[list[int], list[str] | None]:
+    def tokens(
+        self, step: int | None = None, sample: int = 0, *, rank: int | None = None
+    ) -> tuple[list[int], list[str] | None]:
         """Token ids (and strings, when stored) of one sample of ``step``; ``([], None)`` when none."""
+        if rank is not None:
+            return self.rank(rank).tokens(step, sample)
         pos = self._position(step)
         if not self.backend.contains("tokens/ids") or self.backend.shape("tokens/ids")[0] <= pos:
             return [], None
@@ -444,7 +553,7 @@ class Store:
         return widen_bits(out) if self._module_tables(module).attrs.get("bits") else out
 
     def close(self) -> None:
-        self.backend.close()
+        self._root.close()
 
     def __enter__(self) -> Store:
         return self
@@ -453,8 +562,10 @@ class Store:
         self.close()
 
     def __repr__(self) -> str:
+        where = f" rank {self.default_rank} of {self.ranks}" if self._set is not None else ""
         return (
-            f"<attnhooks store {self.location} {self.status}: {self.committed} step(s), {len(self.modules)} module(s)>"
+            f"<attnhooks store {self.location}{where} {self.status}: {self.committed} step(s), "
+            f"{len(self.modules)} module(s)>"
         )
 
 
