@@ -39,6 +39,9 @@ def store_info(st: Store) -> dict[str, Any]:
         "bytes": _size(st.location),
         "modules": [_module(st, m) for m in st.modules],
     }
+    if st.rank_set:
+        info["world_size"] = st.world_size
+        info["ranks"] = [{"rank": r, "status": st.rank(r).status, "steps": len(st.rank(r).steps)} for r in st.ranks]
     ids, text = st.tokens()
     if ids:
         info["tokens"] = {"count": len(ids), "first": (text or [str(i) for i in ids])[:32]}
@@ -71,8 +74,14 @@ def describe(info: dict[str, Any]) -> str:
     lines = [
         f"{info['location']}  ({info['schema']}, {info['status']}, {_human(info['bytes'])})",
         f"model:   {info.get('model') or '?'}",
-        f"steps:   {len(steps)} [{shown}]" + (f"; dropped {info['dropped_steps']}" if info["dropped_steps"] else ""),
     ]
+    if "ranks" in info:
+        ranks = ", ".join(f"{r['rank']} ({r['status']}, {r['steps']} steps)" for r in info["ranks"])
+        first = info["ranks"][0]["rank"]
+        lines.append(f"ranks:   {len(info['ranks'])} of {info['world_size']}: {ranks}; shown below: rank {first}")
+    lines.append(
+        f"steps:   {len(steps)} [{shown}]" + (f"; dropped {info['dropped_steps']}" if info["dropped_steps"] else "")
+    )
     if "tokens" in info:
         tokens = info["tokens"]
         lines.append(

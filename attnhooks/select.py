@@ -2,7 +2,10 @@
 
 Names are those of ``named_modules()`` on the *unwrapped* model: DistributedDataParallel /
 DataParallel (``.module``), ``torch.compile`` (``._orig_mod``) and PEFT (``.get_base_model()``)
-are looked through, so a record says ``model.layers.0.self_attn`` however the model is wrapped.
+are looked through, and the segments wrappers insert inside the model (FSDP's
+``_fsdp_wrapped_module``, activation checkpointing's ``_checkpoint_wrapped_module``, a compiled
+submodule's ``_orig_mod``) are left out of the names, so a record says ``model.layers.0.self_attn``
+however the model is wrapped.
 """
 
 from __future__ import annotations
@@ -16,7 +19,9 @@ import torch.nn as nn
 from .errors import ModuleSelectionError
 from .names import glob_regex
 
-__all__ = ["Modules", "Selection", "glob_regex", "select", "unwrap"]
+__all__ = ["Modules", "Selection", "glob_regex", "named_modules", "select", "unwrap"]
+
+WRAPPER_SEGMENTS = frozenset({"_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod"})
 
 Modules = str | Iterable[str] | Callable[[str, nn.Module], bool] | None
 
@@ -35,6 +40,15 @@ def unwrap(model: nn.Module) -> list[nn.Module]:
         if not isinstance(inner, nn.Module) or inner is m or any(inner is c for c in chain):
             return chain
         chain.append(inner)
+
+
+def named_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """``{name: module}`` with wrapper segments left out of the names; where a wrapper and the
+    module it wraps get the same name, the name is the wrapped module's (the one that computes)."""
+    named = {}
+    for name, module in model.named_modules():
+        named[".".join(p for p in name.split(".") if p not in WRAPPER_SEGMENTS)] = module
+    return named
 
 
 @dataclass(frozen=True)
@@ -65,7 +79,7 @@ def select(model: nn.Module, modules: Modules) -> Selection:
         ModuleSelectionError: a name or glob matches no module (the message lists near matches),
             or a predicate selects nothing.
     """
-    named = dict(model.named_modules())
+    named = named_modules(model)
     by_name = {name: id(m) for name, m in named.items()}
     if modules is None:
         return Selection({mid: name for name, mid in by_name.items()}, everything=True)

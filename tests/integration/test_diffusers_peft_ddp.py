@@ -95,3 +95,40 @@ def test_ddp_wrapped_model_has_unwrapped_names(gloo_group):
     assert [r.module for r in cap.records] == ["model.layers.1.self_attn"]
     with pytest.raises(attnhooks.ModuleSelectionError, match="did you mean"):
         attnhooks.capture(ddp, modules="module.model.layers.1.self_attn")
+
+
+def test_fsdp_wrapped_models_have_the_models_own_names(gloo_group):
+    """FSDP (both APIs) inserts ``_fsdp_wrapped_module`` segments or renames classes: the records
+    still carry the model's own names and equal a capture of the unwrapped model."""
+    import warnings
+
+    from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    def encoder() -> torch.nn.TransformerEncoder:
+        torch.manual_seed(0)
+        layer = torch.nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True)
+        return torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+
+    x = torch.randn(2, 5, 16)
+    reference = encoder()
+    with attnhooks.capture(reference) as cap:
+        reference(x)
+    expected = {r.module: r.attn for r in cap.records}
+    names = ["layers.0.self_attn", "layers.1.self_attn"]
+    assert list(expected) == names
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # FSDP1's deprecation notice
+        policy = ModuleWrapPolicy({torch.nn.TransformerEncoderLayer})
+        fsdp1 = FullyShardedDataParallel(encoder(), auto_wrap_policy=policy, device_id=torch.device("cpu"))
+    fsdp2 = encoder()
+    for layer in fsdp2.layers:
+        fully_shard(layer)
+    fully_shard(fsdp2)
+    for wrapped in (fsdp1, fsdp2):
+        with attnhooks.capture(wrapped, modules="layers.*.self_attn") as cap:
+            wrapped(x)
+        assert [r.module for r in cap.records] == names
+        for rec in cap.records:
+            torch.testing.assert_close(rec.attn, expected[rec.module], atol=1e-6, rtol=0)
