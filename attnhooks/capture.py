@@ -38,7 +38,7 @@ from .ranks import RankInfo, current, open_rank
 from .record import Record
 from .recorder import RECORDABLE, Recorder, RecordOptions
 from .reduce import SummaryOptions
-from .select import Modules, select, unwrap
+from .select import Modules, named_modules, select, unwrap
 from .streams import assemble
 from .writer import StoreOptions, StoreWriter, dumps_options, parse_bytes, root_attrs
 
@@ -90,7 +90,7 @@ class Capture:
         self.model = model
         self._chain = unwrap(model)
         self._selection = select(self._chain[-1], modules)
-        self._modules_by_name = dict(self._chain[-1].named_modules())
+        self._modules_by_name = named_modules(self._chain[-1])
         self.every = _check_every(every)
         self._recorder = Recorder(_options(record, verify, dropout, summary, rows))
         self._progress = _progress_bar if progress else None
