@@ -54,6 +54,7 @@ from .streams import join
 __all__ = ["Budget", "StoreOptions", "StoreWriter", "parse_bytes"]
 
 _CHUNK_BYTES = 8 << 20
+_SMALL_CHUNK_BYTES = 1 << 20  # below this, chunks grow over heads and samples: fewer, larger writes
 _MIN_STEPS = 64  # step-axis capacity of a new array; it doubles when full (readers go by ``committed``)
 
 
@@ -791,8 +792,10 @@ def _pow2(n: int, floor: int = 16) -> int:
 
 
 def _chunks(shape: tuple[int, ...], itemsize: int, leaf: str) -> tuple[int, ...]:
-    """Chunks of a ``[steps, calls, batch, ...]`` array: one step, one call, one sample; the
-    sequence axes rounded up to powers of two and split so that a chunk stays under ~8 MiB."""
+    """Chunks of a ``[steps, calls, batch, ...]`` array: one step, one call, one sample (and one
+    head of ``attn``); the sequence axes rounded up to powers of two and split so that a chunk
+    stays under ~8 MiB. Where that leaves chunks under ~1 MiB (short sequences), they take more
+    heads, then more samples: a chunk costs a file (or object) write of ~1 ms whatever its size."""
     chunks = [1, 1, 1, *shape[3:]]
     if leaf in ("q", "k", "lse", "mask/dense") or leaf.startswith("summary/"):
         seq_axis = 4
@@ -805,6 +808,11 @@ def _chunks(shape: tuple[int, ...], itemsize: int, leaf: str) -> tuple[int, ...]
         chunks[axis] = _pow2(shape[axis])
     while math.prod(chunks) * itemsize > _CHUNK_BYTES and chunks[seq_axis] > 16:
         chunks[seq_axis] //= 2
+    # short sequences: every head, then several samples in one chunk (each chunk is a file write)
+    for axis in (3, 2) if leaf == "attn" else (2,):
+        whole = shape[axis] if axis == 3 else _pow2(shape[axis], floor=1)
+        while chunks[axis] < whole and math.prod(chunks) * itemsize * 2 <= _SMALL_CHUNK_BYTES:
+            chunks[axis] = min(whole, chunks[axis] * 2)
     return tuple(chunks)
 
 

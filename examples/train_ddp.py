@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import time
 from contextlib import nullcontext
 from importlib import resources
 from pathlib import Path
@@ -95,6 +96,7 @@ def train(args: argparse.Namespace) -> list[float]:
     capturing = args.every > 0
     watch = attnhooks.capture(ddp, store=args.store, every=args.every, mode="overwrite") if capturing else nullcontext()
     losses = []
+    start = time.perf_counter()
     with watch as cap:
         for step in range(args.steps):
             if cap is not None:
@@ -106,6 +108,9 @@ def train(args: argparse.Namespace) -> list[float]:
             losses.append(loss.item())
             if rank == 0 and (step % 10 == 0 or step == args.steps - 1):
                 print(f"step {step:4d}  loss {loss.item():.4f}", flush=True)
+    seconds = time.perf_counter() - start  # the capture's final flush included
+    if rank == 0:
+        print(f"trained {args.steps} steps in {seconds:.2f} s ({1000 * seconds / args.steps:.1f} ms/step)", flush=True)
     if distributed:
         dist.destroy_process_group()
     if args.losses:

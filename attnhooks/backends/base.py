@@ -6,8 +6,10 @@ lives in :mod:`attnhooks.schema`, the write protocol in :mod:`attnhooks.writer`,
 :mod:`attnhooks.store`. Paths are ``/``-separated, relative to the root (``""`` is the root).
 
 Backends are found by name (``"zarr"``), URI scheme (``"memory://run"``) or file suffix
-(``.zarr``, ``.h5`` / ``.hdf5``). Third-party backends register with :func:`register_backend` or
-through the ``attnhooks.backends`` entry-point group (the entry point loads the class).
+(``.zarr``, ``.h5`` / ``.hdf5``). A URL whose path ends in ``.zarr`` is a Zarr store on that
+fsspec file system whatever its scheme (``s3://bucket/run.zarr``, ``memory://run.zarr``).
+Third-party backends register with :func:`register_backend` or through the
+``attnhooks.backends`` entry-point group (the entry point loads the class).
 """
 
 from __future__ import annotations
@@ -51,8 +53,13 @@ class Backend(Protocol):
     """What the writer and the reader need from a storage engine.
 
     Class attributes ``name``, ``schemes`` and ``suffixes`` route locations to the backend;
-    ``open`` makes an instance. Errors raised by the engine (``OSError`` for a full disk or a
-    read-only directory) are allowed to propagate: the writer wraps them.
+    ``open`` makes an instance. One method is optional (not part of the protocol, so that backends
+    written before it stay backends): ``remove(path)`` deletes the group or array at ``path`` and
+    everything under it, forgetting any handle on them (a missing ``path`` is not an error; a
+    read-only backend raises ``PermissionError``, the root ``StoreOptionError``, see
+    :func:`check_remove`); overwriting one rank of a rank set needs it. Errors raised by the
+    engine (``OSError`` for a full disk or a read-only directory) are allowed to propagate: the
+    writer wraps them.
     """
 
     name: ClassVar[str]
@@ -67,8 +74,9 @@ class Backend(Protocol):
         """Open ``location`` in one of :data:`MODES`; ``w-`` raises :class:`StoreExistsError`.
 
         With ``w-`` / ``w`` and ``attrs``, the new store must appear at ``location`` with these
-        root attributes already in place (build it aside and rename it), so that a process
-        killed while creating it never leaves a store without its schema.
+        root attributes already in place (build it aside and rename it, or on an object store
+        put the root metadata once with them in it), so that a process killed while creating it
+        never leaves a store without its schema.
         """
         ...
 
@@ -132,6 +140,9 @@ _BUILTIN = {
     "hdf5": "attnhooks.backends.hdf5:HDF5Backend",
 }
 ENTRY_POINT_GROUP = "attnhooks.backends"
+# suffixes of formats that a backend reads on any fsspec file system: a URL ending in one goes to
+# that backend whatever its scheme (memory://run.zarr is Zarr on fsspec's memory file system)
+_URL_SUFFIXES = {".zarr": "zarr"}
 
 
 def register_backend(cls: type[Backend]) -> type[Backend]:
@@ -149,7 +160,8 @@ def backend_names() -> list[str]:
 
 
 def backend_for(location: str | os.PathLike[str], backend: str | None = None) -> type[Backend]:
-    """The backend class for ``location``: by explicit name, URI scheme, then file suffix.
+    """The backend class for ``location``: by explicit name, a URL ending in ``.zarr`` (Zarr on
+    fsspec), URI scheme, then file suffix.
 
     Raises:
         StoreOptionError: nothing matches, naming the known backends and suffixes.
@@ -159,6 +171,8 @@ def backend_for(location: str | os.PathLike[str], backend: str | None = None) ->
         return _load(backend)
     scheme = text.split("://", 1)[0].lower() if "://" in text else None
     suffix = Path(text.split("://", 1)[-1].rstrip("/")).suffix.lower()
+    if scheme not in (None, "file") and suffix in _URL_SUFFIXES:
+        return _load(_URL_SUFFIXES[suffix])
     for cls in _candidates():
         if scheme is not None and scheme in cls.schemes:
             return cls
@@ -167,7 +181,8 @@ def backend_for(location: str | os.PathLike[str], backend: str | None = None) ->
     if scheme is None and Path(text).is_dir() and (Path(text) / "zarr.json").exists():
         return _load("zarr")
     raise StoreOptionError(
-        f"no storage backend for {text!r}: use a path ending in .zarr, .h5 or .hdf5, a memory://name URL, "
+        f"no storage backend for {text!r}: use a path ending in .zarr, .h5 or .hdf5, a URL ending in .zarr "
+        f"(any fsspec file system: s3://bucket/run.zarr, memory://run.zarr), a memory://name URL, "
         f"or pass backend= one of {backend_names()}"
     )
 
@@ -221,6 +236,16 @@ def refuse_existing(location: str) -> None:
     raise StoreExistsError(
         f"{location} already exists; pass mode='overwrite' to replace it or mode='append' to add steps to it"
     )
+
+
+def check_remove(backend: Backend, path: str) -> None:
+    """Refuse :meth:`Backend.remove` on a read-only backend or on the root."""
+    if backend.readonly:
+        raise PermissionError(f"{backend.location} is open read-only: cannot remove {path!r}")
+    if not split(path):
+        raise StoreOptionError(
+            f"remove({path!r}) names the root of {backend.location}: open the store with mode 'w' to replace it"
+        )
 
 
 def split(path: str) -> list[str]:

@@ -42,7 +42,7 @@ except ImportError:  # pragma: no cover - hdf5plugin comes with attnhooks[hdf5]
     hdf5plugin = None  # type: ignore[assignment]
 
 from ..errors import NotAStoreError, StoreOptionError
-from .base import Codec, Selection, check_mode, refuse_existing
+from .base import Codec, Selection, check_mode, check_remove, refuse_existing
 
 __all__ = ["HDF5Backend"]
 
@@ -140,9 +140,16 @@ class HDF5Backend:
             if is_str:
                 ds.attrs[_STR] = True
 
+    def remove(self, path: str) -> None:
+        """Delete the group or array at ``path`` with everything under it; nothing if there is none.
+        The file does not shrink (h5repack reclaims the space)."""
+        check_remove(self, path)
+        if self.contains(path):
+            self._delete(path)
+
     def _delete(self, path: str) -> None:
         """Delete an object. SWMR cannot (HDF5 crashes): leave it for the deletion, then resume.
-        The writer never deletes; only a caller re-creating an array lands here."""
+        Only :meth:`remove` and a caller re-creating an array land here."""
         self._datasets.clear()
         swmr = self._file.swmr_mode
         with _io():

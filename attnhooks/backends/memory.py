@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from ..errors import NotAStoreError
-from .base import Codec, Selection, check_mode, refuse_existing, split
+from .base import Codec, Selection, check_mode, check_remove, refuse_existing, split
 
 __all__ = ["MemoryBackend"]
 
@@ -116,6 +116,15 @@ class MemoryBackend:
         np_dtype = np.dtype(object) if dtype == "str" else np.dtype(dtype)
         data = np.full(shape, "" if dtype == "str" else fill_value, dtype=np_dtype)
         parent.members[leaf] = _Array(data, tuple(chunks), fill_value)
+
+    def remove(self, path: str) -> None:
+        """Delete the group or array at ``path`` with everything under it; nothing if there is none."""
+        check_remove(self, path)
+        if self.contains(path):
+            *parents, leaf = split(path)
+            parent = self._node("/".join(parents))
+            assert isinstance(parent, _Group)  # it holds ``leaf``
+            del parent.members[leaf]
 
     def contains(self, path: str) -> bool:
         try:

@@ -1,9 +1,24 @@
-"""Zarr (format 3) backend: a directory store, one file per chunk, metadata rewritten atomically.
+"""Zarr (format 3) backend: a directory store on the local file system, or a store on any fsspec URL.
 
-zarr's local store writes every key through a temporary file and an atomic rename, so a killed
-writer leaves each array's metadata either old or new, never torn; the only leftovers are the
-``*.partial`` temporaries, which :meth:`ZarrBackend.cleanup` removes. Zarr 3 has no bfloat16, so
-the writer stores bfloat16 as float32 or as raw uint16 bits (see :mod:`attnhooks.schema`).
+**Local paths** (and ``file://``): one file per chunk, metadata rewritten atomically. zarr's local
+store writes every key through a temporary file and an atomic rename, so a killed writer leaves
+each array's metadata either old or new, never torn; the only leftovers are the ``*.partial``
+temporaries, which :meth:`ZarrBackend.cleanup` removes. A new store is built aside and renamed
+into place, so it never exists without its root attributes.
+
+**URLs** (``s3://bucket/run.zarr``, ``gs://...``, ``memory://run.zarr``, any fsspec protocol):
+read and written through zarr's ``FsspecStore``. Each key is one object put, which object stores
+make atomic, so a new store needs no rename: its root ``zarr.json`` is put once with the root
+attributes already in it. There are no temporaries to clean up. This needs ``pip install fsspec``
+and the package of the protocol (``s3fs``, ``gcsfs``, ``adlfs``...). Credentials and other
+storage options come from fsspec's own configuration: environment variables
+``FSSPEC_<PROTOCOL>_<OPTION>`` (``FSSPEC_S3_ENDPOINT_URL=http://localhost:9000``) or
+``FSSPEC_<PROTOCOL>='{"key": ..., "secret": ...}'``, JSON / INI files in ``~/.config/fsspec``
+(or ``$FSSPEC_CONFIG_DIR``), and the provider's usual ones (``AWS_PROFILE``,
+``GOOGLE_APPLICATION_CREDENTIALS``...).
+
+Zarr 3 has no bfloat16, so the writer stores bfloat16 as float32 or as raw uint16 bits (see
+:mod:`attnhooks.schema`).
 """
 
 from __future__ import annotations
@@ -20,17 +35,13 @@ import zarr.errors
 from zarr.codecs import BloscCodec, GzipCodec, ZstdCodec
 
 from ..errors import NotAStoreError, StoreOptionError
-from .base import Codec, Selection, check_mode, refuse_existing, split
+from .base import Codec, Selection, check_mode, check_remove, refuse_existing, split
 
 __all__ = ["ZarrBackend"]
 
 
-def _local(location: str) -> str:
-    return location[len("file://") :] if location.startswith("file://") else location
-
-
 class ZarrBackend:
-    """A Zarr v3 store on the local file system (or any location zarr accepts)."""
+    """A Zarr v3 store on the local file system or on any fsspec URL."""
 
     name: ClassVar[str] = "zarr"
     schemes: ClassVar[tuple[str, ...]] = ("zarr",)
@@ -45,34 +56,26 @@ class ZarrBackend:
 
     @classmethod
     def exists(cls, location: str) -> bool:
-        path = _local(location.removeprefix("zarr://"))
-        return os.path.exists(path)
+        return _place(location).exists()
 
     @classmethod
     def open(cls, location: str, mode: str, attrs: dict[str, Any] | None = None) -> ZarrBackend:
         check_mode(mode)
-        path = _local(location.removeprefix("zarr://"))
-        exists = os.path.exists(path)
+        place = _place(location)
+        exists = place.exists()
         if mode == "w-" and exists:
             refuse_existing(location)
-        if mode in ("r", "r+"):
-            if not exists:
-                raise NotAStoreError(f"{location}: no such store")
-            if not os.path.isdir(path) or not os.path.exists(os.path.join(path, "zarr.json")):
-                raise NotAStoreError(f"{location} is not a Zarr v3 store (no zarr.json)")
-            try:
-                group = zarr.open_group(path, mode="r" if mode == "r" else "r+", zarr_format=3)
-            except (zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError, ValueError) as err:
-                raise NotAStoreError(f"{location} is not a Zarr v3 group: {err}") from err
-            return cls(location, group, readonly=mode == "r")
-        # create aside, then rename into place: the store never exists without its root attributes
-        parent = os.path.dirname(os.path.abspath(path))
-        tmp = os.path.join(parent, f".{os.path.basename(path)}.creating-{uuid.uuid4().hex[:8]}")
-        zarr.open_group(tmp, mode="w-", zarr_format=3, attributes=attrs or {})
-        if mode == "w" and exists:
-            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-        os.rename(tmp, path)
-        return cls(location, zarr.open_group(path, mode="r+", zarr_format=3), readonly=False)
+        if mode not in ("r", "r+"):
+            return cls(location, place.create(attrs or {}, replace=exists), readonly=False)
+        if not exists:
+            raise NotAStoreError(f"{location}: no such store")
+        if not place.holds_metadata():
+            raise NotAStoreError(f"{location} is not a Zarr v3 store (no zarr.json)")
+        try:
+            group = zarr.open_group(place.store(mode == "r"), mode="r" if mode == "r" else "r+", zarr_format=3)
+        except (zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError, ValueError) as err:
+            raise NotAStoreError(f"{location} is not a Zarr v3 group: {err}") from err
+        return cls(location, group, readonly=mode == "r")
 
     # -- structure --------------------------------------------------------------------------
     def _array(self, path: str) -> zarr.Array[Any]:
@@ -105,6 +108,16 @@ class ZarrBackend:
             compressors=None if dtype == "str" else _compressor(codec),
             overwrite=True,
         )
+
+    def remove(self, path: str) -> None:
+        """Delete the group or array at ``path`` with everything under it; nothing if there is none."""
+        check_remove(self, path)
+        if not self.contains(path):
+            return
+        parts = split(path)
+        for key in [key for key in self._arrays if split(key)[: len(parts)] == parts]:
+            del self._arrays[key]
+        del self._root["/".join(parts)]
 
     def contains(self, path: str) -> bool:
         return path == "" or path in self._root
@@ -147,22 +160,119 @@ class ZarrBackend:
 
     def set_attrs(self, path: str, values: dict[str, Any]) -> None:
         node = self._root[path] if path else self._root
-        node.attrs.update(values)  # one atomic rewrite of the node's zarr.json
+        node.attrs.update(values)  # one atomic rewrite (local) or put (URL) of the node's zarr.json
 
     def flush(self) -> None:
-        return None  # every write above has reached the file system when it returns
+        return None  # every write above has reached the file system or object store when it returns
 
     def close(self) -> None:
         self._arrays.clear()
 
     @classmethod
     def cleanup(cls, location: str) -> list[str]:
-        root = Path(_local(location.removeprefix("zarr://")))
+        return _place(location).cleanup()
+
+
+# -- where a store lives: a local directory or an fsspec URL -------------------------------------
+
+
+def _place(location: str) -> _LocalPlace | _UrlPlace:
+    target = location.removeprefix("zarr://")
+    if "://" in target and not target.startswith("file://"):
+        return _UrlPlace(target)
+    return _LocalPlace(target.removeprefix("file://"))
+
+
+class _LocalPlace:
+    """A store directory on the local file system."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def exists(self) -> bool:
+        return os.path.exists(self.path)
+
+    def holds_metadata(self) -> bool:
+        return os.path.isdir(self.path) and os.path.exists(os.path.join(self.path, "zarr.json"))
+
+    def store(self, readonly: bool) -> str:
+        return self.path  # zarr makes its local store, read-only or not as the open mode says
+
+    def create(self, attrs: dict[str, Any], replace: bool) -> zarr.Group:
+        # create aside, then rename into place: the store never exists without its root attributes
+        path = self.path
+        parent = os.path.dirname(os.path.abspath(path))
+        tmp = os.path.join(parent, f".{os.path.basename(path)}.creating-{uuid.uuid4().hex[:8]}")
+        zarr.open_group(tmp, mode="w-", zarr_format=3, attributes=attrs)
+        try:
+            if replace:
+                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+            os.rename(tmp, path)  # fails when another process (a rank) created the store meanwhile
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return zarr.open_group(path, mode="r+", zarr_format=3)
+
+    def cleanup(self) -> list[str]:
+        root = Path(self.path)
         removed = []
         for tmp in root.rglob("*.partial"):
             tmp.unlink(missing_ok=True)
             removed.append(str(tmp.relative_to(root)))
         return removed
+
+
+class _UrlPlace:
+    """A store under a URL of any fsspec file system (object stores included)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.fs, self.path = _url_fs(url)
+
+    def exists(self) -> bool:
+        return bool(self.fs.exists(self.path))
+
+    def holds_metadata(self) -> bool:
+        return bool(self.fs.isfile(f"{self.path}/zarr.json"))
+
+    def store(self, readonly: bool) -> zarr.storage.FsspecStore:
+        return zarr.storage.FsspecStore.from_url(self.url, read_only=readonly)
+
+    def create(self, attrs: dict[str, Any], replace: bool) -> zarr.Group:
+        if replace:  # (unlike a local rename, a writer killed right here has lost the old store too)
+            self.fs.rm(self.path, recursive=True)
+        # No build-aside-and-rename here (object stores cannot rename a prefix atomically) and none
+        # needed: the root zarr.json is one put with the attributes already in it, and the store
+        # exists only once that put has landed, so it never exists without its schema.
+        return zarr.open_group(self.store(readonly=False), mode="w-", zarr_format=3, attributes=attrs)
+
+    def cleanup(self) -> list[str]:
+        return []  # every key is one put: an object store keeps no temporaries of a killed writer
+
+
+def _url_fs(url: str) -> tuple[Any, str]:
+    """The fsspec file system of ``url`` and the path on it, or a StoreOptionError naming what to install."""
+    scheme = url.split("://", 1)[0]
+    try:
+        from fsspec.core import url_to_fs
+    except ImportError as err:
+        raise StoreOptionError(
+            f"{url}: a Zarr store on a URL goes through fsspec, which is not installed: "
+            f"pip install fsspec (and the package for {scheme}://, e.g. s3fs for s3://, gcsfs for gs://)"
+        ) from err
+    try:
+        fs, path = url_to_fs(url)
+    except ImportError as err:
+        raise StoreOptionError(
+            f"{url}: fsspec needs another package for {scheme}:// URLs ({err}): pip install it, "
+            f"or use a local path ending in .zarr"
+        ) from err
+    except ValueError as err:
+        raise StoreOptionError(
+            f"{url}: fsspec does not know the protocol {scheme!r} ({err}); use a local path ending in .zarr "
+            f"or a URL of an fsspec protocol (memory, s3, gs, az, ...)"
+        ) from err
+    return fs, str(path)
 
 
 def _compressor(codec: Codec) -> Any:

@@ -1,4 +1,5 @@
-"""Storage backends and stores: one conformance suite run against every backend (memory, zarr, hdf5).
+"""Storage backends and stores: one conformance suite run against every backend (memory, zarr, hdf5),
+and against Zarr on an fsspec URL (``memory://.../s.zarr``, fsspec's in-process file system).
 
 The first half drives the backend protocol directly (numpy in, numpy out); the second half
 writes stores through :func:`attnhooks.capture` on small random Hugging Face models and reads
@@ -8,17 +9,21 @@ them back with :func:`attnhooks.open_store`, bit for bit against the in-memory r
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import pickle
+import sys
 import uuid
 from importlib import metadata
 from typing import ClassVar
 
+import fsspec
 import h5py
 import numpy as np
 import pytest
 import torch
 import zarr
+from fsspec.implementations.memory import MemoryFileSystem
 
 import attnhooks
 from attnhooks.backends import Codec, backend_for, backend_names, register_backend
@@ -30,17 +35,32 @@ from attnhooks.schema import module_path
 from tests import models
 
 BACKENDS = ("memory", "zarr", "hdf5")
-CLASSES = {"memory": MemoryBackend, "zarr": ZarrBackend, "hdf5": HDF5Backend}
+KINDS = (*BACKENDS, "fsspec")  # fsspec: the zarr backend on a memory:// URL, through zarr's FsspecStore
+CLASSES = {"memory": MemoryBackend, "zarr": ZarrBackend, "hdf5": HDF5Backend, "fsspec": ZarrBackend}
 ALL = ("attn", "q", "k", "lse")
 
 
 def _location(kind: str, tmp_path) -> str:
     if kind == "memory":
         return f"memory://test-backends-{uuid.uuid4().hex}"
+    if kind == "fsspec":
+        return f"memory://test-backends-{uuid.uuid4().hex}/s.zarr"
     return str(tmp_path / ("s.zarr" if kind == "zarr" else "s.h5"))
 
 
-@pytest.fixture(params=BACKENDS)
+def _forget(location: str) -> None:
+    """Delete what a test left at a memory:// location: an in-process store, or the folder of a
+    Zarr store on fsspec's memory file system (``memory://test-backends-<uuid>/...``)."""
+    if not location.startswith("memory://"):
+        return  # under tmp_path
+    MemoryBackend.delete(location)
+    fs = fsspec.filesystem("memory")
+    folder = "/" + location.removeprefix("memory://").split("/")[0]
+    if fs.exists(folder):
+        fs.rm(folder, recursive=True)
+
+
+@pytest.fixture(params=KINDS)
 def kind(request) -> str:
     return request.param
 
@@ -50,8 +70,7 @@ def location(kind, tmp_path):
     """A fresh, not yet existing location for the backend under test; memory stores are forgotten after."""
     loc = _location(kind, tmp_path)
     yield loc
-    if kind == "memory":
-        MemoryBackend.delete(loc)
+    _forget(loc)
 
 
 @pytest.fixture
@@ -363,6 +382,73 @@ def test_open_modes(kind, location):
     _check_reopen_read_only(kind, location)
 
 
+def _stored_keys(kind, location, path):
+    """The engine's keys (files, objects) under ``path`` of a Zarr store; [] for the other kinds."""
+    if kind not in ("zarr", "fsspec"):
+        return []
+    fs, root = fsspec.url_to_fs(location)
+    return fs.find(f"{root}/{path}") if fs.exists(f"{root}/{path}") else []
+
+
+def test_remove_deletes_a_subtree_and_forgets_its_handles(kind, location, backend):
+    """An array, then a group with children (arrays, a subgroup, attributes): gone, handles
+    included; a sibling kept; missing paths ignored; an array re-created there has its new shape
+    and none of the old values; the root is refused."""
+    codec = _codec(backend)
+    backend.create_array("g/a/x", (2, 3), "float32", (1, 3), 0.0, codec)
+    backend.write("g/a/x", (), np.ones((2, 3), np.float32))
+    backend.create_array("g/a/sub/y", (4,), "int64", (2,), -1, codec)
+    backend.write("g/a/sub/y", (), np.arange(4))
+    backend.set_attrs("g/a", {"rank": 1})
+    backend.create_array("g/keep", (2,), "int64", (2,), 0, codec)
+    backend.write("g/keep", (), np.array([5, 6]))
+    assert backend.shape("g/a/x") == (2, 3) and backend.shape("g/a/sub/y") == (4,), "handles cached"
+    assert _stored_keys(kind, location, "g/a") or kind not in ("zarr", "fsspec")
+
+    backend.remove("g/a/sub/y")
+    assert not backend.contains("g/a/sub/y") and backend.children("g/a/sub") == []
+    with pytest.raises(KeyError):
+        backend.shape("g/a/sub/y")
+    assert np.array_equal(backend.read("g/a/x"), np.ones((2, 3), np.float32))
+
+    backend.remove("g/a/")
+    for path in ("g/a", "g/a/x", "g/a/sub"):
+        assert not backend.contains(path), path
+    with pytest.raises(KeyError):
+        backend.read("g/a/x")
+    assert backend.children("g") == ["keep"] and np.array_equal(backend.read("g/keep"), [5, 6])
+    assert _stored_keys(kind, location, "g/a") == [], "the engine keeps nothing of it"
+
+    for missing in ("g/a", "nope", "nope/deeper", "g/keep/under_an_array"):
+        backend.remove(missing)
+    assert backend.children("") == ["g"] and backend.children("g") == ["keep"]
+
+    backend.create_array("g/a/x", (4, 3), "float32", (1, 3), -2.0, codec)  # same chunk grid, larger
+    assert backend.shape("g/a/x") == (4, 3) and backend.attrs("g/a") == {}
+    assert np.array_equal(backend.read("g/a/x"), np.full((4, 3), -2.0, np.float32)), "no old values"
+    with pytest.raises(attnhooks.StoreOptionError, match="root"):
+        backend.remove("")
+    assert backend.children("") == ["g"]
+
+
+def test_remove_persists_and_is_refused_read_only(kind, location):
+    cls = CLASSES[kind]
+    be = cls.open(location, "w-")
+    be.create_array("r0/x", (2,), "int64", (2,), 0, cls.default_codec)
+    be.create_array("r1/x", (2,), "int64", (2,), 0, cls.default_codec)
+    be.remove("r0")
+    be.flush()
+    be.close()
+    be = cls.open(location, "r")
+    try:
+        assert be.children("") == ["r1"], "the removal reached the engine"
+        with pytest.raises(PermissionError):
+            be.remove("r1")
+        assert be.children("") == ["r1"]
+    finally:
+        be.close()
+
+
 # -- registry -----------------------------------------------------------------------------------
 
 
@@ -377,6 +463,9 @@ ROUTES = {
     "file:///tmp/run.zarr": "zarr",
     "memory://run": "memory",
     "memory://run.h5": "memory",  # the scheme wins over the suffix
+    "memory://run.zarr": "zarr",  # ... except .zarr: Zarr on fsspec's memory file system
+    "s3://bucket/run.zarr": "zarr",
+    "gs://bucket/dir/RUN.ZARR/": "zarr",
     "MEMORY://x": "memory",
     "zarr://some/where": "zarr",
     "hdf5://some/where": "hdf5",
@@ -398,7 +487,7 @@ def test_backend_for_picks_by_suffix_scheme_and_name(tmp_path):
 
 
 def test_backend_for_unknown_raises_listing_the_known_backends():
-    for location in ("run.txt", "run", "s3://bucket/run.zarr", "nope://x"):
+    for location in ("run.txt", "run", "s3://bucket/run.txt", "nope://x"):
         with pytest.raises(attnhooks.StoreOptionError) as err:
             backend_for(location)
         assert isinstance(err.value, ValueError)
@@ -410,6 +499,28 @@ def test_backend_for_unknown_raises_listing_the_known_backends():
         attnhooks.open_store("run.zarr", backend="nosuchbackend")
     with pytest.raises(attnhooks.StoreOptionError):
         attnhooks.open_store("run.txt")
+
+
+def test_zarr_urls_go_to_zarr_on_fsspec_whatever_the_scheme():
+    assert backend_for("memory://a.zarr") is ZarrBackend
+    assert backend_for("s3://b/r.zarr") is ZarrBackend
+    assert backend_for("memory://a") is MemoryBackend, "a plain memory:// name stays in-process"
+    assert backend_for("s3://b/r", backend="zarr") is ZarrBackend, "backend='zarr' takes any URL"
+    with pytest.raises(attnhooks.StoreOptionError, match=r"ending in \.zarr"):
+        backend_for("s3://b/r.txt")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("s3fs") is not None, reason="s3fs is installed: it would go online")
+def test_zarr_url_without_its_fsspec_driver_names_what_to_install(monkeypatch):
+    with pytest.raises(attnhooks.StoreOptionError, match="s3fs") as err:
+        attnhooks.open_store("s3://bucket/run.zarr")
+    assert "s3://bucket/run.zarr" in str(err.value)
+    with pytest.raises(attnhooks.StoreOptionError, match="protocol 'nope'"):
+        ZarrBackend.open("nope://x.zarr", "w-")
+    monkeypatch.setitem(sys.modules, "fsspec.core", None)  # as if fsspec were not installed
+    with pytest.raises(attnhooks.StoreOptionError, match="pip install fsspec"):
+        ZarrBackend.exists("memory://a.zarr")
+    assert ZarrBackend.exists("file:///no/such/dir.zarr") is False, "local stores do not need fsspec"
 
 
 def test_register_backend_refuses_what_is_not_a_backend():
@@ -771,20 +882,21 @@ def _not_a_store(kind, tmp_path, what):
         if what == "future":
             be.set_attrs("", {"schema": "attnhooks/99", "status": "complete", "committed": 0})
         return loc
-    if kind == "zarr":
-        path = tmp_path / "x.zarr"
+    if kind in ("zarr", "fsspec"):  # a local path or a memory:// URL: fsspec and zarr take both
+        loc = str(tmp_path / "x.zarr") if kind == "zarr" else _location(kind, tmp_path)
+        fs, path = fsspec.url_to_fs(loc)
         if what == "text":
-            path.write_text("hello, I am not a store\n")
+            fs.pipe_file(path, b"hello, I am not a store\n")
         elif what == "empty":
-            path.mkdir()
+            fs.mkdir(path)
         elif what == "array":
-            zarr.create_array(str(path), shape=(2,), dtype="int64", zarr_format=3)
+            zarr.create_array(loc, shape=(2,), dtype="int64", zarr_format=3)
         else:
-            group = zarr.open_group(str(path), mode="w", zarr_format=3)
+            group = zarr.open_group(loc, mode="w", zarr_format=3)
             group.create_group("modules")
             if what == "future":
                 group.attrs.update({"schema": "attnhooks/99", "status": "complete", "committed": 0})
-        return str(path)
+        return loc
     path = tmp_path / "x.h5"
     if what == "text":
         path.write_text("hello, I am not a store\n")
@@ -804,6 +916,7 @@ def _not_a_store(kind, tmp_path, what):
 NOT_STORES = {
     "memory": ["plain"],
     "zarr": ["text", "empty", "array", "plain"],
+    "fsspec": ["text", "empty", "array", "plain"],
     "hdf5": ["text", "empty", "array", "plain"],
 }
 
@@ -822,7 +935,7 @@ def test_opening_what_is_not_a_store_raises(kind, tmp_path, llama):
             with pytest.raises(attnhooks.NotAStoreError):
                 attnhooks.repair(loc)
         finally:
-            MemoryBackend.delete(loc)
+            _forget(loc)
     loc = _not_a_store(kind, tmp_path, "future")
     try:
         with pytest.raises(attnhooks.NotAStoreError, match="attnhooks/99"):
@@ -832,7 +945,7 @@ def test_opening_what_is_not_a_store_raises(kind, tmp_path, llama):
             with attnhooks.capture(llama, store=loc, mode="append"):
                 llama(input_ids=x)
     finally:
-        MemoryBackend.delete(loc)
+        _forget(loc)
 
 
 def test_opening_a_store_never_unpickles(location, llama, monkeypatch):
@@ -866,3 +979,54 @@ def test_opening_a_store_never_unpickles(location, llama, monkeypatch):
         _assert_store_equals_records(st, cap.records)
         repr(st)
     assert unpickled == []
+
+
+# ================================================================================================
+# Zarr on fsspec URLs
+# ================================================================================================
+
+
+def test_a_new_url_store_appears_with_its_root_attributes_in_one_put(tmp_path, monkeypatch):
+    """No rename on an object store: the root zarr.json is put once, attributes included ("w-"
+    and "w" over an existing store, whose old content is gone)."""
+    location = _location("fsspec", tmp_path)
+    root = "/" + location.removeprefix("memory://") + "/zarr.json"
+    puts = []
+    original = MemoryFileSystem.pipe_file
+
+    def spy(self, path, value, *args, **kwargs):
+        puts.append((path, bytes(value)))
+        return original(self, path, value, *args, **kwargs)
+
+    monkeypatch.setattr(MemoryFileSystem, "pipe_file", spy)
+    try:
+        for mode in ("w-", "w"):
+            puts.clear()
+            be = ZarrBackend.open(location, mode, {"schema": "attnhooks/1", "mode": mode})
+            assert [path for path, _ in puts] == [root], mode
+            assert json.loads(puts[0][1])["attributes"] == {"schema": "attnhooks/1", "mode": mode}
+            assert be.children("") == [], "nothing of the overwritten store is left"
+            be.create_array("old/x", (1,), "int64", (1,), 0, ZarrBackend.default_codec)
+            be.close()
+        assert ZarrBackend.cleanup(location) == []
+    finally:
+        _forget(location)
+
+
+def test_a_url_store_written_by_one_instance_reads_through_another(tmp_path, llama):
+    location = _location("fsspec", tmp_path)
+    try:
+        writer = ZarrBackend.open(location, "w-")
+        with attnhooks.capture(llama, store=writer, keep=True, record=ALL) as cap:
+            for batch, length in [(2, 5), (1, 3)]:
+                x, mask = models.ids(batch, length)
+                llama(input_ids=x, attention_mask=mask)
+        fs, path = fsspec.url_to_fs(location)  # fsspec's own view of the objects
+        root = json.loads(fs.cat_file(f"{path}/zarr.json"))["attributes"]
+        assert (root["schema"], root["status"], root["committed"]) == ("attnhooks/1", "complete", 2)
+        with attnhooks.open_store(location) as st:
+            assert type(st.backend) is ZarrBackend and st.backend is not writer
+            assert st.steps == [0, 1]
+            _assert_store_equals_records(st, cap.records)
+    finally:
+        _forget(location)

@@ -8,6 +8,7 @@ import socket
 import sys
 import uuid
 
+import fsspec
 import numpy as np
 import pytest
 import torch
@@ -37,10 +38,17 @@ def model():
     return torch.nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True).eval()
 
 
-@pytest.fixture(params=["memory", "zarr"])
+@pytest.fixture(params=["memory", "zarr", "fsspec"])
 def location(request, tmp_path):
+    """A rank set's location: in-process memory, a local Zarr directory, Zarr on fsspec's memory."""
     if request.param == "zarr":
         yield str(tmp_path / "set.zarr")
+    elif request.param == "fsspec":
+        folder = f"test-ranks-{uuid.uuid4().hex}"
+        yield f"memory://{folder}/set.zarr"
+        fs = fsspec.filesystem("memory")
+        if fs.exists(f"/{folder}"):
+            fs.rm(f"/{folder}", recursive=True)
     else:
         loc = f"memory://test-ranks-{uuid.uuid4().hex}"
         yield loc
