@@ -149,6 +149,9 @@ def _add_where(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sample", type=int, default=0, help="sample of the batch (default: 0)")
     parser.add_argument("--call", type=int, default=0, help="call of the module within the step (default: 0)")
     parser.add_argument(
+        "--rank", type=int, help="rank of a store written under torch.distributed (default: the lowest)"
+    )
+    parser.add_argument(
         "--method",
         choices=("auto", "stored", "reconstructed"),
         default="auto",
@@ -230,7 +233,13 @@ def _view(args: argparse.Namespace) -> None:
 
         options["image"] = imread(args.image)
     fig = render(
-        _open(args.store), args.view, module=args.module, step=args.step, sample=args.sample, call=args.call, **options
+        _open(args.store, args.rank),
+        args.view,
+        module=args.module,
+        step=args.step,
+        sample=args.sample,
+        call=args.call,
+        **options,
     )
     args.output.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.output, dpi=args.dpi)
@@ -240,7 +249,7 @@ def _view(args: argparse.Namespace) -> None:
 def _analyze(args: argparse.Namespace) -> None:
     from .report import head_rows, top_heads, write_rows
 
-    st = _open(args.store)
+    st = _open(args.store, args.rank)
     rows = head_rows(st, step=args.step, sample=args.sample, call=args.call, modules=args.modules, method=args.method)
     if args.output is None:
         print(top_heads(rows, args.top))
@@ -255,10 +264,11 @@ def _repair(args: argparse.Namespace) -> None:
     print(repair(args.store))
 
 
-def _open(location: str) -> Any:
+def _open(location: str, rank: int | None = None) -> Any:
     from .store import open_store
 
-    return open_store(location)
+    st = open_store(location)
+    return st if rank is None else st.rank(rank)
 
 
 if __name__ == "__main__":  # python -m attnhooks.cli

@@ -185,3 +185,20 @@ def test_a_real_process_group_makes_a_rank_set(model, tmp_path, monkeypatch):
         dist.destroy_process_group()
     with attnhooks.open_store(location) as st:
         assert st.rank_set and st.ranks == [0] and st.world_size == 1 and st.steps == [0]
+
+
+def test_the_command_line_reads_any_rank(model, tmp_path, as_rank, capsys):
+    from attnhooks.cli import main
+
+    location = str(tmp_path / "set.zarr")
+    for rank in (0, 1):
+        _write(model, location, as_rank, rank)
+    assert main(["info", location]) == 0
+    assert "ranks:   2 of 2: 0 (complete, 3 steps), 1 (complete, 2 steps)" in capsys.readouterr().out
+    figure = tmp_path / "rank1.png"
+    assert main(["view", location, "heatmap", "--rank", "1", "--step", "1", "-o", str(figure)]) == 0
+    assert figure.stat().st_size > 1000
+    assert main(["analyze", location, "--rank", "1", "-o", str(tmp_path / "m.json")]) == 0
+    capsys.readouterr()
+    assert main(["view", location, "heatmap", "--rank", "4", "-o", str(figure)]) == 1
+    assert "no rank 4; its ranks are [0, 1]" in capsys.readouterr().err
