@@ -31,6 +31,9 @@ Only positions ``< committed`` of the step axis exist for readers; everything be
 killed writer may have left. Sizes along the other axes are the maximum over steps; the true sizes
 of each call are in ``info``. A KV-cache stream (prefill plus decode calls) is one call whose rows
 grow; ``rowkeys`` says how many keys each row saw.
+
+A store written under ``torch.distributed`` is a rank set: its root has ``layout="ranks"`` and
+``world_size``, and one group ``rank<r>`` per rank holds the layout above (see :mod:`attnhooks.ranks`).
 """
 
 from __future__ import annotations
