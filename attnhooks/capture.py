@@ -207,7 +207,7 @@ class Capture:
             self._stack.clear()
 
     def _install(self, stack: ExitStack) -> None:
-        process = current(None if self._distributed is False else self._distributed)
+        process = current(require=self._distributed is True)
         self.rank = None if self._distributed is False else process  # a rank set is written when set
         if self._ranks is not None and (process.rank if process else 0) not in self._ranks:
             return  # not a capturing rank: nothing is installed, the model runs untouched

@@ -46,19 +46,13 @@ class RankInfo:
     world_size: int
 
 
-def current(distributed: bool | None = None) -> RankInfo | None:
-    """The rank and world size of this process when ``torch.distributed`` is initialised.
-
-    Args:
-        distributed: None (whatever the process group says), False (never: a plain store),
-            True (the process group must be initialised).
-    """
-    if distributed is False:
-        return None
+def current(require: bool = False) -> RankInfo | None:
+    """The rank and world size of this process when ``torch.distributed`` is initialised, else
+    None (``require``: a StoreOptionError instead)."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
-        if distributed:
+        if require:
             raise StoreOptionError(
                 "capture(distributed=True) needs torch.distributed.init_process_group() to have run in this process"
             )

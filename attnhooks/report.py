@@ -41,7 +41,8 @@ def store_info(st: Store) -> dict[str, Any]:
     }
     if st.rank_set:
         info["world_size"] = st.world_size
-        info["ranks"] = [{"rank": r, "status": st.rank(r).status, "steps": len(st.rank(r).steps)} for r in st.ranks]
+        ranks = [st.rank(r) for r in st.ranks]
+        info["ranks"] = [{"rank": r.default_rank, "status": r.status, "steps": len(r.steps)} for r in ranks]
     ids, text = st.tokens()
     if ids:
         info["tokens"] = {"count": len(ids), "first": (text or [str(i) for i in ids])[:32]}

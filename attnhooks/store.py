@@ -220,10 +220,9 @@ class Store:
 
     def info(self, module: str, step: int | None = None, call: int = 0, *, rank: int | None = None) -> dict[str, Any]:
         """Sizes, offsets and mask flags of one call (the ``info`` and ``scalars`` columns)."""
-        if rank is not None:
-            return self.rank(rank).info(module, step, call)
-        pos, _ = self._call(module, step, call)
-        tables = self._module_tables(module)
+        st = self._at(rank)
+        pos, _ = st._call(module, step, call)
+        tables = st._module_tables(module)
         out: dict[str, Any] = {name: int(v) for name, v in zip(INFO, tables.info[pos, call])}
         out.update({name: float(v) for name, v in zip(SCALARS, tables.scalars[pos, call])})
         return out
@@ -363,81 +362,74 @@ class Store:
         ``entropy``, ``sink`` ``[heads, q_len]``; ``topk_index`` / ``topk_weight`` ``[heads, q_len, K]``;
         ``band`` ``[heads, q_len, W]``; ``received`` ``[heads, k_len]``; ``pooled_max`` /
         ``pooled_mean`` ``[heads, P_q, P_k]`` and ``pooled_bins`` (rows per bin, keys per bin, P_q, P_k)."""
-        if rank is not None:
-            return self.rank(rank).summary(module, step, sample, call)
-        pos, base, meta = self._block(module, step, call, sample, None)
-        if "summary" not in self._module_tables(module).leaves:
+        st = self._at(rank)
+        pos, base, meta = st._block(module, step, call, sample, None)
+        if "summary" not in st._module_tables(module).leaves:
             raise NotInStoreError(f"{module!r} has no summary in this store: capture with record=('summary', ...)")
         out: dict[str, np.ndarray] = {}
         lead = (pos, call, sample)
-        for name in self.backend.children(f"{base}/summary"):
+        for name in st.backend.children(f"{base}/summary"):
             path = f"{base}/summary/{name}"
             if name in ROWWISE:
-                out[name] = self.backend.read(path, (*lead, slice(None), slice(0, meta["q_len"])))
+                out[name] = st.backend.read(path, (*lead, slice(None), slice(0, meta["q_len"])))
             elif name == "received":
-                out[name] = self.backend.read(path, (*lead, slice(None), slice(0, meta["k_len"])))
+                out[name] = st.backend.read(path, (*lead, slice(None), slice(0, meta["k_len"])))
             elif name == "pooled_bins":
-                out[name] = self.backend.read(path, lead)
+                out[name] = st.backend.read(path, lead)
         if "pooled_bins" in out:
             pq, pk = (int(x) for x in out["pooled_bins"][2:])
             for name in ("pooled_max", "pooled_mean"):
-                out[name] = self.backend.read(
-                    f"{base}/summary/{name}", (*lead, slice(None), slice(0, pq), slice(0, pk))
-                )
+                out[name] = st.backend.read(f"{base}/summary/{name}", (*lead, slice(None), slice(0, pq), slice(0, pk)))
         return out
 
     def call_reader(
         self, module: str, step: int | None = None, sample: int = 0, call: int = 0, *, rank: int | None = None
     ) -> CallReader:
         """The :class:`~attnhooks.tiles.CallReader` of one call: masks, key counts, tiles."""
-        if rank is not None:
-            return self.rank(rank).call_reader(module, step, sample, call)
-        key = (module, self._position(step), sample, call)
-        with self._lock:
-            reader = self._readers.get(key)
+        st = self._at(rank)
+        key = (module, st._position(step), sample, call)
+        with st._lock:
+            reader = st._readers.get(key)
             if reader is not None:
-                self._readers.move_to_end(key)
+                st._readers.move_to_end(key)
                 return reader
-        pos, base, meta = self._block(module, step, call, sample, None)
-        tables = self._module_tables(module)
+        pos, base, meta = st._block(module, step, call, sample, None)
+        tables = st._module_tables(module)
         heads = int(tables.attrs.get("heads") or 1)
         kv_heads = int(tables.attrs.get("kv_heads") or heads)
         layout = CallLayout(
             base, pos, call, sample, meta, heads, kv_heads, bool(tables.attrs.get("bits")), tables.leaves
         )
-        reader = CallReader(self.backend, layout)
-        with self._lock:
-            self._readers[key] = reader
-            while len(self._readers) > _READERS:
-                self._readers.popitem(last=False)
+        reader = CallReader(st.backend, layout)
+        with st._lock:
+            st._readers[key] = reader
+            while len(st._readers) > _READERS:
+                st._readers.popitem(last=False)
         return reader
 
     def q(
         self, module: str, step: int | None = None, sample: int = 0, call: int = 0, *, rank: int | None = None
     ) -> np.ndarray:
         """Queries ``[heads, q_len, head_dim]`` as the kernel received them."""
-        if rank is not None:
-            return self.rank(rank).q(module, step, sample, call)
-        pos, base, meta = self._block(module, step, call, sample, "q")
-        return self._values(module, f"{base}/q", (pos, call, sample, slice(None), slice(0, meta["q_len"])))
+        st = self._at(rank)
+        pos, base, meta = st._block(module, step, call, sample, "q")
+        return st._values(module, f"{base}/q", (pos, call, sample, slice(None), slice(0, meta["q_len"])))
 
     def k(
         self, module: str, step: int | None = None, sample: int = 0, call: int = 0, *, rank: int | None = None
     ) -> np.ndarray:
         """Keys ``[kv_heads, k_stored, head_dim]`` (positions from ``info()["k_offset"]``)."""
-        if rank is not None:
-            return self.rank(rank).k(module, step, sample, call)
-        pos, base, meta = self._block(module, step, call, sample, "k")
-        return self._values(module, f"{base}/k", (pos, call, sample, slice(None), slice(0, meta["k_stored"])))
+        st = self._at(rank)
+        pos, base, meta = st._block(module, step, call, sample, "k")
+        return st._values(module, f"{base}/k", (pos, call, sample, slice(None), slice(0, meta["k_stored"])))
 
     def lse(
         self, module: str, step: int | None = None, sample: int = 0, call: int = 0, *, rank: int | None = None
     ) -> np.ndarray:
         """Row log-sum-exp of the scores ``[heads, q_len]`` (float32)."""
-        if rank is not None:
-            return self.rank(rank).lse(module, step, sample, call)
-        pos, base, meta = self._block(module, step, call, sample, "lse")
-        return self.backend.read(base + "/lse", (pos, call, sample, slice(None), slice(0, meta["q_len"])))
+        st = self._at(rank)
+        pos, base, meta = st._block(module, step, call, sample, "lse")
+        return st.backend.read(base + "/lse", (pos, call, sample, slice(None), slice(0, meta["q_len"])))
 
     def mask(
         self, module: str, step: int | None = None, sample: int = 0, call: int = 0, *, rank: int | None = None
@@ -445,17 +437,16 @@ class Store:
         """The call's mask: ``causal``, ``offset`` (row i sees keys ``j <= i + offset``),
         ``window`` (None or int), ``key_valid`` (bool ``[k_len]`` or None), ``dense`` (additive
         float32 ``[heads|1, q_len, k_len]`` or None)."""
-        if rank is not None:
-            return self.rank(rank).mask(module, step, sample, call)
-        pos, base, meta = self._block(module, step, call, sample, None)
+        st = self._at(rank)
+        pos, base, meta = st._block(module, step, call, sample, None)
         key_valid = None
         if meta["has_key_valid"]:
-            key_valid = self.backend.read(base + "/mask/key_valid", (pos, call, sample, slice(0, meta["k_len"])))
+            key_valid = st.backend.read(base + "/mask/key_valid", (pos, call, sample, slice(0, meta["k_len"])))
         dense = None
         if meta["dense_batch"]:
             b = sample if meta["dense_batch"] > 1 else 0
             sel = (pos, call, b, slice(0, meta["dense_heads"]), slice(0, meta["q_len"]), slice(0, meta["k_len"]))
-            dense = self.backend.read(base + "/mask/dense", sel)
+            dense = st.backend.read(base + "/mask/dense", sel)
         return {
             "causal": bool(meta["causal"]),
             "offset": meta["mask_offset"],
@@ -468,18 +459,17 @@ class Store:
         self, step: int | None = None, sample: int = 0, *, rank: int | None = None
     ) -> tuple[list[int], list[str] | None]:
         """Token ids (and strings, when stored) of one sample of ``step``; ``([], None)`` when none."""
-        if rank is not None:
-            return self.rank(rank).tokens(step, sample)
-        pos = self._position(step)
-        if not self.backend.contains("tokens/ids") or self.backend.shape("tokens/ids")[0] <= pos:
+        st = self._at(rank)
+        pos = st._position(step)
+        if not st.backend.contains("tokens/ids") or st.backend.shape("tokens/ids")[0] <= pos:
             return [], None
-        if not 0 <= sample < self.backend.shape("tokens/ids")[1]:
-            raise NotInStoreError(f"sample={sample} is out of range: step {self._steps[pos]} stored fewer samples")
-        ids = self.backend.read("tokens/ids", (pos, sample))
+        if not 0 <= sample < st.backend.shape("tokens/ids")[1]:
+            raise NotInStoreError(f"sample={sample} is out of range: step {st._steps[pos]} stored fewer samples")
+        ids = st.backend.read("tokens/ids", (pos, sample))
         n = int((ids >= 0).sum())
         text = None
-        if self.backend.contains("tokens/text") and self.backend.shape("tokens/text")[0] > pos:
-            text = [str(t) for t in self.backend.read("tokens/text", (pos, sample, slice(0, n)))]
+        if st.backend.contains("tokens/text") and st.backend.shape("tokens/text")[0] > pos:
+            text = [str(t) for t in st.backend.read("tokens/text", (pos, sample, slice(0, n)))]
         return [int(i) for i in ids[:n]], text
 
     # -- plumbing ---------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ def as_rank(monkeypatch):
     """``as_rank(r)``: from now on, captures believe they are rank r of 2."""
 
     def set_rank(rank: int, world: int = 2) -> None:
-        monkeypatch.setattr(CAPTURE, "current", lambda distributed=None: RankInfo(rank, world))
+        monkeypatch.setattr(CAPTURE, "current", lambda require=False: RankInfo(rank, world))
 
     return set_rank
 
