@@ -82,10 +82,56 @@ class MaskSpec:
 
     def visible_keys(self, q_len: int, k_len: int, rows: slice) -> int:
         """How many leading keys the query ``rows`` can see at most (fewer than ``k_len`` when causal)."""
-        if self.dense is None and self.causal:
-            last_row = min(rows.stop if rows.stop is not None else q_len, q_len) - 1
-            return max(0, min(k_len, last_row + self.offset + 1))
-        return k_len
+        return self.visible_range(q_len, k_len, rows)[1]
+
+    def visible_range(self, q_len: int, k_len: int, rows: slice) -> tuple[int, int]:
+        """Keys ``[first, stop)`` outside of which none of the query ``rows`` sees a key: a causal
+        mask hides the keys after the last row, a sliding window those before the first row's window."""
+        if self.dense is not None:
+            return 0, k_len
+        first_row = rows.start or 0
+        last_row = min(rows.stop if rows.stop is not None else q_len, q_len) - 1
+        stop = max(0, min(k_len, last_row + self.offset + 1)) if self.causal else k_len
+        first = 0 if self.window is None else min(stop, max(0, first_row + self.offset - self.window + 1))
+        return first, stop
+
+    def bias_block(self, rows: slice, keys: slice, heads: slice, device: torch.device | str) -> torch.Tensor | None:
+        """A float ``dense`` mask's values for a block ``[batch|1, len(heads)|1, len(rows)|1, len(keys)]``
+        (to add to its scores); None for any other mask."""
+        dense = self._dense_block(rows, keys, heads, device)
+        return dense.float() if dense is not None and dense.dtype != torch.bool else None
+
+    def hide_block_(self, x: torch.Tensor, q_len: int, rows: slice, keys: slice, heads: slice, fill: float) -> torch.Tensor:
+        """Set ``x [batch, len(heads), len(rows), len(keys)]`` (scores or probabilities of a block) to
+        ``fill`` in place wherever the key is hidden (for a float ``dense`` mask: where it is ``-inf``).
+
+        Causal and window masks touch only the key columns that some row of the block cannot see (a
+        tile as wide as the block is tall at each edge), not the whole block."""
+        dense = self._dense_block(rows, keys, heads, x.device)
+        if dense is not None:
+            return x.masked_fill_(~dense if dense.dtype == torch.bool else torch.isneginf(dense), fill)
+        if self.key_valid is not None:
+            x.masked_fill_(~self.key_valid.to(x.device)[:, None, None, keys], fill)
+        tiles = []
+        if self.causal:  # keys after the block's first row
+            tiles.append((max(keys.start, rows.start + self.offset + 1), keys.stop))
+        if self.window is not None:  # keys before the block's last row's window
+            tiles.append((keys.start, min(keys.stop, rows.stop + self.offset - self.window)))
+        i = torch.arange(rows.start, rows.stop, device=x.device)[:, None] + self.offset
+        for lo, hi in tiles:
+            if hi > lo:
+                j = torch.arange(lo, hi, device=x.device)
+                hidden = (j > i) if self.causal else torch.zeros((), dtype=torch.bool, device=x.device)
+                if self.window is not None:
+                    hidden = hidden | (i - j >= self.window)
+                x[..., lo - keys.start : hi - keys.start].masked_fill_(hidden, fill)
+        return x
+
+    def _dense_block(self, rows: slice, keys: slice, heads: slice, device: torch.device | str) -> torch.Tensor | None:
+        dense = self._dense_rows(rows, device)
+        if dense is None:
+            return None
+        return dense[:, heads, :, keys] if dense.shape[1] != 1 else dense[..., keys]
 
     @property
     def may_hide_whole_rows(self) -> bool:

@@ -22,13 +22,15 @@ from dataclasses import dataclass
 
 import torch
 
-from .kernels import isolated, scores
+from .kernels import isolated
 from .masks import MaskSpec
 from .schema import ROWWISE, SUMMARY
 
 __all__ = ["ROWWISE", "SUMMARY", "SummaryOptions", "summarize_call"]
 
-_BLOCK_BYTES = 64 << 20  # one block's scores at most
+_BLOCK_BYTES = 8 << 20  # one block's scores: passes over it stay in cache (measured: 2-4x faster than 64 MiB)
+_TOPK_BIN = 32  # keys per bin of the top-k search
+_SHARE_BIN = 16  # overview key bins at least this wide are the top-k bins too (one max pass)
 
 
 @dataclass(frozen=True)
@@ -91,100 +93,236 @@ def summarize_call(
         name -> tensor, float32 unless said otherwise; see :data:`SUMMARY`.
     """
     batch, heads, q_len, _ = q.shape
-    k_len = k.shape[2]
-    opt = options
-    top = min(opt.topk, k_len)
-    side = opt.pooled or 1
-    rb, cb = math.ceil(max(q_len, 1) / side), math.ceil(max(k_len, 1) / side)
-    pq, pk = math.ceil(q_len / rb), math.ceil(k_len / cb)
+    kv_heads, k_len = k.shape[1], k.shape[2]
+    if heads % kv_heads:
+        raise ValueError(f"query heads ({heads}) must be a multiple of key heads ({kv_heads})")
+    plan = _Plan.make(batch, heads, kv_heads, q_len, k_len, options)
     dev = q.device
     with isolated(dev):
-        out = {
-            "entropy": torch.empty(batch, heads, q_len, device=dev),
-            "received": torch.zeros(batch, heads, k_len, dtype=torch.float64, device=dev),
-        }
-        if top:
-            out["topk_index"] = torch.empty(batch, heads, q_len, top, dtype=torch.int32, device=dev)
-            out["topk_weight"] = torch.empty(batch, heads, q_len, top, device=dev)
-        if opt.sinks:
-            out["sink"] = torch.empty(batch, heads, q_len, device=dev)
-        if opt.band:
-            out["band"] = torch.zeros(batch, heads, q_len, opt.band, device=dev)
-        if opt.pooled:
-            out["pooled_max"] = torch.zeros(batch, heads, pq, pk, device=dev)
-            out["pooled_mean"] = torch.zeros(batch, heads, pq, pk, dtype=torch.float64, device=dev)
-        fit = max(1, _BLOCK_BYTES // (4 * batch * heads * max(k_len, 1)))
-        step = max(rb, min(opt.block, fit) // rb * rb)  # whole row bins per block
-        sinks = max(0, opt.sinks - key_start)
-        for start in range(0, q_len, step):
-            rows = slice(start, min(start + step, q_len))
-            s = scores(q, k, scale, mask, rows, softcap, visible_only=True)  # causal: keys it can see
-            _block(out, s, lse[:, :, rows], rows, q_start, sinks, top, opt.band, rb, cb)
+        out = plan.outputs(dev)
+        work = _Work(plan, q, k, lse, scale, softcap, mask, max(0, options.sinks - key_start), q_start)
+        for heads_ in plan.head_blocks():
+            for start in range(0, q_len, plan.rows):
+                work.block(out, heads_, slice(start, min(start + plan.rows, q_len)))
         out["received"] = out["received"].float()
-        if opt.pooled:
-            out["pooled_bins"] = torch.tensor([[rb, cb, pq, pk]], device=dev).expand(batch, 4).contiguous()
-            out["pooled_mean"] = (out["pooled_mean"] / _cells(q_len, k_len, rb, cb, dev)).float()
+        if options.pooled:
+            out["pooled_bins"] = torch.tensor([[plan.rb, plan.cb, plan.pq, plan.pk]], device=dev).expand(batch, 4)
+            out["pooled_bins"] = out["pooled_bins"].contiguous()
+            out["pooled_mean"] = (out["pooled_mean"] / _cells(q_len, k_len, plan.rb, plan.cb, dev)).float()
     return out
 
 
-def _block(
-    out: dict[str, torch.Tensor],
-    s: torch.Tensor,
-    lse: torch.Tensor,
-    rows: slice,
-    q_start: int,
-    sinks: int,
-    top: int,
-    band: int,
-    rb: int,
-    cb: int,
-) -> None:
-    """Add one block of rows to every reduction: ``s [B, H, r, n]`` its masked scores over the
-    first ``n <= k_len`` keys (the keys after them have probability 0 for these rows)."""
-    hidden = torch.isneginf(lse)
-    any_hidden = bool(hidden.any())
-    logp = s.sub_((torch.where(hidden, 0.0, lse) if any_hidden else lse)[..., None])  # log p, in place
-    p = torch.exp(logp)
-    if any_hidden:
-        p.masked_fill_(hidden[..., None], 0.0)
+@dataclass(frozen=True)
+class _Plan:
+    """Sizes of one call's reductions and of its blocks.
+
+    A block is ``heads`` query heads (a divisor or a multiple of the GQA group, so that they read
+    one key head or whole groups) by ``rows`` query rows (whole overview row bins) by the keys those
+    rows can see, about ``_BLOCK_BYTES`` of float32 scores: small enough that the passes over it
+    run from cache. ``bin`` is the key bin of the top-k search (the overview's key bin when that is
+    wide enough to share one max pass).
+    """
+
+    batch: int
+    heads: int
+    group: int
+    q_len: int
+    k_len: int
+    options: SummaryOptions
+    rb: int
+    cb: int
+    pq: int
+    pk: int
+    rows: int
+    head_block: int
+    bin: int
+
+    @classmethod
+    def make(cls, batch: int, heads: int, kv_heads: int, q_len: int, k_len: int, opt: SummaryOptions) -> _Plan:
+        side = opt.pooled or 1
+        rb, cb = math.ceil(max(q_len, 1) / side), math.ceil(max(k_len, 1) / side)
+        row_bytes = 4 * batch * max(k_len, 1)
+        fit = max(1, _BLOCK_BYTES // row_bytes)
+        rows = max(rb, min(opt.block, fit) // rb * rb)
+        group = heads // kv_heads
+        fit_heads = max(1, _BLOCK_BYTES // (row_bytes * rows))
+        if fit_heads >= group:
+            head_block = min(heads, fit_heads // group * group)
+        else:
+            head_block = max(d for d in range(1, group + 1) if group % d == 0 and d <= fit_heads)
+        if opt.pooled and cb >= _SHARE_BIN:
+            bin_ = cb
+        else:
+            bin_ = cb * math.ceil(_TOPK_BIN / cb) if opt.pooled else _TOPK_BIN
+        return cls(batch, heads, group, q_len, k_len, opt, rb, cb,
+                   math.ceil(q_len / rb), math.ceil(k_len / cb), rows, head_block, bin_)
+
+    def head_blocks(self) -> list[slice]:
+        return [slice(h, min(h + self.head_block, self.heads)) for h in range(0, self.heads, self.head_block)]
+
+    def outputs(self, dev: torch.device) -> dict[str, torch.Tensor]:
+        b, h, q_len, opt = self.batch, self.heads, self.q_len, self.options
+        out = {
+            "entropy": torch.empty(b, h, q_len, device=dev),
+            "received": torch.zeros(b, h, self.k_len, dtype=torch.float64, device=dev),
+        }
+        top = min(opt.topk, self.k_len)
+        if top:
+            out["topk_index"] = torch.empty(b, h, q_len, top, dtype=torch.int32, device=dev)
+            out["topk_weight"] = torch.empty(b, h, q_len, top, device=dev)
+        if opt.sinks:
+            out["sink"] = torch.empty(b, h, q_len, device=dev)
+        if opt.band:
+            out["band"] = torch.zeros(b, h, q_len, opt.band, device=dev)
+        if opt.pooled:
+            out["pooled_max"] = torch.zeros(b, h, self.pq, self.pk, device=dev)
+            out["pooled_mean"] = torch.zeros(b, h, self.pq, self.pk, dtype=torch.float64, device=dev)
+        return out
+
+
+class _Work:
+    """One call's inputs and the two block buffers (log-probabilities and probabilities) reused
+    by every block."""
+
+    def __init__(self, plan, q, k, lse, scale, softcap, mask, sinks, q_start) -> None:
+        self.plan, self.q, self.k, self.scale, self.softcap = plan, q, k, scale, softcap
+        self.mask = mask if mask is not None and not mask.is_trivial else None
+        self.hidden = bool(torch.isneginf(lse).any())
+        self.lse = torch.where(torch.isneginf(lse), 0.0, lse) if self.hidden else lse  # such rows: all masked
+        self.sinks, self.q_start = sinks, q_start
+        self.top = min(plan.options.topk, plan.k_len)
+        size = plan.batch * plan.head_block * plan.rows * (plan.k_len + plan.bin)
+        self.logp_buf = torch.empty(size, device=q.device)
+        self.p_buf = torch.empty(size, device=q.device)
+        self._key_cache: tuple[slice, torch.Tensor] | None = None
+
+    def keys(self, rows: slice) -> slice:
+        """The keys a block scores: those its rows can see, widened to whole top-k / overview key
+        bins at the start and to at least ``top`` keys."""
+        plan = self.plan
+        first, stop = self.mask.visible_range(plan.q_len, plan.k_len, rows) if self.mask else (0, plan.k_len)
+        first = first // plan.bin * plan.bin
+        if stop - first < self.top:
+            first, stop = 0, max(stop, self.top)
+        return slice(first, stop)
+
+    def block(self, out: dict[str, torch.Tensor], heads: slice, rows: slice) -> None:
+        """Add one block of rows of ``heads`` to every reduction."""
+        keys = self.keys(rows)
+        logp, p = self._probabilities(heads, rows, keys)
+        plan, opt = self.plan, self.plan.options
+        at = (slice(None), heads, rows)
+        out["entropy"][at] = torch.einsum("bhij,bhij->bhi", p, logp).neg_()  # p = 0 where log p = fill
+        if "sink" in out:
+            out["sink"][at] = p[..., : max(0, self.sinks - keys.start)].sum(-1)
+        if opt.band:
+            out["band"][at] = _band(p, rows, keys, self.q_start, opt.band)
+        peaks = _bin_reduce(p, plan.bin, -1, torch.amax) if self.top or opt.pooled else None
+        if self.top:
+            weight, index = _topk(p, peaks, self.top, plan.bin)
+            out["topk_weight"][at], out["topk_index"][at] = weight, (index + keys.start).int()
+        if opt.pooled:
+            sums = _bin_reduce(p, plan.rb, -2, torch.sum)  # [B, h, row bins, n]
+            out["received"][:, heads, keys] += sums.sum(2)  # float32 within a block, float64 across
+            self._pool(out, p, peaks, sums, heads, rows, keys)
+        else:
+            out["received"][:, heads, keys] += p.sum(2)
+
+    def _probabilities(self, heads: slice, rows: slice, keys: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        """``log p`` and ``p`` of the block ``[B, len(heads), len(rows), len(keys)]`` (in the reused
+        buffers). Hidden keys have ``p = 0`` (their ``log p`` is finite: ``p log p`` is 0, not NaN);
+        ``log p`` is at least ``_FLOOR``.
+
+        Without soft-capping, ``s·scale - lse`` is one matrix product: ``[q·scale, -lse] · [k, 1]``
+        (no pass over the block to scale it or subtract the lse)."""
+        plan = self.plan
+        b, h, r, n = plan.batch, heads.stop - heads.start, rows.stop - rows.start, keys.stop - keys.start
+        group = min(h, plan.group)  # query heads per key head in this block
+        q = self.q[:, heads, rows].float()
+        lse = self.lse[:, heads, rows, None]
+        if self.softcap is None:
+            q = torch.cat([q * self.scale, -lse], dim=-1)
+        kt = self._keys(heads)[:, :, keys].reshape(b * (h // group), n, -1).transpose(1, 2)
+        logp = self.logp_buf[: b * h * r * n].view(b * (h // group), group * r, n)
+        torch.bmm(q.reshape(b * (h // group), group * r, -1), kt, out=logp)
+        logp = logp.view(b, h, r, n)
+        if self.softcap is not None:
+            logp.mul_(self.scale / self.softcap).tanh_().mul_(self.softcap).sub_(lse)
+        bias = self.mask.bias_block(rows, keys, heads, logp.device) if self.mask is not None else None
+        if bias is not None:
+            logp.add_(bias)
+        logp.clamp_min_(_FLOOR)
+        p = torch.exp(logp, out=self.p_buf[: b * h * r * n].view(b, h, r, n))
+        if self.mask is not None:
+            self.mask.hide_block_(p, plan.q_len, rows, keys, heads, 0.0)
+        return logp, p
+
+    def _keys(self, heads: slice) -> torch.Tensor:
+        """Float32 keys of the key heads that query ``heads`` read, ``[B, kv, k_len, dim (+1)]``: with
+        a column of ones (multiplying ``-lse``) unless soft-capped. Built once per head block."""
+        plan = self.plan
+        kv = slice(heads.start // plan.group, (heads.stop - 1) // plan.group + 1)
+        if self._key_cache is None or self._key_cache[0] != kv:
+            k = self.k[:, kv].float()
+            if self.softcap is None:
+                k = torch.cat([k, torch.ones(*k.shape[:-1], 1, device=k.device)], dim=-1)
+            self._key_cache = (kv, k)
+        return self._key_cache[1]
+
+    def _pool(self, out, p, peaks, sums, heads: slice, rows: slice, keys: slice) -> None:
+        """Max- and sum-pool a block into the overview (blocks hold whole row bins but the last;
+        they start at a whole key bin)."""
+        plan = self.plan
+        by_keys = peaks if plan.bin == plan.cb else _bin_reduce(p, plan.cb, -1, torch.amax)
+        peak = _bin_reduce(by_keys, plan.rb, -2, torch.amax)
+        bins = (slice(None), heads, slice(rows.start // plan.rb, rows.start // plan.rb + peak.shape[2]),
+                slice(keys.start // plan.cb, keys.start // plan.cb + peak.shape[3]))
+        torch.maximum(out["pooled_max"][bins], peak, out=out["pooled_max"][bins])
+        out["pooled_mean"][bins] += _bin_reduce(sums, plan.cb, -1, torch.sum)
+
+
+# torch's CPU exp takes a scalar path, ~100x slower, for inputs below log(smallest normal float32)
+# = -87.34 (measured; -inf too): log p is raised to this first. Probabilities under 1.7e-38 become
+# 1.7e-38, far below any tolerance; hidden keys are set to exactly 0 after the exp.
+_FLOOR = -87.0
+
+
+def _bin_reduce(x: torch.Tensor, size: int, dim: int, op) -> torch.Tensor:
+    """``op`` over consecutive bins of ``size`` along ``dim`` (-1 or -2); the last bin may be short."""
+    n = x.shape[dim]
+    full = n // size * size
+    shape = list(x.shape)
+    shape[dim : dim + 1 if dim != -1 else None] = [n // size, size]
+    parts = [op(x.narrow(dim, 0, full).reshape(shape), dim=dim)] if full else []
+    if full < n:
+        parts.append(op(x.narrow(dim, full, n - full), dim=dim, keepdim=True))
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
+
+
+def _topk(p: torch.Tensor, peaks: torch.Tensor, top: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``top`` largest ``p`` per row and their indices in the block: among the keys of the
+    ``top`` bins with the largest maxima (``peaks``), which hold them (a key outside those bins has
+    ``top`` larger maxima, so ``top`` larger keys, ahead of it)."""
     n = p.shape[-1]
-    out["entropy"][:, :, rows] = -logp.mul_(p).nan_to_num_(nan=0.0).sum(-1)  # 0 log 0 = 0
-    if top:
-        ranked = p if n >= top else torch.nn.functional.pad(p, (0, top - n))
-        values, index = ranked.topk(top, dim=-1)
-        out["topk_weight"][:, :, rows], out["topk_index"][:, :, rows] = values, index.int()
-    out["received"][..., :n] += p.sum(dim=2)  # float32 within a block, float64 across blocks
-    if "sink" in out:
-        out["sink"][:, :, rows] = p[..., :sinks].sum(-1)
-    if band:
-        out["band"][:, :, rows] = _band(p, rows, q_start, band)
-    if "pooled_max" in out:
-        _pool(out, p, rows, rb, cb)
+    if peaks.shape[-1] <= 2 * top:
+        return p.topk(top, dim=-1)
+    bins = peaks.topk(top, dim=-1).indices  # [B, h, r, top]
+    index = (bins[..., None] * size + torch.arange(size, device=p.device)).flatten(-2)
+    outside = index >= n  # the short last bin
+    values = torch.gather(p, -1, index.clamp_(max=n - 1)).masked_fill_(outside, -1.0)
+    weight, pick = values.topk(top, dim=-1)
+    return weight, torch.gather(index, -1, pick)
 
 
-def _band(p: torch.Tensor, rows: slice, q_start: int, width: int) -> torch.Tensor:
-    """``[B, H, r, W]``: weight on key ``q_start + i - w`` for each row ``i`` of the block."""
-    k_len = p.shape[-1]  # the keys scored; later ones have probability 0
-    pos = torch.arange(rows.start, rows.stop, device=p.device)[:, None] + q_start
-    keys = pos - torch.arange(width, device=p.device)[None, :]  # [r, W]
-    valid = (keys >= 0) & (keys < k_len)
-    index = keys.clamp(0, max(k_len - 1, 0)).expand(*p.shape[:2], -1, -1)
+def _band(p: torch.Tensor, rows: slice, keys: slice, q_start: int, width: int) -> torch.Tensor:
+    """``[B, H, r, W]``: weight on key ``q_start + i - w`` for each row ``i`` of the block (keys
+    outside the scored ones have weight 0)."""
+    n = p.shape[-1]
+    pos = torch.arange(rows.start, rows.stop, device=p.device)[:, None] + q_start - keys.start
+    local = pos - torch.arange(width, device=p.device)[None, :]  # [r, W]
+    valid = (local >= 0) & (local < n)
+    index = local.clamp(0, max(n - 1, 0)).expand(*p.shape[:2], -1, -1)
     return torch.gather(p, -1, index) * valid
-
-
-def _pool(out: dict[str, torch.Tensor], p: torch.Tensor, rows: slice, rb: int, cb: int) -> None:
-    """Max- and sum-pool a block into the overview (blocks hold whole row bins but the last)."""
-    b, h, r, k_len = p.shape
-    pad_k = -k_len % cb
-    pad_r = -r % rb
-    padded = torch.nn.functional.pad(p, (0, pad_k, 0, pad_r)) if pad_k or pad_r else p
-    grid = padded.reshape(b, h, (r + pad_r) // rb, rb, (k_len + pad_k) // cb, cb)
-    first = rows.start // rb
-    bins = slice(first, first + grid.shape[2])
-    cols = slice(0, grid.shape[4])
-    target = out["pooled_max"][:, :, bins, cols]
-    torch.maximum(target, grid.amax(dim=5).amax(dim=3), out=target)  # the contiguous axis first
-    out["pooled_mean"][:, :, bins, cols] += grid.sum(dim=5).sum(dim=3)
 
 
 def _cells(q_len: int, k_len: int, rb: int, cb: int, device: torch.device) -> torch.Tensor:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from unittest import mock
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from hypothesis import strategies as st
 
 from attnhooks.kernels import attention_probs
 from attnhooks.masks import MaskSpec
+from attnhooks import reduce
 from attnhooks.reduce import SummaryOptions, summarize_call
 from tests.property.common import SETTINGS
 
@@ -27,22 +29,17 @@ def reference_summary(p: torch.Tensor, q_start: int, opt: SummaryOptions) -> dic
             j = q_start + i - w
             if 0 <= j < k_len:
                 band[:, :, i, w] = p[:, :, i, j]
-    rb, cb = math.ceil(q_len / opt.pooled), math.ceil(k_len / opt.pooled)
-    pq, pk = math.ceil(q_len / rb), math.ceil(k_len / cb)
-    pmax, pmean = torch.zeros(b, h, pq, pk), torch.zeros(b, h, pq, pk)
-    for r in range(pq):
-        for c in range(pk):
-            cell = p[:, :, r * rb : (r + 1) * rb, c * cb : (c + 1) * cb]
-            pmax[:, :, r, c] = cell.amax(dim=(-1, -2))
-            pmean[:, :, r, c] = cell.mean(dim=(-1, -2))
-    return {
-        "entropy": -plogp.sum(-1),
-        "received": p.sum(2),
-        "sink": p[..., : opt.sinks].sum(-1),
-        "band": band,
-        "pooled_max": pmax,
-        "pooled_mean": pmean,
-    }
+    want = {"entropy": -plogp.sum(-1), "received": p.sum(2), "sink": p[..., : opt.sinks].sum(-1), "band": band}
+    if opt.pooled:
+        rb, cb = math.ceil(q_len / opt.pooled), math.ceil(k_len / opt.pooled)
+        pq, pk = math.ceil(q_len / rb), math.ceil(k_len / cb)
+        want["pooled_max"], want["pooled_mean"] = torch.zeros(b, h, pq, pk), torch.zeros(b, h, pq, pk)
+        for r in range(pq):
+            for c in range(pk):
+                cell = p[:, :, r * rb : (r + 1) * rb, c * cb : (c + 1) * cb]
+                want["pooled_max"][:, :, r, c] = cell.amax(dim=(-1, -2))
+                want["pooled_mean"][:, :, r, c] = cell.mean(dim=(-1, -2))
+    return want
 
 
 def _maxdiff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -65,7 +62,7 @@ def _check(q, k, mask, q_start, opt, scale=None, softcap=None):
     assert (_maxdiff(picked, got["topk_weight"])) <= TOL
 
 
-MASKS = ("none", "causal", "causal-kv", "padding", "window", "dense")
+MASKS = ("none", "causal", "causal-kv", "padding", "window", "dense", "dense-heads")
 
 
 @SETTINGS
@@ -81,10 +78,15 @@ MASKS = ("none", "causal", "causal-kv", "padding", "window", "dense")
     band=st.integers(1, 6),
     topk=st.integers(1, 40),
     seed=st.integers(0, 2**31 - 1),
+    topk_bin=st.sampled_from([1, 2, 3, 32]),
+    share_bin=st.sampled_from([1, 2, 16]),
+    block_bytes=st.sampled_from([1, 200, 8 << 20]),
 )
 def test_blockwise_reductions_equal_the_whole_matrix(
-    batch, kv, group, q_len, extra, kind, block, pooled, band, topk, seed
+    batch, kv, group, q_len, extra, kind, block, pooled, band, topk, seed, topk_bin, share_bin, block_bytes
 ):
+    """Small bins and blocks (patched) take every path of the large ones: the top-k search among
+    the best bins, shared overview bins, blocks of one head or of a part of a GQA group."""
     g = torch.Generator().manual_seed(seed)
     k_len = q_len + extra
     q = torch.randn(batch, kv * group, q_len, 8, generator=g) * 2
@@ -97,9 +99,35 @@ def test_blockwise_reductions_equal_the_whole_matrix(
         "padding": MaskSpec(key_valid=torch.arange(k_len)[None, :].expand(batch, -1) >= batch - 1),
         "window": MaskSpec(causal=True, offset=q_start, window=3),
         "dense": MaskSpec(dense=torch.randn(batch, 1, q_len, k_len, generator=g)),
+        "dense-heads": MaskSpec(dense=_hiding_bias(batch, kv * group, q_len, k_len, g)),
     }[kind]
     opt = SummaryOptions(topk=topk, sinks=2, band=band, pooled=pooled, block=block)
-    _check(q, k, mask, q_start, opt)
+    with (
+        mock.patch.object(reduce, "_TOPK_BIN", topk_bin),
+        mock.patch.object(reduce, "_SHARE_BIN", share_bin),
+        mock.patch.object(reduce, "_BLOCK_BYTES", block_bytes),
+    ):
+        _check(q, k, mask, q_start, opt)
+
+
+def _hiding_bias(batch, heads, q_len, k_len, g):
+    """A per-head additive mask that hides some keys (-inf), and every key of some rows."""
+    bias = torch.randn(batch, heads, q_len, k_len, generator=g)
+    bias[torch.rand(bias.shape, generator=g) < 0.3] = float("-inf")
+    bias[:, :, torch.rand(q_len, generator=g) < 0.2] = float("-inf")
+    return bias
+
+
+def test_long_rows_find_their_top_keys_among_the_best_bins():
+    """Rows of hundreds of keys at the real bin sizes: a peaked head (some keys far above the rest,
+    log p below the exp floor elsewhere), ties, and a short last bin."""
+    g = torch.Generator().manual_seed(3)
+    q, k = torch.randn(1, 4, 300, 16, generator=g), torch.randn(1, 2, 700, 16, generator=g)
+    k[:, :, 5] = 40 * q[:, :2].mean(2)  # a key most rows attend to, by far
+    k[:, :, 650:660] = k[:, :, 640:650]  # duplicate keys: equal weights
+    for mask in (None, MaskSpec(causal=True, offset=400), MaskSpec(causal=True, offset=400, window=100)):
+        for opt in (SummaryOptions(topk=8, pooled=20, block=64), SummaryOptions(topk=3, pooled=0, block=1000)):
+            _check(q, k, mask, 400, opt)
 
 
 def test_soft_capping_and_a_custom_scale():
