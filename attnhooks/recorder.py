@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import torch
@@ -275,13 +275,11 @@ class Recorder:
             softcap=event.softcap,
             q_start=q_start,
             key_start=shift,
-            options=self.options.summary,
+            options=replace(self.options.summary, pooled=0) if rec.q_offset else self.options.summary,
         )
-        if rec.q_offset:
-            for name in ("pooled_max", "pooled_mean", "pooled_bins"):
-                out.pop(name, None)
         if shift:
-            out["topk_index"] += shift
+            if "topk_index" in out:
+                out["topk_index"] += shift
             out["received"] = torch.nn.functional.pad(out["received"], (shift, 0))
         return {name: self.stager.stage(t, owned=True) for name, t in out.items()}
 

@@ -55,6 +55,9 @@ __all__ = ["Budget", "StoreOptions", "StoreWriter", "parse_bytes"]
 
 _CHUNK_BYTES = 8 << 20
 _SMALL_CHUNK_BYTES = 1 << 20  # below this, chunks grow over heads and samples: fewer, larger writes
+_RAW_LEAVES = frozenset(
+    {"q", "k", "lse", *(f"summary/{name}" for name in ("entropy", "topk_weight", "received", "sink", "band"))}
+)  # written without compression by default: see StoreWriter._codec
 _MIN_STEPS = 64  # step-axis capacity of a new array; it doubles when full (readers go by ``committed``)
 
 
@@ -547,7 +550,7 @@ class StoreWriter:
         if self._shape_of(path) is None:
             fill = True if leaf == "mask/key_valid" else (0 if leaf != "lse" else -np.inf)
             chunks = _chunks(need, value.dtype.itemsize, leaf)
-            self._new_array(path, need, value.dtype.name, chunks, fill, self._codec(leaf))
+            self._new_array(path, need, value.dtype.name, chunks, fill, self._codec(leaf, module))
         self._grow(path, need)
         self.backend.write(path, (*base, *sel), value)
         self.bytes_written += value.nbytes
@@ -590,8 +593,17 @@ class StoreWriter:
         row[tuple(sel[1:])] = value
         self.backend.write(path, (sel[0],), row)
 
-    def _codec(self, leaf: str) -> Codec:
-        return Codec("none", 0) if leaf == "mask/key_valid" and self.codec.name == "none" else self.codec
+    def _codec(self, leaf: str, module: _Module) -> Codec:
+        """The store's codec; but float arrays of model-derived values (q, k, lse and the row
+        summaries, in the model's own float dtype) are written raw unless ``compression=`` was
+        given: zstd-1 saves 7-15% on them for 2.2x the writer's CPU (measured: 3.4 s vs 1.55 s per
+        576 MiB of q), CPU a capture takes from the model's threads. attn (exact zeros under masks),
+        the overview maps, indices and masks compress 2-5x and stay compressed; so does widened
+        bfloat16 (its low halves are zeros)."""
+        widened = module.attrs["source_dtype"] not in (module.attrs["dtype"], None)
+        if self.options.codec is None and leaf in _RAW_LEAVES and not widened:
+            return Codec("none", 0)
+        return self.codec
 
     def _stored_dtype(self, rec: Record) -> str:
         t = rec.q if rec.q is not None else rec.k
