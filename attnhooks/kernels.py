@@ -18,7 +18,12 @@ import torch
 
 from .masks import MaskSpec
 
-__all__ = ["attention_probs", "isolated", "row_lse", "scores", "verify_rows"]
+__all__ = ["EXP_FLOOR", "attention_probs", "isolated", "logsumexp", "row_lse", "scores", "verify_rows"]
+
+# torch's CPU exp takes a scalar path, ~100x slower, for inputs below log(smallest normal float32)
+# = -87.34, -inf included (measured on torch 2.13: 0.6 ms vs 84 ms for 2M values). Raising the
+# arguments to this floor first changes results under 1.7e-38 into 1.7e-38: far below any tolerance.
+EXP_FLOOR = -87.0
 
 
 @contextlib.contextmanager
@@ -132,7 +137,7 @@ def attention_probs(
             out = attn[:, :, part.start - rows.start : part.stop - rows.start]
             s = _block_scores(q, k, scale, mask, part, n_keys, softcap)
             if lse is not None:
-                lse[:, :, part.start - rows.start : part.stop - rows.start] = torch.logsumexp(s, dim=-1)
+                lse[:, :, part.start - rows.start : part.stop - rows.start] = logsumexp(s)
             torch.softmax(s, dim=-1, out=out[..., :n_keys]) if n_keys else None
             out[..., n_keys:] = 0.0
             if hide_rows:
@@ -157,8 +162,18 @@ def row_lse(
         for start in range(0, q_len, max(1, block)):
             part = slice(start, min(start + block, q_len))
             n_keys = mask.visible_keys(q_len, k_len, part) if mask is not None else k_len
-            lse[:, :, part] = torch.logsumexp(_block_scores(q, k, scale, mask, part, n_keys, softcap), dim=-1)
+            lse[:, :, part] = logsumexp(_block_scores(q, k, scale, mask, part, n_keys, softcap))
     return lse
+
+
+def logsumexp(s: torch.Tensor) -> torch.Tensor:
+    """``torch.logsumexp(s, -1)`` of masked float scores (``-inf`` where hidden; ``-inf`` for a row
+    that sees nothing), without torch's slow exp path: 10x faster under a causal mask on the CPU."""
+    top = s.amax(-1, keepdim=True)
+    seen = torch.isfinite(top)
+    top = torch.where(seen, top, 0.0)
+    total = torch.exp_((s - top).clamp_min_(EXP_FLOOR)).sum(-1)
+    return torch.where(seen[..., 0], total.log_() + top[..., 0], float("-inf"))
 
 
 def verify_rows(

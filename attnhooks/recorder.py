@@ -19,7 +19,7 @@ import torch
 
 from .errors import DropoutError, FaithfulnessWarning
 from .intercept.event import AttentionEvent
-from .kernels import attention_probs, isolated, row_lse, verify_rows
+from .kernels import attention_probs, isolated, logsumexp, row_lse, verify_rows
 from .masks import MaskSpec
 from .record import Record
 from .reduce import SummaryOptions, summarize_call
@@ -327,7 +327,7 @@ class Recorder:
             if "attn" in self.options.record:
                 rec.attn = self._stage_attn(attn, shift, rec)
             if {"lse", "summary"} & self.options.record:
-                lse = torch.logsumexp(event.scores.float(), dim=-1)
+                lse = logsumexp(event.scores.float())
             if event.q is not None and event.k is not None:
                 raw = torch.matmul(event.q.float(), event.k.float().transpose(-1, -2))
                 rec.scale, rec.mask = _eager_scale_and_mask(raw, event.scores)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .kernels import isolated
+from .kernels import EXP_FLOOR, isolated
 from .masks import MaskSpec
 from .schema import ROWWISE, SUMMARY
 
@@ -231,7 +231,7 @@ class _Work:
     def _probabilities(self, heads: slice, rows: slice, keys: slice) -> tuple[torch.Tensor, torch.Tensor]:
         """``log p`` and ``p`` of the block ``[B, len(heads), len(rows), len(keys)]`` (in the reused
         buffers). Hidden keys have ``p = 0`` (their ``log p`` is finite: ``p log p`` is 0, not NaN);
-        ``log p`` is at least ``_FLOOR``.
+        ``log p`` is at least ``EXP_FLOOR``.
 
         Without soft-capping, ``s·scale - lse`` is one matrix product: ``[q·scale, -lse] · [k, 1]``
         (no pass over the block to scale it or subtract the lse)."""
@@ -251,7 +251,7 @@ class _Work:
         bias = self.mask.bias_block(rows, keys, heads, logp.device) if self.mask is not None else None
         if bias is not None:
             logp.add_(bias)
-        logp.clamp_min_(_FLOOR)
+        logp.clamp_min_(EXP_FLOOR)
         p = torch.exp(logp, out=self.p_buf[: b * h * r * n].view(b, h, r, n))
         if self.mask is not None:
             self.mask.hide_block_(p, plan.q_len, rows, keys, heads, 0.0)
@@ -281,10 +281,6 @@ class _Work:
         out["pooled_mean"][bins] += _bin_reduce(sums, plan.cb, -1, torch.sum)
 
 
-# torch's CPU exp takes a scalar path, ~100x slower, for inputs below log(smallest normal float32)
-# = -87.34 (measured; -inf too): log p is raised to this first. Probabilities under 1.7e-38 become
-# 1.7e-38, far below any tolerance; hidden keys are set to exactly 0 after the exp.
-_FLOOR = -87.0
 
 
 def _bin_reduce(x: torch.Tensor, size: int, dim: int, op) -> torch.Tensor:

@@ -53,6 +53,7 @@ class ZarrBackend:
         self.readonly = readonly
         self._root = group
         self._arrays: dict[str, zarr.Array[Any]] = {}
+        self._groups: dict[str, zarr.Group] = {}
 
     @classmethod
     def exists(cls, location: str) -> bool:
@@ -88,18 +89,24 @@ class ZarrBackend:
         return arr
 
     def create_group(self, path: str) -> None:
-        group = self._root
-        for part in split(path):
-            group = group[part] if part in group else group.create_group(part)  # type: ignore[assignment]
+        self._group(path)
+
+    def _group(self, path: str) -> zarr.Group:
+        """The group at ``path``, created with its parents when missing; cached (each lookup is a
+        metadata read: ~1 ms, and array creation needs the parent group every time)."""
+        group = self._groups.get(path)
+        if group is None:
+            group = self._root
+            for part in split(path):
+                group = group[part] if part in group else group.create_group(part)  # type: ignore[assignment]
+            self._groups[path] = group
+        return group
 
     def create_array(
         self, path: str, shape: tuple[int, ...], dtype: str, chunks: tuple[int, ...], fill_value: Any, codec: Codec
     ) -> None:
         *parents, leaf = split(path)
-        self.create_group("/".join(parents))
-        group = self._root["/".join(parents)] if parents else self._root
-        assert isinstance(group, zarr.Group)
-        self._arrays[path] = group.create_array(
+        self._arrays[path] = self._group("/".join(parents)).create_array(
             leaf,
             shape=shape,
             dtype=str if dtype == "str" else dtype,
@@ -115,8 +122,9 @@ class ZarrBackend:
         if not self.contains(path):
             return
         parts = split(path)
-        for key in [key for key in self._arrays if split(key)[: len(parts)] == parts]:
-            del self._arrays[key]
+        for cache in (self._arrays, self._groups):
+            for key in [key for key in cache if split(key)[: len(parts)] == parts]:
+                del cache[key]
         del self._root["/".join(parts)]
 
     def contains(self, path: str) -> bool:
@@ -167,6 +175,7 @@ class ZarrBackend:
 
     def close(self) -> None:
         self._arrays.clear()
+        self._groups.clear()
 
     @classmethod
     def cleanup(cls, location: str) -> list[str]:

@@ -298,3 +298,40 @@ def test_dense_lower_rank_masks_are_broadcast_to_4d():
     dense = torch.randn(3, 4)
     add = MaskSpec(dense=dense).additive(2, 3, 4)
     assert add.dim() == 4 and torch.equal(add[0, 0], dense)
+
+
+# -- blocks (reductions) ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        MaskSpec(causal=True),
+        MaskSpec(causal=True, offset=5),
+        MaskSpec(causal=True, offset=5, window=4),
+        MaskSpec(window=3, offset=2),
+        MaskSpec(causal=True, offset=5, key_valid=torch.tensor([[True] * 6 + [False] * 3 + [True] * 4] * 2)),
+        MaskSpec(dense=torch.rand(2, 3, 8, 13) < 0.6),
+        MaskSpec(dense=torch.randn(2, 1, 8, 13).masked_fill(torch.rand(2, 1, 8, 13) < 0.3, NEG_INF)),
+    ],
+)
+def test_blocks_hide_what_the_whole_mask_hides(spec):
+    """Every block of rows x keys x heads: the keys outside ``visible_range`` are hidden from all
+    its rows, and ``hide_block_`` (edge tiles only for causal / window) hides exactly the keys the
+    whole mask hides; ``bias_block`` is the float mask's block."""
+    batch, heads, q_len, k_len = 2, 3, 8, 13
+    whole = rebuilt(spec, batch, heads, q_len, k_len)
+    for rows in (slice(0, 3), slice(3, 8), slice(2, 7)):
+        first, stop = spec.visible_range(q_len, k_len, rows)
+        assert torch.isneginf(whole[:, :, rows, :first]).all() and torch.isneginf(whole[:, :, rows, stop:]).all()
+        for keys in (slice(0, k_len), slice(first, stop), slice(2, 11)):
+            for hs in (slice(0, 3), slice(1, 2)):
+                block = torch.ones(batch, hs.stop - hs.start, rows.stop - rows.start, keys.stop - keys.start)
+                spec.hide_block_(block, q_len, rows, keys, hs, 0.0)
+                want = whole[:, hs, rows, keys]
+                assert torch.equal(block == 0, torch.isneginf(want))
+                bias = spec.bias_block(rows, keys, hs, "cpu")
+                if spec.dense is not None and spec.dense.dtype != torch.bool:
+                    assert torch.equal(torch.zeros_like(want) + bias, want)
+                else:
+                    assert bias is None
