@@ -1,11 +1,17 @@
 """Blockwise reductions of one attention call, computed where the model runs, never holding n x n.
 
-Query rows are processed ``block`` at a time: one block's scores ``[batch, heads, block, k_len]``
-exist at once, and the probabilities are ``exp(s - lse)`` with the row log-sum-exp the kernel
-returned (or one computed beforehand). What each block contributes:
+A block is a few query heads by at most ``block`` query rows by the keys those rows can see
+(about 8 MiB of scores, so that every pass over it runs from cache); its probabilities are
+``exp(s - lse)`` with the row log-sum-exp the kernel returned (or one computed beforehand), and
+``s·scale - lse`` is one matrix product. Under a causal or sliding-window mask only the keys a
+block can see are scored, and only the tiles at their edges are masked. What each block
+contributes:
 
 * ``entropy [B, H, q]``: ``-sum_j p_j log p_j`` (nats), with ``log p = s - lse``.
-* ``topk_index [B, H, q, K]`` (int32) and ``topk_weight [B, H, q, K]``: the K most attended keys.
+* ``topk_index [B, H, q, K]`` (int32) and ``topk_weight [B, H, q, K]``: the K most attended keys,
+  found among the keys of the K key bins with the largest maxima (the overview's key bins when
+  they are 16 keys wide or more, else 32-key bins): two small top-k searches instead of one over
+  every key.
 * ``received [B, H, k]``: attention received per key, summed over the rows (column sums).
 * ``sink [B, H, q]``: mass on the first ``sinks`` keys.
 * ``band [B, H, q, W]``: ``band[..., i, w]`` is the weight on key ``pos(i) - w``, the query's own
@@ -45,9 +51,10 @@ class SummaryOptions:
         pooled: side of the overview maps (at most ``pooled x pooled``; 0: no overview).
         Entropy and the attention received per key are always computed; turning the others off
         makes a summary cheaper (top-k and the overview are the costly passes).
-        block: query rows per block at most (one block's ``[batch, heads, block, k_len]`` scores
-            at a time); fewer when a block's scores would pass 64 MiB, so memory stays bounded at
-            any length.
+        block: query rows per block at most; fewer (whole overview row bins, at least one) when a
+            block's scores would pass 8 MiB, so memory stays bounded at any length: two such
+            buffers, a float32 copy of the keys its heads read and the outputs are what a summary
+            allocates.
     """
 
     topk: int = 8

@@ -42,8 +42,9 @@ def assemble(records: list[Record], module: str, step: int, call: int = 0) -> Re
 
 def join(parts: list[Record]) -> Record:
     """One record for consecutive parts of a stream (ordered by ``q_offset``): q, k and lse
-    concatenated, ``attn`` zero-padded to the last part's keys (None when a part holds row windows
-    only); other fields from the first part (the mask too), ``k_len`` and ``dropout`` the largest."""
+    concatenated, ``attn`` zero-padded to the last part's keys (with row windows: the windows'
+    rows, listed in ``attn_rows``); other fields from the first part (the mask too), ``k_len`` and
+    ``dropout`` the largest."""
     first = parts[0]
     if len(parts) == 1:
         return first
@@ -57,17 +58,32 @@ def join(parts: list[Record]) -> Record:
     out.k = _cat([r.k for r in parts], dim=2)
     out.lse = _cat([r.lse for r in parts], dim=2)
     out.summary = _join_summary(parts, out.k_len)
-    out.attn = None
-    if all(r.attn is not None and r.attn_rows is None for r in parts):  # row windows are not joined
-        rows = sum(int(r.attn.shape[2]) for r in parts if r.attn is not None)
-        b, h = parts[-1].attn.shape[:2]  # type: ignore[union-attr]
-        attn = torch.zeros(b, h, rows, out.k_len, dtype=torch.float32)
-        for r in parts:
-            assert r.attn is not None
-            row = r.q_offset - first.q_offset
-            attn[:, :, row : row + r.attn.shape[2], : r.attn.shape[3]] = r.attn
-        out.attn = attn
+    out.attn, out.attn_rows = _join_attn(parts, out.k_len)
     return out
+
+
+def _join_attn(
+    parts: list[Record], k_len: int
+) -> tuple[torch.Tensor | None, tuple[tuple[int, int], ...] | None]:
+    """The parts' ``attn`` rows in order, zero-padded to ``k_len`` keys, and the rows they are
+    (None: every row); a part without ``attn`` (no row of it in a window) adds none."""
+    if all(r.attn is None for r in parts):
+        return None, None
+    first = parts[0].q_offset
+    spans: list[tuple[int, int]] = []
+    blocks = []
+    for r in parts:
+        if r.attn is None:
+            continue
+        row = r.q_offset - first
+        for a, b in r.attn_rows or ((0, int(r.attn.shape[2])),):
+            if spans and spans[-1][1] == row + a:
+                spans[-1] = (spans[-1][0], row + b)
+            else:
+                spans.append((row + a, row + b))
+        blocks.append(torch.nn.functional.pad(r.attn.float(), (0, k_len - int(r.attn.shape[3]))))
+    whole = all(r.attn is not None and r.attn_rows is None for r in parts)
+    return torch.cat(blocks, dim=2), None if whole else tuple(spans)
 
 
 def _join_summary(parts: list[Record], k_len: int) -> dict[str, torch.Tensor] | None:

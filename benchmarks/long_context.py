@@ -11,11 +11,12 @@ A Llama-style model (``benchmarks/common.py``: hidden 768, 12 heads, 12 KV heads
                SDPA call runs the flash kernel SDPA would run anyway, which returns the row lse.
   ``summary``  the same with ``record=("q", "k", "lse", "summary")`` and default summary sizes
                (top-8 keys, 4 sinks, 64 diagonals, 256 x 256 overview, blocks of at most 1024
-               rows and 64 MiB of scores).
+               rows and 8 MiB of scores).
   ``eager``    ``attn_implementation="eager"``, ``output_attentions=True`` (every layer's
                ``[1, heads, n, n]`` float32 attention returned).
 
-Stores use the capture's defaults (zarr, zstd level 1, ``buffer="1GiB"``, ``when_full="block"``).
+Stores use the capture's defaults (zarr; zstd level 1, but q, k, lse and the float row summaries
+written raw; ``buffer="1GiB"``, ``when_full="block"``).
 
 1. Main, ``--tokens`` (8192) tokens, ``--layers`` (12): bare, qkl, summary. Targets: qkl <= 1.05x
    bare, summary <= 2.0x bare (median wall time), and each capture's peak RSS <= bare's + 1 GiB.
@@ -542,7 +543,7 @@ def report(args: argparse.Namespace, info: dict[str, Any], results: dict[str, An
         f"{args.vocab}; float32, batch 1, no_grad, use_cache=False; each measurement one forward in its own "
         f"child after a {WARMUP_TOKENS}-token warm-up; time = the whole `with capture(...)` block (forward = "
         "until the model returned, close = draining the writer and closing the store); peak extra = ru_maxrss "
-        "- RSS after model load and warm-up, worst repeat; stores: zarr, zstd-1, buffer 1GiB."
+        "- RSS after model load and warm-up, worst repeat; stores: zarr (zstd-1; q, k, lse, row summaries raw), buffer 1GiB."
     )
     loads = [m["load"] for part in ("main", "eager", "long") for ms in results.get(part, {}).values() for m in ms]
     print(f"Machine: {machine(info)}; torch.set_num_threads({args.threads}).")

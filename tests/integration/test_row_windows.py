@@ -81,10 +81,23 @@ def test_rows_needs_attn_and_valid_slices():
         attnhooks.capture(model, rows=slice(0, 8, 2))
 
 
-def test_assemble_does_not_join_row_windows():
-    model = models.llama()
+def test_assemble_joins_row_windows_of_a_generation():
+    """In memory, a generation's windows (the last 2 rows of each forward call: prefill rows 4-5
+    and every decode row) join into one record whose attn rows are listed in ``attn_rows``."""
+    model, eager = models.same_weights(models.llama, "eager")
     x, _ = models.ids(batch=1, length=6)
     with torch.no_grad(), attnhooks.capture(model, rows=slice(-2, None)) as cap:
+        out = model.generate(input_ids=x, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        ref = eager(input_ids=out[:, :8], output_attentions=True).attentions
+    for layer in range(2):
+        full = cap.assemble(f"model.layers.{layer}.self_attn", 0)
+        assert full.q.shape[2] == 8 and full.attn_rows == ((4, 8),)
+        assert full.attn.shape == (1, 4, 4, 8)
+        assert (full.attn - ref[layer][:, :, 4:8]).abs().max() <= TOL
+    with torch.no_grad(), attnhooks.capture(model, rows=[slice(1, 2), slice(7, 8)]) as cap:
         model.generate(input_ids=x, max_new_tokens=3, do_sample=False, pad_token_id=0)
-    full = cap.assemble("model.layers.0.self_attn", 0)
-    assert full.attn is None and full.q.shape[2] == 8  # q, k and lse still joined
+    full = cap.assemble("model.layers.1.self_attn", 0)  # the first decode call has no row in a window
+    assert full.attn_rows == ((1, 2), (7, 8))
+    assert (full.attn[:, :, 0] - ref[1][:, :, 1]).abs().max() <= TOL
+    assert (full.attn[:, :, 1] - ref[1][:, :, 7]).abs().max() <= TOL
