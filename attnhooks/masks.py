@@ -101,31 +101,50 @@ class MaskSpec:
         dense = self._dense_block(rows, keys, heads, device)
         return dense.float() if dense is not None and dense.dtype != torch.bool else None
 
-    def hide_block_(self, x: torch.Tensor, q_len: int, rows: slice, keys: slice, heads: slice, fill: float) -> torch.Tensor:
+    def hide_block_(
+        self,
+        x: torch.Tensor,
+        q_len: int,
+        rows: slice,
+        keys: slice,
+        heads: slice,
+        fill: float,
+        tiles: list[tuple[slice, torch.Tensor]] | None = None,
+    ) -> torch.Tensor:
         """Set ``x [batch, len(heads), len(rows), len(keys)]`` (scores or probabilities of a block) to
         ``fill`` in place wherever the key is hidden (for a float ``dense`` mask: where it is ``-inf``).
 
         Causal and window masks touch only the key columns that some row of the block cannot see (a
-        tile as wide as the block is tall at each edge), not the whole block."""
+        tile as wide as the block is tall at each edge), not the whole block; ``tiles`` are those
+        of :meth:`edge_tiles` when the caller kept them (blocks of other heads, same rows and keys)."""
         dense = self._dense_block(rows, keys, heads, x.device)
         if dense is not None:
             return x.masked_fill_(~dense if dense.dtype == torch.bool else torch.isneginf(dense), fill)
         if self.key_valid is not None:
             x.masked_fill_(~self.key_valid.to(x.device)[:, None, None, keys], fill)
+        for cols, hidden in self.edge_tiles(rows, keys, x.device) if tiles is None else tiles:
+            x[..., cols].masked_fill_(hidden, fill)
+        return x
+
+    def edge_tiles(self, rows: slice, keys: slice, device: torch.device | str) -> list[tuple[slice, torch.Tensor]]:
+        """The causal / window mask of a block of query ``rows`` x ``keys`` where it hides anything:
+        ``(columns within the block, hidden [len(rows), columns])`` for the keys after the first row
+        (causal) and those before the last row's window."""
+        spans = []
+        if self.causal:
+            spans.append((max(keys.start, rows.start + self.offset + 1), keys.stop))
+        if self.window is not None:
+            spans.append((keys.start, min(keys.stop, rows.stop + self.offset - self.window)))
+        i = torch.arange(rows.start, rows.stop, device=device)[:, None] + self.offset
         tiles = []
-        if self.causal:  # keys after the block's first row
-            tiles.append((max(keys.start, rows.start + self.offset + 1), keys.stop))
-        if self.window is not None:  # keys before the block's last row's window
-            tiles.append((keys.start, min(keys.stop, rows.stop + self.offset - self.window)))
-        i = torch.arange(rows.start, rows.stop, device=x.device)[:, None] + self.offset
-        for lo, hi in tiles:
+        for lo, hi in spans:
             if hi > lo:
-                j = torch.arange(lo, hi, device=x.device)
-                hidden = (j > i) if self.causal else torch.zeros((), dtype=torch.bool, device=x.device)
+                j = torch.arange(lo, hi, device=device)
+                hidden = (j > i) if self.causal else torch.zeros((), dtype=torch.bool, device=device)
                 if self.window is not None:
                     hidden = hidden | (i - j >= self.window)
-                x[..., lo - keys.start : hi - keys.start].masked_fill_(hidden, fill)
-        return x
+                tiles.append((slice(lo - keys.start, hi - keys.start), hidden))
+        return tiles
 
     def _dense_block(self, rows: slice, keys: slice, heads: slice, device: torch.device | str) -> torch.Tensor | None:
         dense = self._dense_rows(rows, device)

@@ -108,9 +108,10 @@ def summarize_call(
     with isolated(dev):
         out = plan.outputs(dev)
         work = _Work(plan, q, k, lse, scale, softcap, mask, max(0, options.sinks - key_start), q_start)
-        for heads_ in plan.head_blocks():
-            for start in range(0, q_len, plan.rows):
-                work.block(out, heads_, slice(start, min(start + plan.rows, q_len)))
+        for start in range(0, q_len, plan.rows):
+            rows = work.rows(slice(start, min(start + plan.rows, q_len)))
+            for heads_ in plan.head_blocks():
+                work.block(out, heads_, rows)
         out["received"] = out["received"].float()
         if options.pooled:
             out["pooled_bins"] = torch.tensor([[plan.rb, plan.cb, plan.pq, plan.pk]], device=dev).expand(batch, 4)
@@ -187,6 +188,16 @@ class _Plan:
         return out
 
 
+@dataclass(frozen=True)
+class _Rows:
+    """A block of query rows and what every head's block over them shares (see ``_Work.rows``)."""
+
+    rows: slice
+    keys: slice
+    tiles: list[tuple[slice, torch.Tensor]]
+    band: tuple[torch.Tensor, torch.Tensor] | None
+
+
 class _Work:
     """One call's inputs and the two block buffers (log-probabilities and probabilities) reused
     by every block."""
@@ -201,32 +212,42 @@ class _Work:
         size = plan.batch * plan.head_block * plan.rows * (plan.k_len + plan.bin)
         self.logp_buf = torch.empty(size, device=q.device)
         self.p_buf = torch.empty(size, device=q.device)
-        self._key_cache: tuple[slice, torch.Tensor] | None = None
+        self.bin_keys = torch.arange(plan.bin, device=q.device)
 
-    def keys(self, rows: slice) -> slice:
-        """The keys a block scores: those its rows can see, widened to whole top-k / overview key
-        bins at the start and to at least ``top`` keys."""
-        plan = self.plan
+    def rows(self, rows: slice) -> _Rows:
+        """What the blocks of every head over these query rows share: the keys they score (those
+        the rows can see, widened to whole top-k / overview key bins at the start and to at least
+        ``top`` keys), the mask's edge tiles and the band's gather index."""
+        plan, dev = self.plan, self.q.device
         first, stop = self.mask.visible_range(plan.q_len, plan.k_len, rows) if self.mask else (0, plan.k_len)
         first = first // plan.bin * plan.bin
         if stop - first < self.top:
             first, stop = 0, max(stop, self.top)
-        return slice(first, stop)
+        keys = slice(first, stop)
+        tiles = self.mask.edge_tiles(rows, keys, dev) if self.mask is not None else []
+        band = None
+        if plan.options.band:  # row i reads key q_start + i - w, as a column of the scored keys
+            n = stop - first
+            local = torch.arange(rows.start, rows.stop, device=dev)[:, None] + (self.q_start - first)
+            local = local - torch.arange(plan.options.band, device=dev)[None, :]  # [r, W]
+            band = (local.clamp(0, max(n - 1, 0)), (local >= 0) & (local < n))
+        return _Rows(rows, keys, tiles, band)
 
-    def block(self, out: dict[str, torch.Tensor], heads: slice, rows: slice) -> None:
-        """Add one block of rows of ``heads`` to every reduction."""
-        keys = self.keys(rows)
-        logp, p = self._probabilities(heads, rows, keys)
+    def block(self, out: dict[str, torch.Tensor], heads: slice, at_rows: _Rows) -> None:
+        """Add one block (``heads`` x the rows of ``at_rows``) to every reduction."""
+        rows, keys = at_rows.rows, at_rows.keys
+        logp, p = self._probabilities(heads, at_rows)
         plan, opt = self.plan, self.plan.options
         at = (slice(None), heads, rows)
         out["entropy"][at] = torch.einsum("bhij,bhij->bhi", p, logp).neg_()  # p = 0 where log p = fill
         if "sink" in out:
             out["sink"][at] = p[..., : max(0, self.sinks - keys.start)].sum(-1)
-        if opt.band:
-            out["band"][at] = _band(p, rows, keys, self.q_start, opt.band)
+        if at_rows.band is not None:
+            index, valid = at_rows.band
+            out["band"][at] = torch.gather(p, -1, index.expand(*p.shape[:2], -1, -1)).mul_(valid)
         peaks = _bin_reduce(p, plan.bin, -1, torch.amax) if self.top or opt.pooled else None
         if self.top:
-            weight, index = _topk(p, peaks, self.top, plan.bin)
+            weight, index = _topk(p, peaks, self.top, self.bin_keys)
             out["topk_weight"][at], out["topk_index"][at] = weight, (index + keys.start).int()
         if opt.pooled:
             sums = _bin_reduce(p, plan.rb, -2, torch.sum)  # [B, h, row bins, n]
@@ -235,53 +256,39 @@ class _Work:
         else:
             out["received"][:, heads, keys] += p.sum(2)
 
-    def _probabilities(self, heads: slice, rows: slice, keys: slice) -> tuple[torch.Tensor, torch.Tensor]:
+    def _probabilities(self, heads: slice, at_rows: _Rows) -> tuple[torch.Tensor, torch.Tensor]:
         """``log p`` and ``p`` of the block ``[B, len(heads), len(rows), len(keys)]`` (in the reused
         buffers). Hidden keys have ``p = 0`` (their ``log p`` is finite: ``p log p`` is 0, not NaN);
-        ``log p`` is at least ``EXP_FLOOR``.
-
-        Without soft-capping, ``s·scale - lse`` is one matrix product: ``[q·scale, -lse] · [k, 1]``
-        (no pass over the block to scale it or subtract the lse)."""
-        plan = self.plan
+        ``log p`` is at least ``EXP_FLOOR``."""
+        plan, rows, keys = self.plan, at_rows.rows, at_rows.keys
         b, h, r, n = plan.batch, heads.stop - heads.start, rows.stop - rows.start, keys.stop - keys.start
         group = min(h, plan.group)  # query heads per key head in this block
+        kv = slice(heads.start // plan.group, (heads.stop - 1) // plan.group + 1)
         q = self.q[:, heads, rows].float()
-        lse = self.lse[:, heads, rows, None]
-        if self.softcap is None:
-            q = torch.cat([q * self.scale, -lse], dim=-1)
-        kt = self._keys(heads)[:, :, keys].reshape(b * (h // group), n, -1).transpose(1, 2)
+        q = q * self.scale if self.softcap is None else q
+        kt = self.k[:, kv, keys].float().reshape(b * (h // group), n, -1).transpose(1, 2)
         logp = self.logp_buf[: b * h * r * n].view(b * (h // group), group * r, n)
         torch.bmm(q.reshape(b * (h // group), group * r, -1), kt, out=logp)
         logp = logp.view(b, h, r, n)
         if self.softcap is not None:
-            logp.mul_(self.scale / self.softcap).tanh_().mul_(self.softcap).sub_(lse)
+            logp.mul_(self.scale / self.softcap).tanh_().mul_(self.softcap)
         bias = self.mask.bias_block(rows, keys, heads, logp.device) if self.mask is not None else None
         if bias is not None:
             logp.add_(bias)
-        logp.clamp_min_(EXP_FLOOR)
+        logp.sub_(self.lse[:, heads, rows, None]).clamp_min_(EXP_FLOOR)
         p = torch.exp(logp, out=self.p_buf[: b * h * r * n].view(b, h, r, n))
         if self.mask is not None:
-            self.mask.hide_block_(p, plan.q_len, rows, keys, heads, 0.0)
+            self.mask.hide_block_(p, plan.q_len, rows, keys, heads, 0.0, at_rows.tiles)
         return logp, p
-
-    def _keys(self, heads: slice) -> torch.Tensor:
-        """Float32 keys of the key heads that query ``heads`` read, ``[B, kv, k_len, dim (+1)]``: with
-        a column of ones (multiplying ``-lse``) unless soft-capped. Built once per head block."""
-        plan = self.plan
-        kv = slice(heads.start // plan.group, (heads.stop - 1) // plan.group + 1)
-        if self._key_cache is None or self._key_cache[0] != kv:
-            k = self.k[:, kv].float()
-            if self.softcap is None:
-                k = torch.cat([k, torch.ones(*k.shape[:-1], 1, device=k.device)], dim=-1)
-            self._key_cache = (kv, k)
-        return self._key_cache[1]
 
     def _pool(self, out, p, peaks, sums, heads: slice, rows: slice, keys: slice) -> None:
         """Max- and sum-pool a block into the overview (blocks hold whole row bins but the last;
         they start at a whole key bin)."""
         plan = self.plan
-        by_keys = peaks if plan.bin == plan.cb else _bin_reduce(p, plan.cb, -1, torch.amax)
-        peak = _bin_reduce(by_keys, plan.rb, -2, torch.amax)
+        if plan.bin == plan.cb:
+            peak = _bin_reduce(peaks, plan.rb, -2, torch.amax)
+        else:  # narrow key bins: rows first (an elementwise max of whole rows runs vectorised)
+            peak = _bin_reduce(_bin_reduce(p, plan.rb, -2, torch.amax), plan.cb, -1, torch.amax)
         bins = (slice(None), heads, slice(rows.start // plan.rb, rows.start // plan.rb + peak.shape[2]),
                 slice(keys.start // plan.cb, keys.start // plan.cb + peak.shape[3]))
         torch.maximum(out["pooled_max"][bins], peak, out=out["pooled_max"][bins])
@@ -302,30 +309,22 @@ def _bin_reduce(x: torch.Tensor, size: int, dim: int, op) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
 
 
-def _topk(p: torch.Tensor, peaks: torch.Tensor, top: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _topk(p: torch.Tensor, peaks: torch.Tensor, top: int, bin_keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``top`` largest ``p`` per row and their indices in the block: among the keys of the
-    ``top`` bins with the largest maxima (``peaks``), which hold them (a key outside those bins has
-    ``top`` larger maxima, so ``top`` larger keys, ahead of it)."""
-    n = p.shape[-1]
+    ``top`` bins (of ``len(bin_keys)`` keys) with the largest maxima (``peaks``), which hold them (a
+    key outside those bins has ``top`` larger maxima, so ``top`` larger keys, ahead of it)."""
+    n, size = p.shape[-1], bin_keys.shape[0]
     if peaks.shape[-1] <= 2 * top:
         return p.topk(top, dim=-1)
     bins = peaks.topk(top, dim=-1).indices  # [B, h, r, top]
-    index = (bins[..., None] * size + torch.arange(size, device=p.device)).flatten(-2)
-    outside = index >= n  # the short last bin
-    values = torch.gather(p, -1, index.clamp_(max=n - 1)).masked_fill_(outside, -1.0)
+    index = (bins[..., None] * size + bin_keys).flatten(-2)
+    if n % size:  # the short last bin: its missing keys never win (p >= 0 elsewhere)
+        outside = index >= n
+        values = torch.gather(p, -1, index.clamp_(max=n - 1)).masked_fill_(outside, -1.0)
+    else:
+        values = torch.gather(p, -1, index)
     weight, pick = values.topk(top, dim=-1)
     return weight, torch.gather(index, -1, pick)
-
-
-def _band(p: torch.Tensor, rows: slice, keys: slice, q_start: int, width: int) -> torch.Tensor:
-    """``[B, H, r, W]``: weight on key ``q_start + i - w`` for each row ``i`` of the block (keys
-    outside the scored ones have weight 0)."""
-    n = p.shape[-1]
-    pos = torch.arange(rows.start, rows.stop, device=p.device)[:, None] + q_start - keys.start
-    local = pos - torch.arange(width, device=p.device)[None, :]  # [r, W]
-    valid = (local >= 0) & (local < n)
-    index = local.clamp(0, max(n - 1, 0)).expand(*p.shape[:2], -1, -1)
-    return torch.gather(p, -1, index) * valid
 
 
 def _cells(q_len: int, k_len: int, rb: int, cb: int, device: torch.device) -> torch.Tensor:

@@ -606,13 +606,15 @@ class StoreWriter:
         """The store's codec; but float arrays of model-derived values (q, k, lse and the row
         summaries, in the model's own float dtype) are written raw unless ``compression=`` was
         given: zstd-1 saves 7-15% on them for 2.2x the writer's CPU (measured: 3.4 s vs 1.55 s per
-        576 MiB of q), CPU a capture takes from the model's threads. attn (exact zeros under masks),
-        the overview maps, indices and masks compress 2-5x and stay compressed; so does widened
-        bfloat16 (its low halves are zeros)."""
+        576 MiB of q), CPU a capture takes from the model's threads. Their chunks are never all
+        zeros, so zarr's check for empty chunks is skipped too (1.25 s -> 0.61 s per 576 MiB).
+        attn (exact zeros under masks), the overview maps, indices and masks compress 2-5x and
+        stay compressed; so does widened bfloat16 (its low halves are zeros)."""
+        if leaf not in _RAW_LEAVES:
+            return self.codec
         widened = module.attrs["source_dtype"] not in (module.attrs["dtype"], None)
-        if self.options.codec is None and leaf in _RAW_LEAVES and not widened:
-            return Codec("none", 0)
-        return self.codec
+        raw = self.options.codec is None and not widened
+        return dataclasses.replace(Codec("none", 0) if raw else self.codec, skip_empty=False)
 
     def _stored_dtype(self, rec: Record) -> str:
         t = rec.q if rec.q is not None else rec.k

@@ -42,10 +42,15 @@ Selection = tuple[slice | int, ...]
 
 @dataclass(frozen=True)
 class Codec:
-    """Compression of an array's chunks: ``name`` is ``"zstd"``, ``"gzip"`` or ``"none"``."""
+    """How an array's chunks are stored: ``name`` is the compression, ``"zstd"``, ``"gzip"`` or
+    ``"none"``; ``skip_empty``: a chunk holding only the fill value may be left unwritten (zarr
+    checks every chunk for it, a pass over the data that doubles the CPU of an uncompressed write;
+    the writer turns it off for arrays that are never empty, such as q and k). Backends without
+    such a check ignore it."""
 
     name: str = "zstd"
     level: int = 1
+    skip_empty: bool = True
 
 
 @runtime_checkable

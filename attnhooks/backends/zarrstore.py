@@ -113,6 +113,7 @@ class ZarrBackend:
             chunks=chunks,
             fill_value="" if dtype == "str" else fill_value,
             compressors=None if dtype == "str" else _compressor(codec),
+            config={"write_empty_chunks": not codec.skip_empty},
             overwrite=True,
         )
 
