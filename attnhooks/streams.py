@@ -62,9 +62,7 @@ def join(parts: list[Record]) -> Record:
     return out
 
 
-def _join_attn(
-    parts: list[Record], k_len: int
-) -> tuple[torch.Tensor | None, tuple[tuple[int, int], ...] | None]:
+def _join_attn(parts: list[Record], k_len: int) -> tuple[torch.Tensor | None, tuple[tuple[int, int], ...] | None]:
     """The parts' ``attn`` rows in order, zero-padded to ``k_len`` keys, and the rows they are
     (None: every row); a part without ``attn`` (no row of it in a window) adds none."""
     if all(r.attn is None for r in parts):
