@@ -24,6 +24,7 @@ contributes:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -158,10 +159,9 @@ class _Plan:
             head_block = min(heads, fit_heads // group * group)
         else:
             head_block = max(d for d in range(1, group + 1) if group % d == 0 and d <= fit_heads)
-        if opt.pooled and cb >= _SHARE_BIN:
-            bin_ = cb
-        else:
-            bin_ = cb * math.ceil(_TOPK_BIN / cb) if opt.pooled else _TOPK_BIN
+        bin_ = _TOPK_BIN  # the overview's key bins, when they are wide enough, or a multiple of them
+        if opt.pooled:
+            bin_ = cb if cb >= _SHARE_BIN else cb * math.ceil(_TOPK_BIN / cb)
         return cls(
             batch,
             heads,
@@ -215,7 +215,18 @@ class _Work:
     """One call's inputs and the two block buffers (log-probabilities and probabilities) reused
     by every block."""
 
-    def __init__(self, plan, q, k, lse, scale, softcap, mask, sinks, q_start) -> None:
+    def __init__(
+        self,
+        plan: _Plan,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        lse: torch.Tensor,
+        scale: float,
+        softcap: float | None,
+        mask: MaskSpec | None,
+        sinks: int,
+        q_start: int,
+    ) -> None:
         self.plan, self.q, self.k, self.scale, self.softcap = plan, q, k, scale, softcap
         self.mask = mask if mask is not None and not mask.is_trivial else None
         self.hidden = bool(torch.isneginf(lse).any())
@@ -267,6 +278,7 @@ class _Work:
             out["band"][at] = torch.gather(p, -1, index.expand(*p.shape[:2], -1, -1)).mul_(valid)
         peaks = _bin_reduce(p, plan.bin, -1, torch.amax) if self.top or opt.pooled else None
         if self.top:
+            assert peaks is not None
             weight, index = _topk(p, peaks, self.top, self.bin_keys)
             out["topk_weight"][at], out["topk_index"][at] = weight, (index + keys.start).int()
         if opt.pooled:
@@ -302,11 +314,20 @@ class _Work:
             self.mask.hide_block_(p, plan.q_len, rows, keys, heads, 0.0, at_rows.tiles)
         return logp, p
 
-    def _pool(self, out, p, peaks, sums, heads: slice, rows: slice, keys: slice) -> None:
+    def _pool(
+        self,
+        out: dict[str, torch.Tensor],
+        p: torch.Tensor,
+        peaks: torch.Tensor | None,
+        sums: torch.Tensor,
+        heads: slice,
+        rows: slice,
+        keys: slice,
+    ) -> None:
         """Max- and sum-pool a block into the overview (blocks hold whole row bins but the last;
         they start at a whole key bin)."""
         plan = self.plan
-        if plan.bin == plan.cb:
+        if peaks is not None and plan.bin == plan.cb:
             peak = _bin_reduce(peaks, plan.rb, -2, torch.amax)
         else:  # narrow key bins: rows first (an elementwise max of whole rows runs vectorised)
             peak = _bin_reduce(_bin_reduce(p, plan.rb, -2, torch.amax), plan.cb, -1, torch.amax)
@@ -320,7 +341,7 @@ class _Work:
         out["pooled_mean"][bins] += _bin_reduce(sums, plan.cb, -1, torch.sum)
 
 
-def _bin_reduce(x: torch.Tensor, size: int, dim: int, op) -> torch.Tensor:
+def _bin_reduce(x: torch.Tensor, size: int, dim: int, op: Callable[..., torch.Tensor]) -> torch.Tensor:
     """``op`` over consecutive bins of ``size`` along ``dim`` (-1 or -2); the last bin may be short."""
     n = x.shape[dim]
     full = n // size * size

@@ -543,7 +543,8 @@ def report(args: argparse.Namespace, info: dict[str, Any], results: dict[str, An
         f"{args.vocab}; float32, batch 1, no_grad, use_cache=False; each measurement one forward in its own "
         f"child after a {WARMUP_TOKENS}-token warm-up; time = the whole `with capture(...)` block (forward = "
         "until the model returned, close = draining the writer and closing the store); peak extra = ru_maxrss "
-        "- RSS after model load and warm-up, worst repeat; stores: zarr (zstd-1; q, k, lse, row summaries raw), buffer 1GiB."
+        "- RSS after model load and warm-up, worst repeat; stores: zarr (zstd-1; q, k, lse, row summaries raw), "
+        "buffer 1GiB."
     )
     loads = [m["load"] for part in ("main", "eager", "long") for ms in results.get(part, {}).values() for m in ms]
     print(f"Machine: {machine(info)}; torch.set_num_threads({args.threads}).")

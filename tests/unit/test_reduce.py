@@ -10,9 +10,9 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from attnhooks import reduce
 from attnhooks.kernels import attention_probs
 from attnhooks.masks import MaskSpec
-from attnhooks import reduce
 from attnhooks.reduce import SummaryOptions, summarize_call
 from tests.property.common import SETTINGS
 
