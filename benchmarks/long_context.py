@@ -50,7 +50,7 @@ child is a fresh process that builds its own model; the imports are shared, whic
 
 How to run
 ----------
-    python benchmarks/long_context.py                    # everything (~30 minutes on 2 cores)
+    python benchmarks/long_context.py                    # everything (~15 minutes on 2 cores)
     python benchmarks/long_context.py --quick            # smoke sizes (< 1 minute)
     python benchmarks/long_context.py --parts main --repeats 1 --out long.json
     python benchmarks/long_context.py --parts "" --profile summary     # only a cProfile of one capture
