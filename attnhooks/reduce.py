@@ -227,19 +227,19 @@ class _Work:
         sinks: int,
         q_start: int,
     ) -> None:
-        self.plan, self.q, self.k, self.scale, self.softcap = plan, q, k, scale, softcap
+        self.plan, self.q, self.scale, self.softcap = plan, q, scale, softcap
         self.mask = mask if mask is not None and not mask.is_trivial else None
-        self.hidden = bool(torch.isneginf(lse).any())
-        self.lse = torch.where(torch.isneginf(lse), 0.0, lse) if self.hidden else lse  # such rows: all masked
+        hidden = torch.isneginf(lse)  # rows that see no key: every key of theirs is masked below
+        self.lse = torch.where(hidden, 0.0, lse) if bool(hidden.any()) else lse
         self.sinks, self.q_start = sinks, q_start
         self.top = min(plan.options.topk, plan.k_len)
-        size = plan.batch * plan.head_block * plan.rows * (plan.k_len + plan.bin)
+        size = plan.batch * plan.head_block * plan.rows * plan.k_len
         self.logp_buf = torch.empty(size, device=q.device)
         self.p_buf = torch.empty(size, device=q.device)
         self.bin_keys = torch.arange(plan.bin, device=q.device)
-        # [k, 1]: with [q·scale, -lse] one product gives s·scale - lse, no pass to subtract the lse
-        # (a float32 copy of the keys, ~4% of a summary's time at 8k tokens); not when soft-capped
-        self.keys = (
+        # [k, 1]: with [q·scale, -lse] one product gives s·scale - lse: one float32 copy of the keys
+        # per call instead of a pass over every block to subtract the lse (not when soft-capped)
+        self.key_ones = (
             k.float()
             if softcap is not None
             else torch.cat([k.float(), k.new_ones(*k.shape[:-1], 1, dtype=torch.float32)], -1)
@@ -299,7 +299,7 @@ class _Work:
         q, lse = self.q[:, heads, rows].float(), self.lse[:, heads, rows, None]
         if self.softcap is None:
             q = torch.cat([q * self.scale, -lse], dim=-1)
-        kt = self.keys[:, kv, keys].reshape(b * (h // group), n, -1).transpose(1, 2)
+        kt = self.key_ones[:, kv, keys].reshape(b * (h // group), n, -1).transpose(1, 2)
         logp = self.logp_buf[: b * h * r * n].view(b * (h // group), group * r, n)
         torch.bmm(q.reshape(b * (h // group), group * r, -1), kt, out=logp)
         logp = logp.view(b, h, r, n)
