@@ -70,7 +70,7 @@ def _block_scores(
 ) -> torch.Tensor:
     """Scores of query ``rows`` against the first ``n_keys`` keys."""
     batch, heads, q_len, head_dim = q.shape
-    kv_heads, k_len = k.shape[1], k.shape[2]
+    kv_heads = k.shape[1]
     if heads % kv_heads:
         raise ValueError(f"query heads ({heads}) must be a multiple of key heads ({kv_heads})")
     group = heads // kv_heads
@@ -83,7 +83,7 @@ def _block_scores(
     if softcap is not None:
         out.div_(softcap).tanh_().mul_(softcap)
     if mask is not None:
-        mask.apply_(out, q_len, k_len, rows)
+        mask.apply_(out, q_len, rows)
     return out
 
 

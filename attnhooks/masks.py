@@ -157,16 +157,14 @@ class MaskSpec:
         """False when every query row is guaranteed at least one visible key."""
         return not (self.dense is None and self.key_valid is None and self.window is None and self.offset >= 0)
 
-    def apply_(self, scores: torch.Tensor, q_len: int, k_len: int, rows: slice) -> torch.Tensor:
-        """Mask a block of scores in place: ``scores [batch, heads, len(rows), n]`` over keys ``[0, n)``."""
-        n = scores.shape[-1]
-        dense = self._dense_rows(rows, scores.device)
-        if dense is not None and dense.dtype != torch.bool:
-            return scores.add_(dense[..., :n].float())
-        allowed = dense if dense is not None else self._allowed(q_len, k_len, rows, scores.device)
-        if allowed is not None:
-            scores.masked_fill_(~allowed[..., :n], float("-inf"))
-        return scores
+    def apply_(self, scores: torch.Tensor, q_len: int, rows: slice) -> torch.Tensor:
+        """Mask a block of scores in place: ``scores [batch, heads, len(rows), n]`` over keys ``[0, n)``;
+        a float ``dense`` mask is added, hidden keys become ``-inf`` (see :meth:`hide_block_`)."""
+        keys = slice(0, scores.shape[-1])
+        bias = self.bias_block(rows, keys, slice(None), scores.device)
+        if bias is not None:
+            return scores.add_(bias)
+        return self.hide_block_(scores, q_len, rows, keys, slice(None), float("-inf"))
 
     def _dense_rows(self, rows: slice, device: torch.device | str) -> torch.Tensor | None:
         """The dense mask as 4-D ``[batch|1, heads|1, len(rows)|1, k_len]``; None when compact."""

@@ -411,25 +411,19 @@ class Store:
         self, module: str, step: int | None = None, sample: int = 0, call: int = 0, *, rank: int | None = None
     ) -> np.ndarray:
         """Queries ``[heads, q_len, head_dim]`` as the kernel received them."""
-        st = self._at(rank)
-        pos, base, meta = st._block(module, step, call, sample, "q")
-        return st._values(module, f"{base}/q", (pos, call, sample, slice(None), slice(0, meta["q_len"])))
+        return self._at(rank)._rows_of(module, step, call, sample, "q", "q_len")
 
     def k(
         self, module: str, step: int | None = None, sample: int = 0, call: int = 0, *, rank: int | None = None
     ) -> np.ndarray:
         """Keys ``[kv_heads, k_stored, head_dim]`` (positions from ``info()["k_offset"]``)."""
-        st = self._at(rank)
-        pos, base, meta = st._block(module, step, call, sample, "k")
-        return st._values(module, f"{base}/k", (pos, call, sample, slice(None), slice(0, meta["k_stored"])))
+        return self._at(rank)._rows_of(module, step, call, sample, "k", "k_stored")
 
     def lse(
         self, module: str, step: int | None = None, sample: int = 0, call: int = 0, *, rank: int | None = None
     ) -> np.ndarray:
         """Row log-sum-exp of the scores ``[heads, q_len]`` (float32)."""
-        st = self._at(rank)
-        pos, base, meta = st._block(module, step, call, sample, "lse")
-        return st.backend.read(base + "/lse", (pos, call, sample, slice(None), slice(0, meta["q_len"])))
+        return self._at(rank)._rows_of(module, step, call, sample, "lse", "q_len")
 
     def mask(
         self, module: str, step: int | None = None, sample: int = 0, call: int = 0, *, rank: int | None = None
@@ -537,6 +531,13 @@ class Store:
         if not 0 <= sample < meta["batch"]:
             raise NotInStoreError(f"sample={sample} is out of range: the call has batch size {meta['batch']}")
         return pos, base, meta
+
+    def _rows_of(self, module: str, step: int | None, call: int, sample: int, leaf: str, length: str) -> np.ndarray:
+        """One sample's ``leaf`` (q, k or lse) of a call, its sequence axis cut to ``info()[length]``."""
+        pos, base, meta = self._block(module, step, call, sample, leaf)
+        sel = (pos, call, sample, slice(None), slice(0, meta[length]))
+        path = f"{base}/{leaf}"
+        return self.backend.read(path, sel) if leaf == "lse" else self._values(module, path, sel)
 
     def _values(self, module: str, path: str, sel: tuple[Any, ...]) -> np.ndarray:
         out = self.backend.read(path, sel)
