@@ -29,8 +29,10 @@ from dataclasses import dataclass
 
 import torch
 
+from . import native
 from .kernels import EXP_FLOOR, isolated
 from .masks import MaskSpec
+from .native.blocks import Layout, NativeBlocks
 from .schema import ROWWISE, SUMMARY
 
 __all__ = ["ROWWISE", "SUMMARY", "SummaryOptions", "summarize_call"]
@@ -148,8 +150,10 @@ class _Plan:
 
     @classmethod
     def make(cls, batch: int, heads: int, kv_heads: int, q_len: int, k_len: int, opt: SummaryOptions) -> _Plan:
-        side = opt.pooled or 1
-        rb, cb = math.ceil(max(q_len, 1) / side), math.ceil(max(k_len, 1) / side)
+        # without an overview, rows are not binned (a block is not forced to hold every row)
+        rb, cb = 1, 1
+        if opt.pooled:
+            rb, cb = math.ceil(max(q_len, 1) / opt.pooled), math.ceil(max(k_len, 1) / opt.pooled)
         row_bytes = 4 * batch * max(k_len, 1)
         fit = max(1, _BLOCK_BYTES // row_bytes)
         rows = max(rb, min(opt.block, fit) // rb * rb)
@@ -235,7 +239,9 @@ class _Work:
         self.top = min(plan.options.topk, plan.k_len)
         size = plan.batch * plan.head_block * plan.rows * plan.k_len
         self.logp_buf = torch.empty(size, device=q.device)
-        self.p_buf = torch.empty(size, device=q.device)
+        kernel = native.summary_kernel() if q.device.type == "cpu" else None
+        self.native = None if kernel is None else NativeBlocks(kernel, self._layout())
+        self.p_buf = torch.empty(0 if self.native else size, device=q.device)
         self.bin_keys = torch.arange(plan.bin, device=q.device)
         # [k, 1]: with [q·scale, -lse] one product gives s·scale - lse: one float32 copy of the keys
         # per call instead of a pass over every block to subtract the lse (not when soft-capped)
@@ -243,6 +249,12 @@ class _Work:
             k.float()
             if softcap is not None
             else torch.cat([k.float(), k.new_ones(*k.shape[:-1], 1, dtype=torch.float32)], -1)
+        )
+
+    def _layout(self) -> Layout:
+        plan, opt = self.plan, self.plan.options
+        return Layout(
+            plan.batch, self.top, _TOPK_BIN, opt.band, bool(opt.sinks), plan.rb, plan.cb if opt.pooled else 0, EXP_FLOOR
         )
 
     def rows(self, rows: slice) -> _Rows:
@@ -266,32 +278,81 @@ class _Work:
 
     def block(self, out: dict[str, torch.Tensor], heads: slice, at_rows: _Rows) -> None:
         """Add one block (``heads`` x the rows of ``at_rows``) to every reduction."""
-        rows, keys = at_rows.rows, at_rows.keys
-        logp, p = self._probabilities(heads, at_rows)
-        plan, opt = self.plan, self.plan.options
+        parts = self._native_parts(heads, at_rows) if self.native is not None else self._torch_parts(heads, at_rows)
+        plan, rows, keys = self.plan, at_rows.rows, at_rows.keys
         at = (slice(None), heads, rows)
-        out["entropy"][at] = torch.einsum("bhij,bhij->bhi", p, logp).neg_()  # p = 0 where log p = fill
-        if "sink" in out:
-            out["sink"][at] = p[..., : max(0, self.sinks - keys.start)].sum(-1)
+        for name in ("entropy", "sink", "band", "topk_weight", "topk_index"):
+            if name in parts:
+                out[name][at] = parts[name]
+        sums = parts["sums"]  # [B, h, row bins, n]: float32 within a block, float64 across
+        out["received"][:, heads, keys] += sums.sum(2)
+        if plan.options.pooled:  # blocks hold whole row bins but the last; they start at a whole key bin
+            peak = parts["peak"]
+            bins = (
+                slice(None),
+                heads,
+                slice(rows.start // plan.rb, rows.start // plan.rb + peak.shape[2]),
+                slice(keys.start // plan.cb, keys.start // plan.cb + peak.shape[3]),
+            )
+            torch.maximum(out["pooled_max"][bins], peak, out=out["pooled_max"][bins])
+            out["pooled_mean"][bins] += _bin_reduce(sums, plan.cb, -1, torch.sum)
+
+    def _native_parts(self, heads: slice, at_rows: _Rows) -> dict[str, torch.Tensor]:
+        """The block's reductions by the C kernel: one pass over its log-probabilities."""
+        assert self.native is not None
+        rows, keys, mask = at_rows.rows, at_rows.keys, self.mask
+        logp = self._log_probabilities(heads, at_rows)
+        by_index = mask is not None and mask.dense is None  # causal and window: the kernel hides by index
+        if mask is not None and _hidden_by_value(mask):
+            mask.hide_block_(logp, self.plan.q_len, rows, keys, heads, -math.inf, tiles=[])
+        return self.native.run(
+            logp,
+            own=rows.start + (mask.offset if mask is not None else 0) - keys.start,
+            causal=by_index and mask is not None and mask.causal,
+            window=mask.window if by_index and mask is not None else None,
+            band_own=self.q_start + rows.start - keys.start,
+            sinks=max(0, self.sinks - keys.start),
+            index_base=keys.start,
+        )
+
+    def _torch_parts(self, heads: slice, at_rows: _Rows) -> dict[str, torch.Tensor]:
+        """The block's reductions in torch (any device)."""
+        plan, opt, keys = self.plan, self.plan.options, at_rows.keys
+        logp, p = self._probabilities(heads, at_rows)
+        parts = {"entropy": torch.einsum("bhij,bhij->bhi", p, logp).neg_()}  # p = 0 where log p = fill
+        if opt.sinks:
+            parts["sink"] = p[..., : max(0, self.sinks - keys.start)].sum(-1)
         if at_rows.band is not None:
             index, valid = at_rows.band
-            out["band"][at] = torch.gather(p, -1, index.expand(*p.shape[:2], -1, -1)).mul_(valid)
+            parts["band"] = torch.gather(p, -1, index.expand(*p.shape[:2], -1, -1)).mul_(valid)
         peaks = _bin_reduce(p, plan.bin, -1, torch.amax) if self.top or opt.pooled else None
         if self.top:
             assert peaks is not None
             weight, index = _topk(p, peaks, self.top, self.bin_keys)
-            out["topk_weight"][at], out["topk_index"][at] = weight, (index + keys.start).int()
+            parts["topk_weight"], parts["topk_index"] = weight, (index + keys.start).int()
+        parts["sums"] = _bin_reduce(p, plan.rb, -2, torch.sum) if opt.pooled else p.sum(2, keepdim=True)
         if opt.pooled:
-            sums = _bin_reduce(p, plan.rb, -2, torch.sum)  # [B, h, row bins, n]
-            out["received"][:, heads, keys] += sums.sum(2)  # float32 within a block, float64 across
-            self._pool(out, p, peaks, sums, heads, rows, keys)
-        else:
-            out["received"][:, heads, keys] += p.sum(2)
+            if peaks is not None and plan.bin == plan.cb:
+                parts["peak"] = _bin_reduce(peaks, plan.rb, -2, torch.amax)
+            else:  # narrow key bins: rows first (an elementwise max of whole rows runs vectorised)
+                parts["peak"] = _bin_reduce(_bin_reduce(p, plan.rb, -2, torch.amax), plan.cb, -1, torch.amax)
+        return parts
 
     def _probabilities(self, heads: slice, at_rows: _Rows) -> tuple[torch.Tensor, torch.Tensor]:
         """``log p`` and ``p`` of the block ``[B, len(heads), len(rows), len(keys)]`` (in the reused
         buffers). Hidden keys have ``p = 0`` (their ``log p`` is finite: ``p log p`` is 0, not NaN);
         ``log p`` is at least ``EXP_FLOOR``."""
+        plan, rows, keys = self.plan, at_rows.rows, at_rows.keys
+        logp = self._log_probabilities(heads, at_rows)
+        logp.clamp_min_(EXP_FLOOR)
+        p = torch.exp(logp, out=self.p_buf[: logp.numel()].view(logp.shape))
+        if self.mask is not None:
+            self.mask.hide_block_(p, plan.q_len, rows, keys, heads, 0.0, at_rows.tiles)
+        return logp, p
+
+    def _log_probabilities(self, heads: slice, at_rows: _Rows) -> torch.Tensor:
+        """``s·scale - lse`` (capped, plus a float mask's bias) of the block ``[B, len(heads),
+        len(rows), len(keys)]``, in the reused buffer; keys the mask hides otherwise are not hidden."""
         plan, rows, keys = self.plan, at_rows.rows, at_rows.keys
         b, h, r, n = plan.batch, heads.stop - heads.start, rows.stop - rows.start, keys.stop - keys.start
         group = min(h, plan.group)  # query heads per key head in this block
@@ -308,37 +369,15 @@ class _Work:
         bias = self.mask.bias_block(rows, keys, heads, logp.device) if self.mask is not None else None
         if bias is not None:
             logp.add_(bias)
-        logp.clamp_min_(EXP_FLOOR)
-        p = torch.exp(logp, out=self.p_buf[: b * h * r * n].view(b, h, r, n))
-        if self.mask is not None:
-            self.mask.hide_block_(p, plan.q_len, rows, keys, heads, 0.0, at_rows.tiles)
-        return logp, p
+        return logp
 
-    def _pool(
-        self,
-        out: dict[str, torch.Tensor],
-        p: torch.Tensor,
-        peaks: torch.Tensor | None,
-        sums: torch.Tensor,
-        heads: slice,
-        rows: slice,
-        keys: slice,
-    ) -> None:
-        """Max- and sum-pool a block into the overview (blocks hold whole row bins but the last;
-        they start at a whole key bin)."""
-        plan = self.plan
-        if peaks is not None and plan.bin == plan.cb:
-            peak = _bin_reduce(peaks, plan.rb, -2, torch.amax)
-        else:  # narrow key bins: rows first (an elementwise max of whole rows runs vectorised)
-            peak = _bin_reduce(_bin_reduce(p, plan.rb, -2, torch.amax), plan.cb, -1, torch.amax)
-        bins = (
-            slice(None),
-            heads,
-            slice(rows.start // plan.rb, rows.start // plan.rb + peak.shape[2]),
-            slice(keys.start // plan.cb, keys.start // plan.cb + peak.shape[3]),
-        )
-        torch.maximum(out["pooled_max"][bins], peak, out=out["pooled_max"][bins])
-        out["pooled_mean"][bins] += _bin_reduce(sums, plan.cb, -1, torch.sum)
+
+def _hidden_by_value(mask: MaskSpec) -> bool:
+    """Whether the kernel needs ``-inf`` in log p where ``mask`` hides keys: key padding and boolean
+    dense masks (a float mask's ``-inf`` came with its bias; causal and window: by index)."""
+    if mask.dense is not None:
+        return mask.dense.dtype == torch.bool
+    return mask.key_valid is not None
 
 
 def _bin_reduce(x: torch.Tensor, size: int, dim: int, op: Callable[..., torch.Tensor]) -> torch.Tensor:

@@ -10,13 +10,25 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from attnhooks import reduce
+from attnhooks import native, reduce
 from attnhooks.kernels import attention_probs
 from attnhooks.masks import MaskSpec
 from attnhooks.reduce import SummaryOptions, summarize_call
 from tests.property.common import SETTINGS
 
 TOL = 1e-5
+
+
+@pytest.fixture(autouse=True, params=["native", "torch"])
+def summary_path(request):
+    """Every test runs on both paths of the CPU summary: the C row kernel and torch's ops."""
+    if request.param == "native":
+        if native.summary_kernel() is None:
+            pytest.skip(f"the C summary kernel is not available here: {native.status()}")
+        yield request.param
+    else:
+        with mock.patch.object(native, "summary_kernel", lambda: None):
+            yield request.param
 
 
 def reference_summary(p: torch.Tensor, q_start: int, opt: SummaryOptions) -> dict[str, torch.Tensor]:
