@@ -284,6 +284,10 @@ def measure(job: dict[str, Any]) -> dict[str, Any]:
         result["check"] = verify(store, tap, job["window"])
     if job.get("profile"):
         result["profile"] = profile_text(profiler)
+    if config == "summary":
+        import attnhooks.native
+
+        result["kernel"] = attnhooks.native.status()  # the C row kernel, or torch's ops (and why)
     shutil.rmtree(store, ignore_errors=True)
     return result
 
@@ -550,6 +554,10 @@ def report(args: argparse.Namespace, info: dict[str, Any], results: dict[str, An
     print(f"Machine: {machine(info)}; torch.set_num_threads({args.threads}).")
     if loads:
         print(f"1-minute load average after each measurement: {min(loads):.2f}-{max(loads):.2f}.")
+    kernels = {m["kernel"] for part in results.values() if isinstance(part, dict) for ms in part.values()
+               if isinstance(ms, list) for m in ms if isinstance(m, dict) and "kernel" in m}  # fmt: skip
+    if kernels:
+        print(f"Summary reductions on the CPU: {', '.join(sorted(kernels))}.")
     verdicts: list[tuple[bool, str]] = []
     if "main" in results:
         verdicts += report_main(args, summarize(results["main"]))

@@ -150,10 +150,14 @@ def _build(compiler: list[str], flags: tuple[str, ...]) -> Path:
     name = f"summary-{key.hexdigest()[:16]}{sysconfig.get_config_var('SHLIB_SUFFIX') or '.so'}"
     for folder in _cache_dirs():
         path = folder / name
-        if path.exists():
-            return path
         try:
-            folder.mkdir(parents=True, exist_ok=True)
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+            if not _trusted(folder):
+                continue
+            if path.exists():
+                if _trusted(path):
+                    return path
+                continue
             fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=path.suffix, dir=folder)
             os.close(fd)
         except OSError:
@@ -173,7 +177,10 @@ def _build(compiler: list[str], flags: tuple[str, ...]) -> Path:
             if os.path.exists(tmp):
                 os.unlink(tmp)
         return path
-    raise OSError("no writable cache folder for the summary kernel (set ATTNHOOKS_CACHE)")
+    raise OSError(
+        "no writable cache folder that only this user can write for the summary kernel "
+        f"(tried {', '.join(map(str, _cache_dirs()))}; set ATTNHOOKS_CACHE)"
+    )
 
 
 def _cache_dirs() -> list[Path]:
@@ -182,6 +189,15 @@ def _cache_dirs() -> list[Path]:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     user = os.getuid() if hasattr(os, "getuid") else 0
     return [Path(base) / "attnhooks", Path(tempfile.gettempdir()) / f"attnhooks-{user}"]
+
+
+def _trusted(path: Path) -> bool:
+    """Only a library this user built is loaded: the file and its folder are ours and nobody
+    else may write them (a shared temporary folder could hold someone else's planted file)."""
+    if not hasattr(os, "getuid"):
+        return True
+    st = path.stat()
+    return st.st_uid == os.getuid() and not st.st_mode & 0o022
 
 
 def _cpu() -> str:

@@ -48,6 +48,15 @@ def test_another_cpu_gets_its_own_build(fresh):
     assert len(list(fresh.iterdir())) == 2
 
 
+def test_a_folder_others_may_write_is_not_used(fresh):
+    """A shared folder could hold somebody else's library under the expected name."""
+    _needs_compiler()
+    fresh.chmod(0o777)
+    assert native.summary_kernel() is None
+    assert "no writable cache folder that only this user can write" in native.status()
+    assert not list(fresh.iterdir())
+
+
 def test_turned_off_by_the_environment(fresh, monkeypatch):
     monkeypatch.setenv("ATTNHOOKS_NATIVE", "0")
     assert native.summary_kernel() is None
