@@ -11,7 +11,8 @@ A Llama-style model (``benchmarks/common.py``: hidden 768, 12 heads, 12 KV heads
                SDPA call runs the flash kernel SDPA would run anyway, which returns the row lse.
   ``summary``  the same with ``record=("q", "k", "lse", "summary")`` and default summary sizes
                (top-8 keys, 4 sinks, 64 diagonals, 256 x 256 overview, blocks of at most 1024
-               rows and 8 MiB of scores).
+               rows and 8 MiB of scores); the row reductions run in attnhooks' C kernel when it
+               builds (the report says which path ran: ``attnhooks.native.status()``).
   ``eager``    ``attn_implementation="eager"``, ``output_attentions=True`` (every layer's
                ``[1, heads, n, n]`` float32 attention returned).
 
@@ -36,7 +37,10 @@ written raw; ``buffer="1GiB"``, ``when_full="block"``).
 Time: the wall time of the ``with capture(...)`` block (hooks, forward, draining the writer, closing
 the store) or of the bare forward. Each measurement is one forward in its own child process, after a
 64-token warm-up forward of the same configuration; ``--repeats`` rounds run every configuration of a
-section once, the order rotated each round; the table reports the median (and min-max).
+section once, the order rotated each round; the table reports the median (and min-max). Five rounds
+by default: on this 2-core VM the same forward's time moves by +-10% from one minute to the next,
+more than the q/k/lse capture's own cost (~2%: the copies of q and k, and the writer's ~0.8 s of CPU
+per 576 MiB written, taken from the model's threads).
 
 Memory: in each child, after model load, input creation and the warm-up, the kernel's RSS high-water
 mark is reset (``/proc/self/clear_refs``) and the RSS read; "peak extra" = ``ru_maxrss`` after the
@@ -50,7 +54,7 @@ child is a fresh process that builds its own model; the imports are shared, whic
 
 How to run
 ----------
-    python benchmarks/long_context.py                    # everything (~15 minutes on 2 cores)
+    python benchmarks/long_context.py                    # everything (~20 minutes on 2 cores)
     python benchmarks/long_context.py --quick            # smoke sizes (< 1 minute)
     python benchmarks/long_context.py --parts main --repeats 1 --out long.json
     python benchmarks/long_context.py --parts "" --profile summary     # only a cProfile of one capture
@@ -585,7 +589,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--quick", action="store_true", help="smoke sizes: 1024 / 512 / 2048 tokens, 2 small layers")
     p.add_argument("--parts", default="main,eager,long", help="comma-separated: main, eager, long (default all)")
-    p.add_argument("--repeats", type=int, default=3, help="rounds of the main and eager sections (default 3)")
+    p.add_argument(
+        "--repeats", type=int, default=5, help="rounds of the main and eager sections (default 5: this VM's "
+        "forward times move by +-10%% from one minute to the next, the captures' overhead is ~2%%)"
+    )
     p.add_argument("--long-repeats", type=int, default=1, help="rounds of the long section (default 1)")
     p.add_argument("--tokens", type=int, default=8192, help="main section length (default 8192)")
     p.add_argument("--layers", type=int, default=12, help="main and eager sections' layers (default 12)")
