@@ -4,14 +4,15 @@ A block is a few query heads by at most ``block`` query rows by the keys those r
 (about 8 MiB of scores, so that every pass over it runs from cache); its probabilities are
 ``exp(s - lse)`` with the row log-sum-exp the kernel returned (or one computed beforehand), and
 ``s·scale - lse`` is one matrix product. Under a causal or sliding-window mask only the keys a
-block can see are scored, and only the tiles at their edges are masked. What each block
-contributes:
+block can see are scored. On the CPU, one pass of attnhooks' C kernel (:mod:`attnhooks.native`)
+over each block's log-probabilities computes every row reduction below; where it is not built, and
+on other devices, torch's ops do (there only the tiles at a mask's edges are masked, and log p is
+floored at ``EXP_FLOOR`` before the exp, in both paths). What each block contributes:
 
 * ``entropy [B, H, q]``: ``-sum_j p_j log p_j`` (nats), with ``log p = s - lse``.
 * ``topk_index [B, H, q, K]`` (int32) and ``topk_weight [B, H, q, K]``: the K most attended keys,
-  found among the keys of the K key bins with the largest maxima (the overview's key bins when
-  they are 16 keys wide or more, else 32-key bins): two small top-k searches instead of one over
-  every key.
+  found among the keys of the K key groups with the largest maxima (groups of ~32 keys: a key
+  outside them has K larger keys ahead of it): two small searches instead of one over every key.
 * ``received [B, H, k]``: attention received per key, summed over the rows (column sums).
 * ``sink [B, H, q]``: mass on the first ``sinks`` keys.
 * ``band [B, H, q, W]``: ``band[..., i, w]`` is the weight on key ``pos(i) - w``, the query's own
@@ -53,7 +54,8 @@ class SummaryOptions:
             0: no ``band``).
         pooled: side of the overview maps (at most ``pooled x pooled``; 0: no overview).
         Entropy and the attention received per key are always computed; turning the others off
-        makes a summary cheaper (top-k and the overview are the costly passes).
+        makes a summary cheaper on torch's path (top-k and the overview are its costly passes; the
+        C kernel's one pass costs about the same with or without them).
         block: query rows per block at most; fewer (whole overview row bins, at least one) when a
             block's scores would pass 8 MiB, so memory stays bounded at any length: two such
             buffers, a float32 copy of the keys its heads read and the outputs are what a summary
@@ -267,6 +269,8 @@ class _Work:
         if stop - first < self.top:
             first, stop = 0, max(stop, self.top)
         keys = slice(first, stop)
+        if self.native is not None:  # the kernel masks by index and reads the band itself
+            return _Rows(rows, keys, [], None)
         tiles = self.mask.edge_tiles(rows, keys, dev) if self.mask is not None else []
         band = None
         if plan.options.band:  # row i reads key q_start + i - w, as a column of the scored keys

@@ -98,15 +98,18 @@ def status() -> str:
 
 
 def _load() -> tuple[object, str]:
-    if os.environ.get("ATTNHOOKS_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
-        return None, "torch (ATTNHOOKS_NATIVE=0)"
+    setting = os.environ.get("ATTNHOOKS_NATIVE", "1")
+    if setting.strip().lower() in ("0", "false", "no", "off"):
+        return None, f"torch (ATTNHOOKS_NATIVE={setting})"
     compiler = _compiler()
     if compiler is None:
         return None, "torch (no C compiler found: set CC, or install gcc or clang)"
-    openmp = _torch_uses_gnu_openmp()
+    # OpenMP only next to torch's own libgomp; each later try gives up a little speed to build at all
+    tries = [(*_FLAGS, "-fopenmp")] if _torch_uses_gnu_openmp() else []
+    tries += [(*_FLAGS, "-fopenmp-simd"), (*_PORTABLE, "-fopenmp-simd")]
     errors = []
-    for flags in (_FLAGS, _PORTABLE):
-        flags = (*flags, "-fopenmp") if openmp else (*flags, "-fopenmp-simd")
+    for flags in tries:
+        openmp = "-fopenmp" in flags
         try:
             path = _build(compiler, flags)
             lib = ctypes.CDLL(str(path))

@@ -1,19 +1,20 @@
 /* One pass over a block of attention log-probabilities: every row reduction of a summary.
  *
- * Built at first use by attnhooks/native/__init__.py (the C compiler of the machine, -O3, the
- * machine's own vector instructions) and called through ctypes, one call per thread on whole
- * row bins. Plain C99, no dependency but libm; no global state.
+ * Built at first use by attnhooks/native/__init__.py (the machine's C compiler, -O3, its own
+ * vector instructions) and called through ctypes once per block (struct attnhooks_block below).
+ * The block's tasks, a head by a cell of rows each, are shared among OpenMP threads: torch's own
+ * pool when built with -fopenmp next to torch's libgomp, else one thread. Plain C99, libm only,
+ * no global state.
  *
- * The block: `rows` rows of `n` floats (row stride `ld`) holding log p = s * scale - lse (plus
- * the mask's bias); -inf where the mask hides a key. Keys of a row outside its causal / sliding
- * window range are hidden by index. Each row becomes its probabilities in place, and:
- *   entropy[r]           -sum_j p_j log p_j (log p floored at `floor`, as p is)
- *   sink[r]              sum of p over keys [0, sinks)
- *   band[r * W + w]      p of key band_own + r - w (0 outside the block)
- *   topw/topi[r * K + i] the K largest p of the row, largest first, and their key + index_base
- *   colsum[b * n + j]    += p_j, row bin b = r / rb
- *   pmax[b * nkb + c]    = max(pmax, max of the row's p over keys [c * cb, (c + 1) * cb))
- * Any output pointer may be NULL (not wanted).
+ * Each row of `n` floats holds log p = s * scale - lse (plus the mask's bias), -inf where the mask
+ * hides a key; keys outside the row's causal / sliding-window range are hidden by index. The row
+ * becomes its probabilities p in place, and gives:
+ *   entropy      -sum_j p_j log p_j (log p floored at `floor`, as for p)
+ *   sink         sum of p over keys [0, sinks)
+ *   band[w]      p of key band_own + r - w (0 outside the block)
+ *   topw, topi   the K largest p, largest first, and their keys + index_base
+ *   colsum       += p, one row of column sums per cell
+ *   pmax         max of p over the cell's rows and keys [c * cb, (c + 1) * cb), per cell
  */
 #include <math.h>
 #include <stddef.h>
@@ -65,8 +66,8 @@ static inline float exp_f32(float x) {
     return p * scale.f;
 }
 
-/* Insert p (key j) into the K largest so far, kept in descending order; equal values keep the
- * earlier key first. */
+/* Insert p (key j) into the K largest so far, kept in descending order (of equal values, the one
+ * inserted first stays ahead). */
 static inline void top_insert(float* tw, int32_t* ti, int64_t* count, int64_t K, float p, int32_t j) {
     int64_t pos = *count < K ? (*count)++ : K - 1;
     while (pos > 0 && tw[pos - 1] < p) {
@@ -107,7 +108,7 @@ static void top_row(const float* row, int64_t n, float* peaks, int64_t nb, int64
     for (int64_t i = 0; i < count; i++) ti[i] += (int32_t)base;
 }
 
-/* Max-pool a row bin's elementwise maxima `mx` into bins of `cb` keys, into `pm`. */
+/* Max-pool a cell's elementwise maxima `mx` (keys [lo, hi) seen) into bins of `cb` keys, into `pm`. */
 static void pool_max(float* pm, const float* mx, int64_t lo, int64_t hi, int64_t n, int64_t cb) {
     int64_t first = lo / cb, last = hi == 0 ? 0 : (hi - 1) / cb + 1;
     for (int64_t c = first; c < last; c++) {
