@@ -105,7 +105,7 @@ def _load() -> tuple[object, str]:
     if compiler is None:
         return None, "torch (no C compiler found: set CC, or install gcc or clang)"
     # OpenMP only next to torch's own libgomp; each later try gives up a little speed to build at all
-    tries = [(*_FLAGS, "-fopenmp")] if _torch_uses_gnu_openmp() else []
+    tries: list[tuple[str, ...]] = [(*_FLAGS, "-fopenmp")] if _torch_uses_gnu_openmp() else []
     tries += [(*_FLAGS, "-fopenmp-simd"), (*_PORTABLE, "-fopenmp-simd")]
     errors = []
     for flags in tries:
