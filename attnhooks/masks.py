@@ -117,13 +117,20 @@ class MaskSpec:
         Causal and window masks touch only the key columns that some row of the block cannot see (a
         tile as wide as the block is tall at each edge), not the whole block; ``tiles`` are those
         of :meth:`edge_tiles` when the caller kept them (blocks of other heads, same rows and keys)."""
+        self.hide_listed_(x, rows, keys, heads, fill)
+        if self.dense is None:
+            for cols, hidden in self.edge_tiles(rows, keys, x.device) if tiles is None else tiles:
+                x[..., cols].masked_fill_(hidden, fill)
+        return x
+
+    def hide_listed_(self, x: torch.Tensor, rows: slice, keys: slice, heads: slice, fill: float) -> torch.Tensor:
+        """The part of :meth:`hide_block_` that the mask's tensors say (a ``dense`` mask, else key
+        padding), not the causal / window positions: for a caller that hides those by index."""
         dense = self._dense_block(rows, keys, heads, x.device)
         if dense is not None:
             return x.masked_fill_(~dense if dense.dtype == torch.bool else torch.isneginf(dense), fill)
         if self.key_valid is not None:
             x.masked_fill_(~self.key_valid.to(x.device)[:, None, None, keys], fill)
-        for cols, hidden in self.edge_tiles(rows, keys, x.device) if tiles is None else tiles:
-            x[..., cols].masked_fill_(hidden, fill)
         return x
 
     def edge_tiles(self, rows: slice, keys: slice, device: torch.device | str) -> list[tuple[slice, torch.Tensor]]:

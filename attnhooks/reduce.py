@@ -255,9 +255,7 @@ class _Work:
 
     def _layout(self) -> Layout:
         plan, opt = self.plan, self.plan.options
-        return Layout(
-            plan.batch, self.top, _TOPK_BIN, opt.band, bool(opt.sinks), plan.rb, plan.cb if opt.pooled else 0, EXP_FLOOR
-        )
+        return Layout(plan.batch, self.top, _TOPK_BIN, opt.band, bool(opt.sinks), plan.rb, plan.cb if opt.pooled else 0)
 
     def rows(self, rows: slice) -> _Rows:
         """What the blocks of every head over these query rows share: the keys they score (those
@@ -306,14 +304,17 @@ class _Work:
         assert self.native is not None
         rows, keys, mask = at_rows.rows, at_rows.keys, self.mask
         logp = self._log_probabilities(heads, at_rows)
-        by_index = mask is not None and mask.dense is None  # causal and window: the kernel hides by index
-        if mask is not None and _hidden_by_value(mask):
-            mask.hide_block_(logp, self.plan.q_len, rows, keys, heads, -math.inf, tiles=[])
+        offset, causal, window = 0, False, None
+        if mask is not None:
+            if _hidden_by_value(mask):
+                mask.hide_listed_(logp, rows, keys, heads, -math.inf)
+            if mask.dense is None:  # causal and window: the kernel hides them by index
+                offset, causal, window = mask.offset, mask.causal, mask.window
         return self.native.run(
             logp,
-            own=rows.start + (mask.offset if mask is not None else 0) - keys.start,
-            causal=by_index and mask is not None and mask.causal,
-            window=mask.window if by_index and mask is not None else None,
+            own=rows.start + offset - keys.start,
+            causal=causal,
+            window=window,
             band_own=self.q_start + rows.start - keys.start,
             sinks=max(0, self.sinks - keys.start),
             index_base=keys.start,

@@ -554,12 +554,12 @@ def report(args: argparse.Namespace, info: dict[str, Any], results: dict[str, An
         "- RSS after model load and warm-up, worst repeat; stores: zarr (zstd-1; q, k, lse, row summaries raw), "
         "buffer 1GiB."
     )
-    loads = [m["load"] for part in ("main", "eager", "long") for ms in results.get(part, {}).values() for m in ms]
+    measured = [m for part in ("main", "eager", "long") for ms in results.get(part, {}).values() for m in ms]
+    loads = [m["load"] for m in measured]
     print(f"Machine: {machine(info)}; torch.set_num_threads({args.threads}).")
     if loads:
         print(f"1-minute load average after each measurement: {min(loads):.2f}-{max(loads):.2f}.")
-    kernels = {m["kernel"] for part in results.values() if isinstance(part, dict) for ms in part.values()
-               if isinstance(ms, list) for m in ms if isinstance(m, dict) and "kernel" in m}  # fmt: skip
+    kernels = {m["kernel"] for m in measured if "kernel" in m}
     if kernels:
         print(f"Summary reductions on the CPU: {', '.join(sorted(kernels))}.")
     verdicts: list[tuple[bool, str]] = []

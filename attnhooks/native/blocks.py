@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from ..kernels import EXP_FLOOR
 from . import Block
 
 
@@ -23,7 +24,6 @@ class Layout:
     sinks: bool
     rb: int  # rows per row bin (the overview's; with no overview, a block is one row bin)
     cb: int  # keys per overview bin (0: no overview)
-    floor: float
 
 
 class NativeBlocks:
@@ -89,7 +89,7 @@ class NativeBlocks:
             own=own,
             causal=int(causal),
             window=-1 if window is None else window,
-            floor=lay.floor,
+            floor=EXP_FLOOR,
             entropy=out["entropy"].data_ptr(),
             sink=_address(out.get("sink")),
             sinks=sinks,

@@ -66,6 +66,14 @@ static inline float exp_f32(float x) {
     return p * scale.f;
 }
 
+/* p = e^(log p) of one key, and in `c` the log p its entropy term uses (floored at `floor`, at most
+ * 88); -inf (hidden) gives p = 0, NaN stays NaN. */
+static inline float prob(float v, float floor, float* c) {
+    *c = v >= floor ? (v <= 88.0f ? v : 88.0f) : floor; /* NaN: floor here, NaN below */
+    float e = exp_f32(*c);
+    return v == -INFINITY ? 0.0f : (v != v ? v : e);
+}
+
 /* Insert p (key j) into the K largest so far, kept in descending order (of equal values, the one
  * inserted first stays ahead). */
 static inline void top_insert(float* tw, int32_t* ti, int64_t* count, int64_t K, float p, int32_t j) {
@@ -154,13 +162,10 @@ static int rows_pass(const struct attnhooks_block* b, float* x, int64_t rows, in
         for (int64_t j = 0; j < lo; j++) row[j] = 0.0f;
         for (int64_t j = hi; j < n; j++) row[j] = 0.0f;
         float h = 0.0f;
-        if (mx) {
+        if (mx) { /* two loops rather than a test per key: both vectorise */
 #pragma omp simd reduction(+ : h)
             for (int64_t j = lo; j < hi; j++) {
-                float v = row[j];
-                float c = v >= floor ? (v <= 88.0f ? v : 88.0f) : floor; /* NaN: floor here, NaN below */
-                float e = exp_f32(c);
-                float p = v == -INFINITY ? 0.0f : (v != v ? v : e);
+                float c, p = prob(row[j], floor, &c);
                 h += p * c;
                 row[j] = p;
                 cs[j] += p;
@@ -169,10 +174,7 @@ static int rows_pass(const struct attnhooks_block* b, float* x, int64_t rows, in
         } else {
 #pragma omp simd reduction(+ : h)
             for (int64_t j = lo; j < hi; j++) {
-                float v = row[j];
-                float c = v >= floor ? (v <= 88.0f ? v : 88.0f) : floor;
-                float e = exp_f32(c);
-                float p = v == -INFINITY ? 0.0f : (v != v ? v : e);
+                float c, p = prob(row[j], floor, &c);
                 h += p * c;
                 row[j] = p;
                 cs[j] += p;
