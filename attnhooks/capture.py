@@ -8,13 +8,14 @@ captured step's forward runs.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import inspect
 import os
 import sys
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack
 from typing import Any
 
@@ -25,6 +26,7 @@ import torch.nn as nn
 from .backends.base import Backend, Codec, backend_for
 from .errors import (
     AttnHooksError,
+    CacheMismatchError,
     AttnHooksWarning,
     CaptureStateError,
     RecordOptionError,
@@ -34,6 +36,7 @@ from .errors import (
 from .intercept.event import AttentionEvent
 from .intercept.hf import RegistryPatch
 from .intercept.mode import AttentionMode
+from .kvcache import CacheWatch, Past, find_cache, past_length
 from .ranks import RankInfo, current, open_rank
 from .record import Record
 from .recorder import RECORDABLE, Recorder, RecordOptions
@@ -128,6 +131,8 @@ class Capture:
         self._manual = False
         self._fastpath: bool | None = None
         self._checked_silent = False
+        self._watch = CacheWatch()
+        self._continuing: Past | None = None
 
     # -- public API -------------------------------------------------------------------------
     @property
@@ -162,6 +167,36 @@ class Capture:
             steps = [r.step for r in self.records if r.module == module]
             step = steps[-1] if steps else self.step
         return assemble(self.records, module, step, call)
+
+    @contextlib.contextmanager
+    def continuing(self, past: int | None = None) -> Iterator[None]:
+        """Top-level forwards inside this block continue the current step's KV-cache streams.
+
+        For models whose cache attnhooks cannot see (a hand-written cache kept in the model, as
+        gpt-fast or a ``torch.nn`` decoder do): say that a forward continues the step, as a
+        Hugging Face cache argument says it by itself. Each forward's self-attention calls then
+        add their query rows and their new keys to the calls they continue.
+
+        Args:
+            past: positions the model's cache holds before the first forward of the block (when a
+                cache was cropped, the rows from ``past`` on are replaced); None: the cache holds
+                what was recorded so far. The keys the kernel receives are checked against the
+                recorded ones either way: :class:`CacheMismatchError` when they differ.
+
+        Example:
+            >>> with attnhooks.capture(model, record=("q", "k")) as cap:   # doctest: +SKIP
+            ...     logits = model(prompt)               # step 0: the prefill
+            ...     for _ in range(8):
+            ...         with cap.continuing():
+            ...             logits = model(next_token)   # one query row, one new key per call
+        """
+        if past is not None and (not isinstance(past, int) or isinstance(past, bool) or past < 0):
+            raise RecordOptionError(f"continuing(past={past!r}): give the cache's length, a non-negative int")
+        outer, self._continuing = self._continuing, Past(length=past)
+        try:
+            yield
+        finally:
+            self._continuing = outer
 
     def set_tokens(self, ids: Any, text: list[list[str]] | None = None) -> None:
         """Tokens of the current step for the store: ``ids`` ``[batch, len]`` (tensor, array or
@@ -231,6 +266,7 @@ class Capture:
             stack.callback(module.register_forward_hook(self._pop, always_call=True).remove)
         self._registry.install()
         stack.callback(self._registry.remove)
+        stack.callback(self._watch.close)
         for obj in self._chain:
             _patch_generate(stack, obj, self._generate_scope)
 
@@ -273,16 +309,37 @@ class Capture:
         self._fwd_depth += 1
         if self._fwd_depth > 1:
             return
-        continuation = _is_continuation(kwargs)
+        past = self._past(args, kwargs)
+        continuation = past is not None and (past.length is None or past.length > 0)
         if self._gen_depth == 0:
             self._open_unit(new_step=not continuation)
             if not continuation:
                 self._auto_tokens(args, kwargs)
-        self._recorder.begin_pass(continuation)
+        self._recorder.begin_pass(continuation, past)
         self._mode.forget()
+
+    def _past(self, args: Any, kwargs: dict[str, Any]) -> Past | None:
+        """What a top-level forward's KV cache holds: None without a cache; else the positions in it
+        (0: a new pass) and the slot reorders made since the last forward. The cache is found by behaviour
+        (:mod:`attnhooks.kvcache`), whatever the argument is called."""
+        if self._continuing is not None:
+            explicit, self._continuing = self._continuing, Past()  # `past` holds for the first forward only
+            return explicit
+        cache = find_cache(args, kwargs)
+        if cache is None:
+            return None
+        parents = self._watch.take_parents() if cache is self._watch.cache else None
+        self._watch.follow(cache)
+        return Past(past_length(cache), parents)
 
     def _root_post(self, module: nn.Module, args: Any, output: Any) -> None:
         self._fwd_depth = max(self._fwd_depth - 1, 0)
+        if self._fwd_depth == 0 and self._capturing and output is not None:
+            try:
+                self._recorder.check()
+            except CacheMismatchError:
+                self._close_unit(failed=True)  # nothing of the step is committed
+                raise
         if self._fwd_depth == 0 and self._gen_depth == 0:
             # always_call: on an exception the hook runs inside torch's except block with no output
             self._close_unit(failed=output is None and sys.exc_info()[0] is not None)
@@ -674,19 +731,6 @@ def _may_own_attention(module: nn.Module) -> bool:
     if module._modules or isinstance(module, nn.MultiheadAttention):
         return True
     return not type(module).__module__.startswith("torch.nn.modules.")
-
-
-def _is_continuation(kwargs: dict[str, Any]) -> bool:
-    """True when a forward extends a non-empty KV cache (Hugging Face ``past_key_values``)."""
-    cache = kwargs.get("past_key_values")
-    if cache is None:
-        return False
-    length = getattr(cache, "get_seq_length", None)
-    if callable(length):
-        return int(length()) > 0
-    if isinstance(cache, (tuple, list)) and cache and isinstance(cache[0], (tuple, list)) and cache[0]:
-        return int(cache[0][0].shape[-2]) > 0
-    return False
 
 
 def _patch_generate(stack: ExitStack, obj: nn.Module, scope: Callable[..., Any]) -> None:

@@ -11,6 +11,7 @@ __all__ = [
     "AnalysisError",
     "AttnHooksError",
     "AttnHooksWarning",
+    "CacheMismatchError",
     "CaptureError",
     "CaptureStateError",
     "DropoutError",
@@ -47,6 +48,11 @@ class CaptureError(AttnHooksError, RuntimeError):
 
 class DropoutError(CaptureError):
     """Attention dropout is active and the capture was asked to refuse it."""
+
+
+class CacheMismatchError(CaptureError):
+    """A forward's KV cache contradicts the stream the capture recorded (its keys do not extend
+    the recorded ones, or its length does not match): recording it would store wrong rows."""
 
 
 class CaptureStateError(AttnHooksError, RuntimeError):

@@ -46,6 +46,10 @@ class Record:
             concatenated); None when ``attn`` holds every row.
         summary: blockwise reductions of the probabilities (``record="summary"``; see
             :mod:`attnhooks.reduce`), name -> tensor; None when not recorded.
+        parents: ``[batch, k_new]`` int64, for the keys of ``k``: the batch slot whose keys precede each
+            one (a KV cache whose slots were reordered between forwards, as beam search does: slot
+            ``b``'s history before key ``k_offset + j`` is slot ``parents[b, j]``'s); None when every
+            slot continues itself. :func:`attnhooks.streams.key_slots` follows it back.
         verify_error: max abs difference of ``attn @ v`` against the kernel's output on sampled rows
             when the capture ran with ``verify=True``; None when not checked.
     """
@@ -68,6 +72,7 @@ class Record:
     dropout: float = 0.0
     summary: dict[str, torch.Tensor] | None = None
     attn_rows: tuple[tuple[int, int], ...] | None = None
+    parents: torch.Tensor | None = None
     verify_error: float | None = None
 
     @property

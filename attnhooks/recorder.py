@@ -17,9 +17,10 @@ from typing import Any, Protocol
 
 import torch
 
-from .errors import DropoutError, FaithfulnessWarning
+from .errors import CacheMismatchError, DropoutError, FaithfulnessWarning
 from .intercept.event import AttentionEvent
 from .kernels import attention_probs, isolated, logsumexp, row_lse, verify_rows
+from .kvcache import Past
 from .masks import MaskSpec
 from .record import Record
 from .reduce import SummaryOptions, summarize_call
@@ -59,11 +60,15 @@ class Listener(Protocol):
     def dropout(self, module: str, call: int, p: float) -> None: ...
 
 
+_TAIL = 32  # keys a self-attention stream keeps of itself, to check the next forward's cache against
+
+
 @dataclass
 class _Stream:
     rows: int  # query rows recorded so far
     keys: int  # keys recorded so far (positions, also past those a rolling cache dropped)
     cross: bool
+    tail: torch.Tensor | None = None  # its last keys [batch, kv_heads, <= _TAIL, head_dim], positions up to `keys`
 
 
 @dataclass
@@ -86,6 +91,8 @@ class Recorder:
     _streams: dict[tuple[str, int], _Stream] = field(default_factory=dict)
     _last: dict[str, tuple[int, Record | None]] = field(default_factory=dict)
     _warned_dropout: bool = False
+    _past: Past = field(default_factory=Past)
+    _checks: list[tuple[str, int, torch.Tensor]] = field(default_factory=list)
     events: int = 0
 
     def new_step(self, step: int) -> None:
@@ -98,9 +105,11 @@ class Recorder:
         self._continuing = False
         self.dropping = False
 
-    def begin_pass(self, continuation: bool) -> None:
-        """A forward starts; ``continuation`` when it extends the previous one's KV cache."""
+    def begin_pass(self, continuation: bool, past: Past | None = None) -> None:
+        """A forward starts; ``continuation`` when it extends the previous one's KV cache, ``past``
+        what its cache held (the length, and the slot reorders since the last forward)."""
         self._continuing = continuation and bool(self._pass_first)
+        self._past = past or Past()
         self._last.clear()
         if self._continuing:
             self._cursor = dict(self._pass_first)
@@ -119,20 +128,45 @@ class Recorder:
             return None
         call, continues = self._call_index(owner)
         stream = self._streams.get((owner, call)) if continues else None
-        _, _, q_len, k_len = event.shape
-        q_offset = stream.rows if stream else 0
+        q_len, k_len = event.shape[2], event.shape[3]
+        past = self._past.length
         if cross is None:
-            cross = stream.cross if stream else q_len != k_len
-        # a rolling (sliding-window) cache hands the kernel only its last keys: `shift` positions
-        # before the kernel's first key were dropped, and the record is kept in stream positions
-        shift = max(0, stream.keys + q_len - k_len) if stream and not cross else 0
-        k_offset = stream.keys if stream and stream.keys <= k_len + shift else 0
+            cross = stream.cross if stream else _looks_cross(event, past)
+        if not cross and past is not None and k_len > past + q_len:
+            event = _unused_slots_removed(owner, event, past + q_len)  # a static cache's whole buffer
+            k_len = past + q_len
+        q_offset = stream.rows if stream else 0
+        shift, k_offset, parents = 0, 0, None
+        if stream and cross:
+            k_offset = stream.keys if stream.keys <= k_len else 0
+        elif stream:
+            held = stream.keys if past is None else past  # positions in the cache before this forward
+            if held > stream.keys or held < stream.keys - stream.rows:
+                raise CacheMismatchError(
+                    f"{owner!r} (step {self.step}, call {call}): the forward's KV cache holds {held} positions but "
+                    f"the capture recorded {stream.keys} for this stream, so its keys cannot be placed; a cache "
+                    "filled outside the capture or by another model? Start the step afresh (a forward without the "
+                    "cache), or say where the forward continues with cap.continuing(past=n)."
+                )
+            q_offset -= stream.keys - held  # a cropped cache (rejected draft tokens): its rows are replaced
+            # a rolling (sliding-window) cache hands the kernel only its last keys: `shift` positions
+            # before the kernel's first key were dropped, and the record is kept in stream positions
+            shift = max(0, held + q_len - k_len)
+            k_offset = held
+            parents = self._past.parents
+            self._check_keys(owner, call, stream, event, held, shift, parents)
         nbytes = self._nbytes(event, k_offset - shift, shift)
         if self.admit is not None and not self.admit(nbytes):
             self.dropping = True
             return None
         rec = self._build(owner, call, event, q_offset, k_offset, "cross" if cross else "self", shift)
-        self._streams[(owner, call)] = _Stream(q_offset + q_len, k_len + shift, cross)
+        if parents is not None and rec.k is not None:
+            rec.parents = _key_parents(parents, int(rec.k.shape[2]))
+        tail = None
+        if not cross and event.k is not None:
+            with isolated(event.k.device):
+                tail = event.k[:, :, max(0, k_len - _TAIL) :].detach().clone()
+        self._streams[(owner, call)] = _Stream(q_offset + q_len, k_len + shift, cross, tail)
         if event.dropout > 0:
             self.dropout(owner, event.dropout, rec)
         ready = self.stager.seal()
@@ -142,6 +176,53 @@ class Recorder:
             self.listener.put(rec, nbytes, ready)
         self._last[owner] = (call, rec if self.keep else None)
         return rec
+
+    def check(self) -> None:
+        """Raise :class:`CacheMismatchError` when a forward's cache held keys other than those recorded
+        (checked on the device during the forward; read here, once per forward, to keep the hot path
+        free of host synchronisation)."""
+        checks, self._checks = self._checks, []
+        for owner, call, differs in checks:
+            if bool(differs):
+                raise CacheMismatchError(
+                    f"{owner!r} (step {self.step}, call {call}): the keys in the forward's KV cache differ from "
+                    "the keys the capture recorded for this stream: the cache was changed between forwards in a "
+                    "way attnhooks was not told (reordered or edited by hand?). Reorder it with the cache's "
+                    "reorder_cache(beam_idx), or start a new step (a forward without the cache)."
+                )
+
+    def _check_keys(
+        self,
+        owner: str,
+        call: int,
+        stream: _Stream,
+        event: AttentionEvent,
+        held: int,
+        shift: int,
+        parents: torch.Tensor | None,
+    ) -> None:
+        """Queue the comparison of the kernel's keys before position ``held`` with those recorded."""
+        tail, k = stream.tail, event.k
+        if tail is None or k is None:
+            return
+        if parents is not None:
+            if parents.numel() != tail.shape[0] or int(parents.max()) >= tail.shape[0]:
+                raise CacheMismatchError(
+                    f"{owner!r} (step {self.step}, call {call}): the cache was reordered with {parents.numel()} "
+                    f"slots but the stream has {tail.shape[0]}"
+                )
+            tail = tail[parents.to(tail.device)]
+        end = tail.shape[2] - (stream.keys - held)  # the tail's index of position `held`
+        n = min(end, held - shift)
+        if n <= 0:
+            return
+        if tail.shape[:2] != k.shape[:2] or tail.shape[3] != k.shape[3]:
+            raise CacheMismatchError(
+                f"{owner!r} (step {self.step}, call {call}): the forward's keys have shape {tuple(k.shape)} but the "
+                f"stream it continues has {tuple(tail.shape[:2])} (batch, kv heads); a new batch needs a new step"
+            )
+        with isolated(k.device):
+            self._checks.append((owner, call, (k[:, :, held - shift - n : held - shift] != tail[:, :, end - n : end]).any()))
 
     def dropout(self, owner: str, p: float, rec: Record | None = None) -> None:
         """Dropout ``p`` hit the probabilities of ``owner``'s last call: flag it or refuse."""
@@ -377,6 +458,67 @@ def shifted(mask: MaskSpec, shift: int, shape: tuple[int, int, int, int]) -> Mas
     if additive is None:
         additive = torch.zeros(1, 1, q_len, k_len)
     return MaskSpec(dense=torch.nn.functional.pad(additive.cpu(), (shift, 0), value=-math.inf))
+
+
+def _looks_cross(event: AttentionEvent, past: int | None) -> bool:
+    """A call of a new stream attends over another sequence's keys (cross-attention): its keys are
+    not the forward's own positions (``past + q_len`` of them, or a static buffer's hidden tail)."""
+    _, _, q_len, k_len = event.shape
+    if past is None:
+        return q_len != k_len
+    if k_len == past + q_len:
+        return False
+    return not (k_len > past + q_len and _hides_keys_from(event.mask or MaskSpec(), event.shape, past + q_len))
+
+
+def _hides_keys_from(mask: MaskSpec, shape: tuple[int, int, int, int], n: int) -> bool:
+    """True when ``mask`` hides every key from ``n`` on from every query row."""
+    batch, _, q_len, k_len = shape
+    if mask.dense is not None:
+        tail = mask.dense[..., n:]
+        return bool((~tail).all()) if tail.dtype == torch.bool else bool(torch.isneginf(tail).all())
+    if mask.causal and mask.dense is None and mask.key_valid is None and q_len - 1 + mask.offset < n:
+        return True
+    allowed = mask._allowed(q_len, k_len, slice(0, q_len), "cpu")
+    return allowed is not None and not bool(allowed[..., n:].any())
+
+
+def _unused_slots_removed(owner: str, event: AttentionEvent, n: int) -> AttentionEvent:
+    """The call over its first ``n`` keys only: a static cache hands the kernel its whole buffer, whose
+    slots past the written positions the mask hides. Raises when the mask does not hide them."""
+    mask = event.mask or MaskSpec()
+    if not _hides_keys_from(mask, event.shape, n):
+        raise CacheMismatchError(
+            f"{owner!r}: the kernel received {event.shape[3]} keys but the forward's cache holds only {n} positions "
+            "(with this call's), and the mask does not hide the rest; the cache's length does not describe its keys"
+        )
+    batch, _, q_len, k_len = event.shape
+    if mask.dense is not None:
+        trimmed = MaskSpec.from_kernel(mask.dense[..., :n], False, q_len, n)
+    else:
+        allowed = mask._allowed(q_len, k_len, slice(0, q_len), "cpu")
+        trimmed = MaskSpec() if allowed is None else MaskSpec.from_kernel(allowed[..., :n], False, q_len, n)
+
+    def first(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t[..., :n]
+
+    return replace(
+        event,
+        k=None if event.k is None else event.k[:, :, :n],
+        v=None if event.v is None else event.v[:, :, :n],
+        attn=first(event.attn),
+        scores=first(event.scores),
+        mask=trimmed,
+    )
+
+
+def _key_parents(parents: torch.Tensor, k_new: int) -> torch.Tensor:
+    """``[batch, k_new]``: the slot preceding each new key; the first new key follows the reorder."""
+    batch = parents.numel()
+    out = torch.arange(batch, dtype=torch.int64)[:, None].repeat(1, k_new)
+    if k_new:
+        out[:, 0] = parents
+    return out
 
 
 def _default_scale(q: torch.Tensor | None) -> float:

@@ -1,0 +1,149 @@
+"""KV caches as a capture sees them: found by what they do, not by a keyword's name.
+
+A top-level forward *continues* the step when it is given a non-empty KV cache, whatever the
+argument is called (transformers 4.x and 5.x before 5.25 pass ``past_key_values=``, 5.25
+``cache=``; other libraries their own names). A cache is recognised by its behaviour: an object
+with a callable ``get_seq_length()`` (every ``transformers.Cache``), or the legacy form, a tuple
+of per-layer ``(key, value, ...)`` tuples of 4-D tensors.
+
+The recorder does not *assume* how the cache evolved between two forwards; it is told and it
+checks. :class:`CacheWatch` wraps the cache's own ``reorder_cache`` (beam search) and ``crop``
+(assisted decoding) on the instance for the forward's lifetime, so the batch-slot reorders are
+known exactly, and the recorder compares the keys the kernel receives with the keys it recorded
+(:class:`~attnhooks.recorder.Recorder`), raising :class:`~attnhooks.errors.CacheMismatchError`
+when they contradict each other.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import dataclass
+from typing import Any
+
+import weakref
+
+import torch
+
+__all__ = ["CacheWatch", "Past", "find_cache", "past_length"]
+
+# methods of a transformers Cache that change its contents between two forwards
+_WATCHED = ("reorder_cache", "crop")
+
+
+@dataclass
+class Past:
+    """What a forward's cache held when the forward began.
+
+    Attributes:
+        length: positions already in the cache (the keys a self-attention call's new keys
+            extend); None when the forward's cache gives no length (then the recorder's own count
+            is used, and checked against the keys).
+        parents: ``[batch]`` int64: slot ``b`` of this forward continues slot ``parents[b]`` of the
+            previous one (the cache was reordered, as beam search does); None: unchanged.
+    """
+
+    length: int | None = None
+    parents: torch.Tensor | None = None
+
+
+def find_cache(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """The KV cache among a forward's arguments, by behaviour; None when there is none."""
+    for value in (*kwargs.values(), *args):
+        if _is_cache(value):
+            return value
+    return None
+
+
+def past_length(cache: Any) -> int:
+    """Positions held by ``cache`` (0 for an empty one), by its ``get_seq_length()`` or, in the
+    legacy tuple form, the key length of its first layer."""
+    length = getattr(cache, "get_seq_length", None)
+    if callable(length):
+        return int(length())
+    return int(cache[0][0].shape[-2]) if cache and cache[0] else 0
+
+
+def _is_cache(value: Any) -> bool:
+    if value is None or isinstance(value, (torch.Tensor, str, bytes, int, float, bool)):
+        return False
+    if callable(getattr(value, "get_seq_length", None)):
+        return True
+    if isinstance(value, (tuple, list)) and value and all(isinstance(layer, (tuple, list)) for layer in value):
+        first = value[0]
+        return len(first) >= 2 and all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in first[:2])
+    return False
+
+
+class CacheWatch:
+    """Watches one cache object between forwards: its reorders (``reorder_cache(beam_idx)``) are
+    composed into one slot map, its crops noted. Installed on the instance, removed by ``close``.
+
+    A cache without these methods (a legacy tuple, a custom class) is not watched: the recorder's
+    key check is then what notices a change it was not told about.
+    """
+
+    def __init__(self) -> None:
+        self._cache: Callable[[], Any] = lambda: None  # held weakly: the watch never keeps a cache alive
+        self._stack = ExitStack()
+        self._parents: torch.Tensor | None = None
+
+    @property
+    def cache(self) -> Any:
+        """The cache watched now, None when none (or it was freed)."""
+        return self._cache()
+
+    def follow(self, cache: Any) -> None:
+        """Watch ``cache`` (a new object replaces the one watched before)."""
+        if cache is self.cache:
+            return
+        self.close()
+        try:
+            self._cache = weakref.ref(cache)
+        except TypeError:  # a tuple (the legacy form) cannot be watched, only checked
+            return
+        for name in _WATCHED:
+            method = getattr(cache, name, None)
+            if callable(method) and not isinstance(cache, (tuple, list)):
+                self._wrap(cache, name, method)
+
+    def take_parents(self) -> torch.Tensor | None:
+        """The composed slot map of the reorders since the last call (None: none happened)."""
+        parents, self._parents = self._parents, None
+        return parents
+
+    def close(self) -> None:
+        self._stack.close()
+        self._stack = ExitStack()
+        self._cache = lambda: None
+        self._parents = None
+
+    def _wrap(self, cache: Any, name: str, method: Callable[..., Any]) -> None:
+        own = vars(cache).get(name)  # an instance attribute to put back (else the class's method)
+        ref = weakref.ref(cache)
+
+        def watched(*args: Any, **kwargs: Any) -> Any:
+            if name == "reorder_cache":
+                self._reordered(args[0] if args else kwargs.get("beam_idx"))
+            return method(*args, **kwargs)
+
+        try:
+            object.__setattr__(cache, name, watched)
+        except (AttributeError, TypeError):
+            return  # a slotted or frozen cache: the key check still sees what changed
+        handle = weakref.ref(watched)
+
+        def restore() -> None:  # holds the cache weakly: a finished generation's cache is freed
+            live = ref()
+            if live is not None and vars(live).get(name) is handle():
+                if own is not None:
+                    object.__setattr__(live, name, own)
+                else:
+                    delattr(live, name)
+
+        self._stack.callback(restore)
+
+    def _reordered(self, beam_idx: Any) -> None:
+        index = torch.as_tensor(beam_idx).detach().to("cpu", torch.int64).reshape(-1)
+        # slot b now holds what slot index[b] held; after an earlier reorder p, that was p[index[b]]
+        self._parents = index if self._parents is None else self._parents[index]
