@@ -131,7 +131,7 @@ class Capture:
         self._manual = False
         self._fastpath: bool | None = None
         self._checked_silent = False
-        self._watch = CacheWatch()
+        self._watch = CacheWatch(on_crop=self._cropped)
         self._continuing: Past | None = None
 
     # -- public API -------------------------------------------------------------------------
@@ -317,6 +317,10 @@ class Capture:
                 self._auto_tokens(args, kwargs)
         self._recorder.begin_pass(continuation, past)
         self._mode.forget()
+
+    def _cropped(self, length: int) -> None:
+        if self._capturing:
+            self._recorder.crop(length)
 
     def _past(self, args: Any, kwargs: dict[str, Any]) -> Past | None:
         """What a top-level forward's KV cache holds: None without a cache; else the positions in it

@@ -83,7 +83,8 @@ class CacheWatch:
     key check is then what notices a change it was not told about.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, on_crop: Callable[[int], None] | None = None) -> None:
+        self._on_crop = on_crop  # told the cache's length after each crop
         self._cache: Callable[[], Any] = lambda: None  # held weakly: the watch never keeps a cache alive
         self._stack = ExitStack()
         self._parents: torch.Tensor | None = None
@@ -125,7 +126,11 @@ class CacheWatch:
         def watched(*args: Any, **kwargs: Any) -> Any:
             if name == "reorder_cache":
                 self._reordered(args[0] if args else kwargs.get("beam_idx"))
-            return method(*args, **kwargs)
+            out = method(*args, **kwargs)
+            live = ref()
+            if name == "crop" and self._on_crop is not None and live is not None:
+                self._on_crop(past_length(live))  # its length, read back: whatever crop's argument meant
+            return out
 
         try:
             object.__setattr__(cache, name, watched)

@@ -25,6 +25,7 @@ from .masks import MaskSpec
 from .record import Record
 from .reduce import SummaryOptions, summarize_call
 from .staging import Stager
+from .streams import cut, rows_of
 
 __all__ = ["Listener", "RecordOptions", "Recorder"]
 
@@ -58,6 +59,8 @@ class Listener(Protocol):
     def put(self, rec: Record, nbytes: int, ready: Any = None) -> None: ...
 
     def dropout(self, module: str, call: int, p: float) -> None: ...
+
+    def cut(self, module: str, call: int, rows: int, keys: int) -> None: ...
 
 
 _TAIL = 32  # keys a self-attention stream keeps of itself, to check the next forward's cache against
@@ -148,7 +151,9 @@ class Recorder:
                     "filled outside the capture or by another model? Start the step afresh (a forward without the "
                     "cache), or say where the forward continues with cap.continuing(past=n)."
                 )
-            q_offset -= stream.keys - held  # a cropped cache (rejected draft tokens): its rows are replaced
+            if held < stream.keys:  # a cropped cache (rejected draft tokens): its rows are replaced
+                self._refuse_crop(owner, call)
+            q_offset -= stream.keys - held
             # a rolling (sliding-window) cache hands the kernel only its last keys: `shift` positions
             # before the kernel's first key were dropped, and the record is kept in stream positions
             shift = max(0, held + q_len - k_len)
@@ -176,6 +181,47 @@ class Recorder:
             self.listener.put(rec, nbytes, ready)
         self._last[owner] = (call, rec if self.keep else None)
         return rec
+
+    def crop(self, length: int) -> None:
+        """The KV cache was cropped to ``length`` positions (assisted decoding rejected draft tokens):
+        every self-attention stream of the step drops its rows and keys from there on, in
+        ``records`` and in the store, so the rows kept are those of the accepted tokens."""
+        for (owner, call), stream in self._streams.items():
+            drop = stream.keys - length
+            if stream.cross or drop <= 0:
+                continue
+            self._refuse_crop(owner, call)
+            rows = max(0, stream.rows - drop)
+            stream.rows, stream.keys = rows, length
+            keep = 0 if stream.tail is None else stream.tail.shape[2] - drop
+            stream.tail = stream.tail[:, :, :keep] if stream.tail is not None and keep > 0 else None
+            if self.keep:
+                self._cut_records(owner, call, rows, length)
+            if self.listener is not None:
+                self.listener.cut(owner, call, rows, length)
+
+    def _refuse_crop(self, owner: str, call: int) -> None:
+        if "summary" in self.options.record:
+            raise CacheMismatchError(
+                f"{owner!r} (step {self.step}, call {call}): the KV cache was cropped (rejected draft tokens), "
+                "but record='summary' adds every row to running column sums that cannot take rows back; "
+                "record ('q', 'k', 'lse') for assisted or speculative decoding and summarise the store afterwards"
+            )
+
+    def _cut_records(self, owner: str, call: int, rows: int, keys: int) -> None:
+        """Cut the kept records of a stream to its first ``rows`` rows and ``keys`` keys."""
+        for i in range(len(self.records) - 1, -1, -1):
+            rec = self.records[i]
+            if rec.step != self.step:
+                break
+            if rec.module != owner or rec.call != call:
+                continue
+            if rec.q_offset >= rows and rec.q_offset > 0:
+                del self.records[i]
+            elif rec.q_offset + rows_of(rec) > rows:
+                self.records[i] = cut(rec, rows - rec.q_offset, keys)
+            else:
+                break
 
     def check(self) -> None:
         """Raise :class:`CacheMismatchError` when a forward's cache held keys other than those recorded
@@ -468,12 +514,17 @@ def _looks_cross(event: AttentionEvent, past: int | None) -> bool:
         return q_len != k_len
     if k_len == past + q_len:
         return False
-    return not (k_len > past + q_len and _hides_keys_from(event.mask or MaskSpec(), event.shape, past + q_len))
+    return not (k_len > past + q_len and _hides_keys_from(event, past + q_len))
 
 
-def _hides_keys_from(mask: MaskSpec, shape: tuple[int, int, int, int], n: int) -> bool:
-    """True when ``mask`` hides every key from ``n`` on from every query row."""
-    batch, _, q_len, k_len = shape
+def _hides_keys_from(event: AttentionEvent, n: int) -> bool:
+    """True when the call's mask hides every key from ``n`` on from every query row (in an eager
+    call, the scores it masked: ``-inf`` or transformers' ``finfo.min``)."""
+    batch, _, q_len, k_len = event.shape
+    if event.scores is not None:
+        tail = event.scores[..., n:].detach()
+        return bool((tail <= torch.finfo(tail.dtype).min / 2).all())
+    mask = event.mask or MaskSpec()
     if mask.dense is not None:
         tail = mask.dense[..., n:]
         return bool((~tail).all()) if tail.dtype == torch.bool else bool(torch.isneginf(tail).all())
@@ -486,14 +537,16 @@ def _hides_keys_from(mask: MaskSpec, shape: tuple[int, int, int, int], n: int) -
 def _unused_slots_removed(owner: str, event: AttentionEvent, n: int) -> AttentionEvent:
     """The call over its first ``n`` keys only: a static cache hands the kernel its whole buffer, whose
     slots past the written positions the mask hides. Raises when the mask does not hide them."""
-    mask = event.mask or MaskSpec()
-    if not _hides_keys_from(mask, event.shape, n):
+    if not _hides_keys_from(event, n):
         raise CacheMismatchError(
             f"{owner!r}: the kernel received {event.shape[3]} keys but the forward's cache holds only {n} positions "
             "(with this call's), and the mask does not hide the rest; the cache's length does not describe its keys"
         )
     batch, _, q_len, k_len = event.shape
-    if mask.dense is not None:
+    mask = event.mask or MaskSpec()
+    if event.mask is None:
+        trimmed = None  # (an eager call's mask is read from its scores)
+    elif mask.dense is not None:
         trimmed = MaskSpec.from_kernel(mask.dense[..., :n], False, q_len, n)
     else:
         allowed = mask._allowed(q_len, k_len, slice(0, q_len), "cpu")

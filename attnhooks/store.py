@@ -561,7 +561,7 @@ class Store:
 
 
 _READERS = 64  # call readers kept (each caches its rowkeys and key padding)
-_LEAVES = ("attn", "attn_stored", "q", "k", "lse", "mask/key_valid", "mask/dense", "summary")
+_LEAVES = ("attn", "attn_stored", "q", "k", "lse", "mask/key_valid", "mask/dense", "parent", "summary")
 
 
 @dataclass(frozen=True)

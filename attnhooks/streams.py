@@ -10,7 +10,7 @@ from .errors import ModuleSelectionError
 from .record import Record
 from .schema import ROWWISE
 
-__all__ = ["assemble", "join"]
+__all__ = ["assemble", "cut", "join", "rows_of"]
 
 
 def assemble(records: list[Record], module: str, step: int, call: int = 0) -> Record:
@@ -21,17 +21,15 @@ def assemble(records: list[Record], module: str, step: int, call: int = 0) -> Re
         module, step, call: which stream.
 
     Returns:
-        A record whose ``q`` holds every query row (``[batch, heads, rows, head_dim]``), ``k`` every
+        A record whose ``q`` holds every query row (rows a later part replaced, as the rejected draft
+        tokens of assisted decoding whose cache was cropped, are left out) (``[batch, heads, rows, head_dim]``), ``k`` every
         key, ``attn`` ``[batch, heads, rows, k_len]`` with zeros where a row's call had fewer keys
         (those keys did not exist yet: exactly the causal zeros of the full matrix), ``lse`` every row.
 
     Raises:
         ModuleSelectionError: no record matches.
     """
-    parts = sorted(
-        (r for r in records if r.module == module and r.step == step and r.call == call),
-        key=lambda r: r.q_offset,
-    )
+    parts = _current([r for r in records if r.module == module and r.step == step and r.call == call])
     if not parts:
         known = sorted({(r.module, r.step, r.call) for r in records})[:10]
         raise ModuleSelectionError(
@@ -57,9 +55,63 @@ def join(parts: list[Record]) -> Record:
     out.q = _cat([r.q for r in parts], dim=2)
     out.k = _cat([r.k for r in parts], dim=2)
     out.lse = _cat([r.lse for r in parts], dim=2)
+    out.parents = _join_parents(parts)
     out.summary = _join_summary(parts, out.k_len)
     out.attn, out.attn_rows = _join_attn(parts, out.k_len)
     return out
+
+
+def _current(parts: list[Record]) -> list[Record]:
+    """The parts of one stream in capture order, each cut where a later part restarts the stream
+    (a KV cache cropped between forwards): the rows and keys in force at the end."""
+    out: list[Record] = []
+    for part in parts:
+        while out and out[-1].q_offset >= part.q_offset and part.q_offset > 0:
+            out.pop()
+        if part.q_offset == 0:
+            out = []
+        elif out and out[-1].q_offset + rows_of(out[-1]) > part.q_offset:
+            out[-1] = cut(out[-1], part.q_offset - out[-1].q_offset, part.k_offset)
+        out.append(part)
+    return out
+
+
+def rows_of(rec: Record) -> int:
+    """Query rows of a record."""
+    for t in (rec.q, rec.lse, None if rec.attn_rows else rec.attn):
+        if t is not None:
+            return int(t.shape[2])
+    return 0
+
+
+def cut(rec: Record, rows: int, keys: int) -> Record:
+    """``rec`` with its first ``rows`` query rows and its keys before stream position ``keys``."""
+    if rec.attn_rows is not None or rec.summary is not None:
+        raise ModuleSelectionError(
+            f"{rec.module!r}: a cropped KV-cache stream cannot be joined with row windows or summaries; "
+            "read its records one by one"
+        )
+    k_new = max(0, keys - rec.k_offset)
+    out = dataclasses.replace(rec, k_len=min(rec.k_len, keys))
+    out.q = None if rec.q is None else rec.q[:, :, :rows]
+    out.k = None if rec.k is None else rec.k[:, :, :k_new]
+    out.lse = None if rec.lse is None else rec.lse[:, :, :rows]
+    out.attn = None if rec.attn is None else rec.attn[:, :, :rows, : out.k_len]
+    out.parents = None if rec.parents is None else rec.parents[:, :k_new]
+    return out
+
+
+def _join_parents(parts: list[Record]) -> torch.Tensor | None:
+    """The parts' ``parents`` along their keys (a part without any: each slot precedes itself)."""
+    if all(r.parents is None for r in parts) or any(r.k is None for r in parts):
+        return None
+    blocks = []
+    for r in parts:
+        assert r.k is not None
+        batch, k_new = int(r.k.shape[0]), int(r.k.shape[2])
+        own = torch.arange(batch, dtype=torch.int64)[:, None].expand(batch, k_new)
+        blocks.append(own if r.parents is None else r.parents)
+    return torch.cat(blocks, dim=1)
 
 
 def _join_attn(parts: list[Record], k_len: int) -> tuple[torch.Tensor | None, tuple[tuple[int, int], ...] | None]:

@@ -20,6 +20,7 @@ import numpy as np
 
 from .backends.base import Backend
 from .errors import NotInStoreError
+from .lineage import key_slots
 
 __all__ = ["CallLayout", "CallReader", "HeadSelection", "head_index", "span", "widen_bits"]
 
@@ -89,6 +90,7 @@ class CallReader:
         self._rowkeys: np.ndarray | None = None
         self._stored_rows: np.ndarray | None = None
         self._key_valid: np.ndarray | None = None
+        self._parent: np.ndarray | None = None
 
     # -- what exists ------------------------------------------------------------------------------
     def has(self, leaf: str) -> bool:
@@ -134,6 +136,16 @@ class CallReader:
             # keys added later without padding information (a rolling cache's decode rows) are valid
             self._key_valid = np.pad(valid, (0, self.k_len - valid.size), constant_values=True)
         return self._key_valid
+
+    @property
+    def parent(self) -> np.ndarray | None:
+        """``[batch, k_len]`` the slot preceding each key when the cache's slots were reordered (beam
+        search; see :mod:`attnhooks.lineage`); None when every slot continued itself."""
+        if self._parent is None and self.has("parent"):
+            lay = self.layout
+            parent = self.backend.read(f"{lay.base}/parent", (lay.position, lay.call, slice(None), slice(0, self.k_len)))
+            self._parent = parent if bool((parent >= 0).any()) else np.zeros((0, 0), dtype=np.int64)
+        return None if self._parent is None or self._parent.size == 0 else self._parent
 
     @property
     def stored_rows(self) -> np.ndarray:
@@ -242,8 +254,13 @@ class CallReader:
     def scores(self, heads: np.ndarray, rows: slice, cols: slice) -> np.ndarray:
         """Masked scores ``[h, r, c]`` float32 (``-inf`` where a key may not be attended)."""
         q = self.queries(heads, rows)
-        k = self.keys(heads, cols)
-        s = np.matmul(q, k.transpose(0, 2, 1))
+        if self.parent is None:
+            s = np.matmul(q, self.keys(heads, cols).transpose(0, 2, 1))
+        else:  # each row reads the keys of its own history: [h, r, c, d]
+            slots = key_slots(self.parent, self.layout.sample, self.rowkeys[rows])
+            slots = np.pad(slots, ((0, 0), (0, max(0, cols.stop - slots.shape[1]))), constant_values=self.layout.sample)
+            k = self.keys(heads, cols, samples=slice(None))[:, slots[:, cols], np.arange(cols.stop - cols.start)]
+            s = np.einsum("hrd,hrcd->hrc", q, k)
         s *= np.float32(self.scale)
         if self.softcap:
             cap = np.float32(self.softcap)
@@ -289,8 +306,9 @@ class CallReader:
         """Queries ``[h, r, d]`` (float32) of the selected heads and rows."""
         return self._take("q", heads, rows).astype(np.float32, copy=False)
 
-    def keys(self, heads: np.ndarray, cols: slice) -> np.ndarray:
-        """Keys ``[h, c, d]`` for each selected query head (GQA: its key head, repeated)."""
+    def keys(self, heads: np.ndarray, cols: slice, samples: slice | None = None) -> np.ndarray:
+        """Keys ``[h, c, d]`` for each selected query head (GQA: its key head, repeated); with
+        ``samples``, of those batch slots: ``[h, slots, c, d]``."""
         lay = self.layout
         kv = heads // (lay.heads // lay.kv_heads)
         if cols.start < self.k_offset or cols.stop > self.k_offset + self.k_stored:
@@ -299,11 +317,12 @@ class CallReader:
                 f"{self.k_offset + self.k_stored - 1} were stored (the capture began inside this call's KV stream)"
             )
         keys = slice(cols.start - self.k_offset, cols.stop - self.k_offset)
-        return self._take("k", kv, keys).astype(np.float32, copy=False)
+        return self._take("k", kv, keys, sample=samples).astype(np.float32, copy=False)
 
-    def _take(self, leaf: str, heads: np.ndarray, *inner: slice, sample: int | None = None) -> np.ndarray:
+    def _take(self, leaf: str, heads: np.ndarray, *inner: slice, sample: int | slice | None = None) -> np.ndarray:
         """``leaf[position, call, sample, heads, *inner]``: one read over the heads' range, then the
-        heads in the order given (bfloat16 bits widened)."""
+        heads in the order given (bfloat16 bits widened); with a ``sample`` slice, heads first:
+        ``[heads, samples, *inner]``."""
         lay = self.layout
         low = int(heads.min()) if heads.size else 0
         high = int(heads.max()) + 1 if heads.size else 0
@@ -311,6 +330,8 @@ class CallReader:
         out = self.backend.read(f"{lay.base}/{leaf}", (*sel, slice(low, high), *inner))
         if self.layout.bits and leaf in ("q", "k"):
             out = widen_bits(out)
+        if isinstance(sample, slice):
+            out = np.moveaxis(out, 1, 0)
         if heads.size == high - low and bool((np.diff(heads) == 1).all()):
             return out  # the heads are the range read, in order: no copy
         taken: np.ndarray = out[heads - low]

@@ -219,6 +219,12 @@ class StoreWriter:
         if self._last is not None:
             self._queue.put(("dropout", self._last[1], module, call, p))
 
+    def cut(self, module: str, call: int, rows: int, keys: int) -> None:
+        """A KV cache was cropped: the call keeps its rows before stream row ``rows`` and its keys
+        before position ``keys`` (the rows after were rejected draft tokens)."""
+        if self._last is not None:
+            self._queue.put(("cut", self._last[1], module, call, rows, keys))
+
     def tokens(self, ids: np.ndarray, text: list[list[str]] | None) -> None:
         if self._last is not None:
             self._queue.put(("tokens", self._last[1], ids, text))
@@ -329,8 +335,10 @@ class StoreWriter:
             state.rowkeys.extend([rec.k_len] * n_rows)
             self._write(module, (pos, rec.call), state, rec)
             return False
-        state.q_len = rec.q_offset - state.q_offset + n_rows
-        state.k_len = max(state.k_len, rec.k_len)
+        row = rec.q_offset - state.q_offset
+        state.q_len = row + n_rows
+        state.k_len = rec.k_len if row < len(state.rowkeys) else max(state.k_len, rec.k_len)  # a cropped cache
+        del state.rowkeys[row:]
         state.batch = max(state.batch, _batch(rec))
         state.dropout = max(state.dropout, rec.dropout)
         if state.window < 0 and rec.mask.window is not None:  # a rolling cache began to drop keys
@@ -359,11 +367,13 @@ class StoreWriter:
             for a, b in rec.attn_rows or ((0, n_rows),):
                 self._put(module, "attn", base, (slice(None), slice(row + a, row + b)), attn[:, :, at : at + b - a])
                 at += b - a
-        state.stored.extend(_stored_rows(rec, n_rows))
+        state.stored[row:] = _stored_rows(rec, n_rows)  # (rows a cropped cache replaced are cut)
         if rec.lse is not None:
             self._put(module, "lse", base, (slice(None), slice(row, row + n_rows)), rec.lse.float().numpy())
         if rec.summary is not None:
             self._write_summary(module, base, state, rec.summary, row, n_rows)
+        if rec.parents is not None:  # a reordered cache (beam search): the slot preceding each new key
+            self._put(module, "parent", base, (slice(key, key + rec.parents.shape[1]),), rec.parents.int().numpy())
         if rec.mask.key_valid is not None:  # the keys this record adds (earlier ones are written)
             new_keys = rec.mask.key_valid[:, rec.k_offset :].numpy()
             self._put(module, "mask/key_valid", base, (slice(rec.k_offset, rec.k_len),), new_keys)
@@ -420,6 +430,17 @@ class StoreWriter:
         held, self._held = self._held, 0
         if held:
             self.budget.release(held)
+
+    def _on_cut(self, pos: int, module: str, call: int, rows: int, keys: int) -> None:
+        state = self._calls.get(module, {}).get(call) if pos == self._open_pos else None
+        if state is None:
+            return
+        self._flush_tails()  # held rows are written first: the cut applies to everything before it
+        row = max(0, rows - state.q_offset)
+        del state.rowkeys[row:]
+        del state.stored[row:]
+        state.q_len = min(state.q_len, row)
+        state.k_len = min(state.k_len, keys)
 
     def _on_dropout(self, pos: int, module: str, call: int, p: float) -> None:
         state = self._calls.get(module, {}).get(call) if pos == self._open_pos else None
@@ -557,7 +578,7 @@ class StoreWriter:
         sel = _inner_selection(value.shape, inner)
         need = (base[0] + 1, base[1] + 1, *(s.stop for s in sel))
         if self._shape_of(path) is None:
-            fill = True if leaf == "mask/key_valid" else (0 if leaf != "lse" else -np.inf)
+            fill = {"mask/key_valid": True, "lse": -np.inf, "parent": -1}.get(leaf, 0)
             chunks = _chunks(need, value.dtype.itemsize, leaf)
             self._new_array(path, need, value.dtype.name, chunks, fill, self._codec(leaf, module))
         self._grow(path, need)

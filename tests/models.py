@@ -52,6 +52,27 @@ def mistral(impl: str = "sdpa", window: int = 4):
     return MistralForCausalLM(cfg).eval()
 
 
+def gemma2(impl: str = "eager", window: int = 4):
+    """Sliding-window and full layers alternating (a mixed cache), with logit soft-capping (no SDPA
+    path in transformers: captured on its eager path)."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    _quiet()
+    cfg = Gemma2Config(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=256,
+        sliding_window=window,
+        attn_implementation=impl,
+    )
+    return Gemma2ForCausalLM(cfg).eval()
+
+
 def bert(impl: str = "sdpa"):
     from transformers import BertConfig, BertModel
 
