@@ -26,8 +26,8 @@ import torch.nn as nn
 from .backends.base import Backend, Codec, backend_for
 from .errors import (
     AttnHooksError,
-    CacheMismatchError,
     AttnHooksWarning,
+    CacheMismatchError,
     CaptureStateError,
     RecordOptionError,
     StoreOptionError,

@@ -16,12 +16,11 @@ when they contradict each other.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
-
-import weakref
 
 import torch
 

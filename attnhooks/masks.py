@@ -159,6 +159,24 @@ class MaskSpec:
             return None
         return dense[:, heads, :, keys] if dense.shape[1] != 1 else dense[..., keys]
 
+    def hides_keys_from(self, n: int, q_len: int, k_len: int) -> bool:
+        """True when every query row is kept from every key at position ``n`` or later (a static KV
+        cache's unwritten slots)."""
+        if self.dense is not None:
+            tail = self.dense[..., n:]
+            return bool((~tail).all()) if tail.dtype == torch.bool else bool(torch.isneginf(tail).all())
+        if self.causal and self.key_valid is None and q_len - 1 + self.offset < n:
+            return True
+        allowed = self._allowed(q_len, k_len, slice(0, q_len), "cpu")
+        return allowed is not None and not bool(allowed[..., n:].any())
+
+    def first_keys(self, n: int, q_len: int, k_len: int) -> MaskSpec:
+        """The mask over the first ``n`` of its ``k_len`` keys, in its compact form where it has one."""
+        if self.dense is not None:
+            return MaskSpec.from_kernel(self.dense[..., :n], False, q_len, n)
+        allowed = self._allowed(q_len, k_len, slice(0, q_len), "cpu")
+        return MaskSpec() if allowed is None else MaskSpec.from_kernel(allowed[..., :n], False, q_len, n)
+
     @property
     def may_hide_whole_rows(self) -> bool:
         """False when every query row is guaranteed at least one visible key."""

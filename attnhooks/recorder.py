@@ -268,7 +268,9 @@ class Recorder:
                 f"stream it continues has {tuple(tail.shape[:2])} (batch, kv heads); a new batch needs a new step"
             )
         with isolated(k.device):
-            self._checks.append((owner, call, (k[:, :, held - shift - n : held - shift] != tail[:, :, end - n : end]).any()))
+            self._checks.append(
+                (owner, call, (k[:, :, held - shift - n : held - shift] != tail[:, :, end - n : end]).any())
+            )
 
     def dropout(self, owner: str, p: float, rec: Record | None = None) -> None:
         """Dropout ``p`` hit the probabilities of ``owner``'s last call: flag it or refuse."""
@@ -518,20 +520,13 @@ def _looks_cross(event: AttentionEvent, past: int | None) -> bool:
 
 
 def _hides_keys_from(event: AttentionEvent, n: int) -> bool:
-    """True when the call's mask hides every key from ``n`` on from every query row (in an eager
-    call, the scores it masked: ``-inf`` or transformers' ``finfo.min``)."""
-    batch, _, q_len, k_len = event.shape
+    """True when the call hides every key from ``n`` on from every query row: by its mask, or in an
+    eager call by its scores (``-inf``, or transformers' ``finfo.min``)."""
+    q_len, k_len = event.shape[2:]
     if event.scores is not None:
         tail = event.scores[..., n:].detach()
         return bool((tail <= torch.finfo(tail.dtype).min / 2).all())
-    mask = event.mask or MaskSpec()
-    if mask.dense is not None:
-        tail = mask.dense[..., n:]
-        return bool((~tail).all()) if tail.dtype == torch.bool else bool(torch.isneginf(tail).all())
-    if mask.causal and mask.dense is None and mask.key_valid is None and q_len - 1 + mask.offset < n:
-        return True
-    allowed = mask._allowed(q_len, k_len, slice(0, q_len), "cpu")
-    return allowed is not None and not bool(allowed[..., n:].any())
+    return (event.mask or MaskSpec()).hides_keys_from(n, q_len, k_len)
 
 
 def _unused_slots_removed(owner: str, event: AttentionEvent, n: int) -> AttentionEvent:
@@ -542,15 +537,6 @@ def _unused_slots_removed(owner: str, event: AttentionEvent, n: int) -> Attentio
             f"{owner!r}: the kernel received {event.shape[3]} keys but the forward's cache holds only {n} positions "
             "(with this call's), and the mask does not hide the rest; the cache's length does not describe its keys"
         )
-    batch, _, q_len, k_len = event.shape
-    mask = event.mask or MaskSpec()
-    if event.mask is None:
-        trimmed = None  # (an eager call's mask is read from its scores)
-    elif mask.dense is not None:
-        trimmed = MaskSpec.from_kernel(mask.dense[..., :n], False, q_len, n)
-    else:
-        allowed = mask._allowed(q_len, k_len, slice(0, q_len), "cpu")
-        trimmed = MaskSpec() if allowed is None else MaskSpec.from_kernel(allowed[..., :n], False, q_len, n)
 
     def first(t: torch.Tensor | None) -> torch.Tensor | None:
         return None if t is None else t[..., :n]
@@ -561,7 +547,8 @@ def _unused_slots_removed(owner: str, event: AttentionEvent, n: int) -> Attentio
         v=None if event.v is None else event.v[:, :, :n],
         attn=first(event.attn),
         scores=first(event.scores),
-        mask=trimmed,
+        # (an eager call's mask is read from its scores later)
+        mask=None if event.mask is None else event.mask.first_keys(n, event.shape[2], event.shape[3]),
     )
 
 

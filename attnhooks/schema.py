@@ -21,6 +21,9 @@ Layout (identical in every backend; ``S`` stored steps, ``C`` calls per step, ``
         attn                [S, C, B, H, Lq, Lk]      float32 or float16
         lse                 float32 [S, C, B, H, Lq]
         mask/key_valid      bool [S, C, B, Lk]        fill True
+        parent              int32 [S, C, B, Lk]       when a KV cache's slots were reordered (beam
+                                                      search): the slot preceding each key, fill -1
+                                                      (the slot itself); see attnhooks.lineage
         mask/dense          float32 [S, C, B', H', Lq, Lk]   additive, when no compact form
         summary/entropy     float32 [S, C, B, H, Lq]  record="summary" (attnhooks.reduce); also
                             sink [.., Lq], topk_index int32 / topk_weight [.., Lq, K],

@@ -6,7 +6,7 @@ import dataclasses
 
 import torch
 
-from .errors import ModuleSelectionError
+from .errors import CacheMismatchError, ModuleSelectionError
 from .record import Record
 from .schema import ROWWISE
 
@@ -21,10 +21,12 @@ def assemble(records: list[Record], module: str, step: int, call: int = 0) -> Re
         module, step, call: which stream.
 
     Returns:
-        A record whose ``q`` holds every query row (rows a later part replaced, as the rejected draft
-        tokens of assisted decoding whose cache was cropped, are left out) (``[batch, heads, rows, head_dim]``), ``k`` every
+        A record whose ``q`` holds every query row (``[batch, heads, rows, head_dim]``), ``k`` every
         key, ``attn`` ``[batch, heads, rows, k_len]`` with zeros where a row's call had fewer keys
-        (those keys did not exist yet: exactly the causal zeros of the full matrix), ``lse`` every row.
+        (those keys did not exist yet: exactly the causal zeros of the full matrix), ``lse`` every row,
+        ``parents`` the slot preceding each key when the cache's slots were reordered (beam search).
+        Rows a later part replaced (the rejected draft tokens of assisted decoding, whose cache was
+        cropped) are left out.
 
     Raises:
         ModuleSelectionError: no record matches.
@@ -87,7 +89,7 @@ def rows_of(rec: Record) -> int:
 def cut(rec: Record, rows: int, keys: int) -> Record:
     """``rec`` with its first ``rows`` query rows and its keys before stream position ``keys``."""
     if rec.attn_rows is not None or rec.summary is not None:
-        raise ModuleSelectionError(
+        raise CacheMismatchError(
             f"{rec.module!r}: a cropped KV-cache stream cannot be joined with row windows or summaries; "
             "read its records one by one"
         )

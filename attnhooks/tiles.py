@@ -143,7 +143,9 @@ class CallReader:
         search; see :mod:`attnhooks.lineage`); None when every slot continued itself."""
         if self._parent is None and self.has("parent"):
             lay = self.layout
-            parent = self.backend.read(f"{lay.base}/parent", (lay.position, lay.call, slice(None), slice(0, self.k_len)))
+            parent = self.backend.read(
+                f"{lay.base}/parent", (lay.position, lay.call, slice(None), slice(0, self.k_len))
+            )
             self._parent = parent if bool((parent >= 0).any()) else np.zeros((0, 0), dtype=np.int64)
         return None if self._parent is None or self._parent.size == 0 else self._parent
 

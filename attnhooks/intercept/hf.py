@@ -46,6 +46,15 @@ class RegistryPatch:
         module = sys.modules.get("transformers.modeling_utils")
         interface = getattr(module, "AttentionInterface", None)
         mapping = getattr(interface, "_global_mapping", None)
+        if module is not None and not isinstance(mapping, dict):
+            version = getattr(sys.modules.get("transformers"), "__version__", "?")
+            warnings.warn(
+                f"attnhooks: transformers {version} has no AttentionInterface._global_mapping (the attention "
+                "registry attnhooks wraps); calls through flash / flex / custom attention implementations are "
+                "not captured in this version (SDPA and eager still are). Please report the version.",
+                AttnHooksWarning,
+                stacklevel=3,
+            )
         if not isinstance(mapping, dict):
             return
         mappings = [mapping]

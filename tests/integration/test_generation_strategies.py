@@ -35,9 +35,7 @@ STRATEGIES = {
     "prompt_lookup": {"prompt_lookup_num_tokens": 3},
     "assisted": {"assistant_model": "draft"},
 }
-CASES = [
-    ("llama", name) for name in STRATEGIES
-] + [
+CASES = [("llama", name) for name in STRATEGIES] + [
     ("mistral", "greedy"),
     ("mistral", "beam"),
     ("gemma2", "greedy"),
@@ -139,3 +137,133 @@ def test_generation_rows_equal_eager_per_step_attentions(family, strategy, tmp_p
         assert reader.q_len == rows and reader.k_len == rows
         drafts = 8 if strategy in ("prompt_lookup", "assisted") else 0  # rejected drafts' keys may stay written
         assert rows <= reader.k_stored <= rows + drafts, "keys are stored once: O(N·d)"
+
+
+@pytest.mark.parametrize("strategy", ["greedy", "beam"])
+def test_encoder_decoder_generation_stores_encoder_keys_once_and_cross_rows_per_step(strategy, tmp_path):
+    model, eager = models.same_weights(models.t5, "eager")
+    x, mask = models.ids(batch=2, length=7, pad_last=2)
+    kw = {"input_ids": x, "attention_mask": mask, "max_new_tokens": 5, "do_sample": False}
+    kw.update({"num_beams": 2} if strategy == "beam" else {})
+    ref = _reference(eager, kw)
+    slots = 2 * kw.get("num_beams", 1)
+    names = {"self": "decoder.block.1.layer.0.SelfAttention", "cross": "decoder.block.1.layer.1.EncDecAttention"}
+    refs = {"self": [s[1] for s in ref.decoder_attentions], "cross": [s[1] for s in ref.cross_attentions]}
+    cap, out = _run(model, kw)
+    assert torch.equal(out, ref.sequences)
+    _run(model, kw, record=("q", "k", "lse"), store=tmp_path / "t5.zarr")
+    st = attnhooks.open_store(tmp_path / "t5.zarr")
+    for kind, name in names.items():
+        rec = cap.assemble(name)
+        assert rec.kind == kind and rec.attn.shape[2] == len(refs[kind])
+        for b in range(slots):
+            stored = st.attention(name, step=0, sample=b, method="reconstructed")
+            for t, step in enumerate(refs[kind]):
+                expected = step[b].numpy()
+                end = 7 if kind == "cross" else t + 1
+                assert _compare(rec.attn[b, :, t : t + 1].numpy(), expected, end) <= 1e-5
+                assert _compare(stored[:, t : t + 1], expected, end) <= 1e-5
+    cross = [r for r in cap.records if r.module == names["cross"]]
+    assert cross[0].k.shape[2] == 7 and all(r.k.shape[2] == 0 for r in cross[1:]), "encoder keys stored once"
+    assert st.call_reader(names["cross"]).k_stored == 7
+
+
+class TinyDecoder(torch.nn.Module):
+    """A torch.nn decoder with its own KV cache (no transformers), in the style of gpt-fast."""
+
+    def __init__(self, vocab: int = 32, dim: int = 32, heads: int = 4) -> None:
+        super().__init__()
+        self.heads = heads
+        self.embed = torch.nn.Embedding(vocab, dim)
+        self.pos = torch.nn.Embedding(64, dim)
+        self.qkv = torch.nn.Linear(dim, 3 * dim)
+        self.out = torch.nn.Linear(dim, vocab)
+        self.cache: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def forward(self, ids: torch.Tensor, use_cache: bool = False) -> torch.Tensor:
+        past = 0 if self.cache is None or not use_cache else self.cache[0].shape[2]
+        h = self.embed(ids) + self.pos(torch.arange(past, past + ids.shape[1]))
+        b, n, d = h.shape
+        q, k, v = (t.view(b, n, self.heads, d // self.heads).transpose(1, 2) for t in self.qkv(h).chunk(3, -1))
+        if use_cache and self.cache is not None:
+            k, v = torch.cat([self.cache[0], k], 2), torch.cat([self.cache[1], v], 2)
+        self.cache = (k, v) if use_cache else None
+        mask = torch.ones(n, k.shape[2], dtype=torch.bool).tril(k.shape[2] - n)
+        a = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.out(a.transpose(1, 2).reshape(b, n, d))
+
+
+def test_custom_model_with_its_own_cache_continues_through_the_explicit_api(tmp_path):
+    torch.manual_seed(0)
+    model = TinyDecoder().eval()
+    ids = torch.randint(0, 32, (1, 5))
+    with (
+        torch.no_grad(),
+        attnhooks.capture(model, record=("q", "k", "lse"), store=tmp_path / "tiny.h5", keep=True) as cap,
+    ):
+        logits = model(ids, use_cache=True)
+        for _ in range(6):
+            nxt = logits[:, -1:].argmax(-1)
+            ids = torch.cat([ids, nxt], 1)
+            with cap.continuing():
+                logits = model(nxt, use_cache=True)
+    assert {r.step for r in cap.records} == {0}
+    assert [(r.q_offset, r.k.shape[2]) for r in cap.records] == [(0, 5)] + [(5 + i, 1) for i in range(6)]
+    with torch.no_grad(), attnhooks.capture(model) as full:  # the whole sequence at once, no cache
+        model(ids)
+    expected = full.records[0].attn[0].numpy()
+    st = attnhooks.open_store(tmp_path / "tiny.h5")
+    assert np.abs(st.attention("", step=0, method="reconstructed") - expected).max() <= 1e-5
+    assert st.call_reader("").k_stored == 11
+
+
+def _key_tensors(cache):
+    layers = getattr(cache, "layers", None)
+    return [layer.keys for layer in layers] if layers else list(cache.key_cache)
+
+
+def test_a_cache_changed_behind_the_capture_raises_and_commits_nothing(tmp_path):
+    from transformers import DynamicCache
+
+    model = models.llama()
+    x, _ = models.ids(batch=2, length=5)
+    with pytest.raises(attnhooks.CacheMismatchError, match="differ from the keys"):
+        with torch.no_grad(), attnhooks.capture(model, record=("q", "k"), store=tmp_path / "s.zarr"):
+            cache = DynamicCache()
+            out = model(input_ids=x, past_key_values=cache, use_cache=True)
+            for keys in _key_tensors(cache):
+                keys.copy_(keys.flip(0))  # the batch slots swapped by hand: nothing tells the capture
+            model(input_ids=out.logits[:, -1:].argmax(-1), past_key_values=cache, use_cache=True)
+    st = attnhooks.open_store(tmp_path / "s.zarr")
+    assert st.steps == [0] and st.info("model.layers.0.self_attn")["q_len"] == 5, (
+        "the prefill is kept; the rows of the forward whose cache contradicted them are not committed"
+    )
+
+
+def test_a_cache_reordered_or_cropped_through_its_own_methods_is_recorded_exactly(tmp_path):
+    from transformers import DynamicCache
+
+    model, eager = models.same_weights(models.llama, "eager")
+    x, _ = models.ids(batch=2, length=5)
+    with torch.no_grad(), attnhooks.capture(model, record=("q", "k", "lse"), store=tmp_path / "s.zarr", keep=True):
+        cache = DynamicCache()
+        out = model(input_ids=x, past_key_values=cache, use_cache=True)
+        seq = x
+        for step in range(4):
+            nxt = out.logits[:, -1:].argmax(-1)
+            seq = torch.cat([seq, nxt], 1)
+            out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
+            if step == 1:
+                cache.reorder_cache(torch.tensor([1, 1]))  # both slots continue slot 1
+                seq = seq[[1, 1]]
+        cache.crop(-2)  # the last two tokens rejected
+        out = model(input_ids=seq[:, -2:-1], past_key_values=cache, use_cache=True)
+    seq = seq[:, :-1]
+    st = attnhooks.open_store(tmp_path / "s.zarr")
+    for b in range(2):
+        with torch.no_grad():
+            ref = eager(input_ids=seq[b : b + 1], output_attentions=True).attentions[1][0].numpy()
+        got = st.attention("model.layers.1.self_attn", step=0, sample=b, method="reconstructed")
+        assert got.shape == ref.shape
+        # rows from the reorder on belong to slot 1's history: compare them with the final sequence
+        assert np.abs(got[:, 7:] - ref[:, 7:]).max() <= 1e-5
