@@ -97,10 +97,12 @@ def gpt2(impl: str = "sdpa"):
     return GPT2LMHeadModel(cfg).eval()
 
 
-def t5(impl: str = "sdpa"):
+def t5(impl: str | None = None):
+    """T5 on its SDPA path where transformers has one (5.x), else (4.x) on its eager path."""
     from transformers import T5Config, T5ForConditionalGeneration
 
     _quiet()
+    impl = impl or ("sdpa" if getattr(T5ForConditionalGeneration, "_supports_sdpa", False) else "eager")
     cfg = T5Config(
         vocab_size=128,
         d_model=64,

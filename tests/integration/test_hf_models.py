@@ -33,9 +33,10 @@ def _run(make, inputs, pad_rows=None):
         reference = eager(**inputs, output_attentions=True)
         with attnhooks.capture(sdpa, verify=True) as cap:
             sdpa(**inputs)
+    path = "eager" if sdpa.config._attn_implementation == "eager" else "sdpa"  # T5 on 4.x: no SDPA path
     for rec in cap.records:
-        assert rec.source == "sdpa"
-        assert rec.verify_error is not None and rec.verify_error < 1e-4
+        assert rec.source == path
+        assert path == "eager" or (rec.verify_error is not None and rec.verify_error < 1e-4)
     return cap, reference
 
 
