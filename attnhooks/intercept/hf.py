@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from ..errors import AttnHooksWarning
+from ..errors import AttnHooksWarning, CaptureError
 from ..kernels import isolated
 from ..masks import MaskSpec
 from .event import AttentionEvent, Sink
@@ -111,8 +111,16 @@ def _event(
             stacklevel=3,
         )
         return None
+    causal = kw.get("is_causal", getattr(module, "is_causal", None))
+    if causal is None and not (isinstance(mask, torch.Tensor) and mask.dim() == 4) and q.shape[-2] > 1:
+        raise CaptureError(
+            f"attnhooks: the {name} call of {type(module).__name__} gives no 4-D mask and neither the call nor "
+            "the module says whether it is causal (`is_causal`); this transformers version passes it under "
+            "another name. Use attn_implementation='sdpa' or 'eager', and please report the version."
+        )
     with isolated(q.device):
-        spec = _mask(module, mask, q.shape[-2], k.shape[-2], kw.get("sliding_window"))
+        spec = _mask(bool(causal), mask, q.shape[-2], k.shape[-2], kw.get("sliding_window"))
+    scale = kw.get("scaling", getattr(module, "scaling", None))  # the module's own when the call gives none
     output = out[0] if isinstance(out, tuple) else out
     return AttentionEvent(
         q=q,
@@ -120,16 +128,15 @@ def _event(
         v=v,
         out=output.transpose(1, 2) if isinstance(output, torch.Tensor) and output.dim() == 4 else None,
         mask=spec,
-        scale=kw.get("scaling"),
+        scale=scale,
         softcap=kw.get("softcap"),
         dropout=float(kw.get("dropout") or 0.0),
         source=f"hf:{name}",
     )
 
 
-def _mask(module: Any, mask: Any, q_len: int, k_len: int, window: int | None) -> MaskSpec:
+def _mask(causal: bool, mask: Any, q_len: int, k_len: int, window: int | None) -> MaskSpec:
     """The registry's mask in any of its forms: 4-D tensor, 2-D padding, BlockMask or None."""
-    causal = bool(getattr(module, "is_causal", False))
     if isinstance(mask, torch.Tensor) and mask.dim() == 4:
         return MaskSpec.from_kernel(mask[..., :k_len], False, q_len, k_len)
     if isinstance(mask, torch.Tensor) and mask.dim() == 2:
