@@ -3,6 +3,7 @@
 # oldest and the newest versions of the ranges pyproject.toml declares, each in its own venv.
 #
 #   oldest  transformers 4.57.6, diffusers 0.30.0, peft 0.13.0, accelerate 0.30.0 (the declared minimums)
+#   first5  transformers 5.0.0 (the oldest 5.x), the newest diffusers, peft and accelerate
 #   newest  the newest transformers 5.x, diffusers, peft and accelerate that pip resolves
 #
 # Each venv is .venv-compat/<env>, made with torch==2.13.0 first (the CPU build), then
@@ -17,12 +18,13 @@ here=$(pwd)
 script="$here/scripts/compat.sh"
 PYTHON=${PYTHON:-python3}
 ROOT=.venv-compat
-ENVS=${COMPAT_ENVS:-oldest newest}
+ENVS=${COMPAT_ENVS:-oldest first5 newest}
 mkdir -p "$ROOT"
 
 pins() {  # the extra constraints of one environment, one requirement a line
     case "$1" in
         oldest) printf '%s\n' transformers==4.57.6 diffusers==0.30.0 peft==0.13.0 accelerate==0.30.0 ;;
+        first5) printf '%s\n' transformers==5.0.0 ;;
         newest) printf '%s\n' "transformers>=5,<6" ;;  # the rest: the newest that pip resolves
         *) echo "unknown compat environment: $1" >&2; return 1 ;;
     esac

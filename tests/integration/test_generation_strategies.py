@@ -110,7 +110,12 @@ def test_generation_rows_equal_eager_per_step_attentions(family, strategy, tmp_p
     batch = 1 if strategy in ("prompt_lookup", "assisted") else 2  # HF: assisted decoding takes one sequence
     model, eager = _make(family)
     kw = _generate_kw(family, strategy, batch)
-    ref = _reference(eager, kw)
+    try:
+        ref = _reference(eager, kw)
+    except ValueError as err:  # transformers 5.0-5.x: no assisted decoding over a rolled sliding window
+        if "crop" not in str(err):
+            raise
+        pytest.skip(f"this transformers cannot run {strategy} decoding on {family} itself: {err}")
     beams = kw.get("num_beams", 1)
     slots = batch * beams
     pad_slots = set(range(beams, 2 * beams)) if batch > 1 else set()
