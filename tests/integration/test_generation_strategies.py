@@ -279,3 +279,40 @@ def test_a_cache_reordered_or_cropped_through_its_own_methods_is_recorded_exactl
         assert got.shape == ref.shape
         # rows from the reorder on belong to slot 1's history: compare them with the final sequence
         assert np.abs(got[:, 7:] - ref[:, 7:]).max() <= 1e-5
+
+
+@pytest.mark.parametrize("cache_kind", ["dynamic", "static"])
+def test_chunked_prefill_then_decode_is_one_stream_equal_to_eager(cache_kind, tmp_path):
+    """The prompt fed in chunks through one cache, then decoded: every forward continues the first."""
+    from transformers import DynamicCache, StaticCache
+
+    model, eager = models.same_weights(models.llama, "eager")
+    x, _ = models.ids(batch=2, length=12)
+    if cache_kind == "static":
+        try:
+            cache = StaticCache(config=model.config, max_cache_len=32)
+        except TypeError:  # transformers 4.x also wants the batch size
+            cache = StaticCache(config=model.config, max_batch_size=2, max_cache_len=32)
+    else:
+        cache = DynamicCache()
+    with torch.no_grad(), attnhooks.capture(model, store=tmp_path / "c.h5", record=("q", "k", "lse"), keep=True) as cap:
+        seq = x
+        for start in range(0, 12, 4):
+            pos = torch.arange(start, start + 4)
+            out = model(input_ids=x[:, start : start + 4], past_key_values=cache, use_cache=True, cache_position=pos)
+        for t in range(3):
+            nxt = out.logits[:, -1:].argmax(-1)
+            seq = torch.cat([seq, nxt], 1)
+            pos = torch.tensor([12 + t])
+            out = model(input_ids=nxt, past_key_values=cache, use_cache=True, cache_position=pos)
+    layer = [r for r in cap.records if r.module == "model.layers.1.self_attn"]
+    assert [(r.step, r.q_offset, r.k.shape[2]) for r in layer] == [(0, 0, 4), (0, 4, 4), (0, 8, 4)] + [
+        (0, 12 + t, 1) for t in range(3)
+    ]
+    with torch.no_grad():
+        ref = eager(input_ids=seq, output_attentions=True).attentions[1].numpy()
+    st = attnhooks.open_store(tmp_path / "c.h5")
+    for b in range(2):
+        got = st.attention("model.layers.1.self_attn", step=0, sample=b, method="reconstructed")
+        assert got.shape == ref[b].shape and np.abs(got - ref[b]).max() <= 1e-5
+    assert st.call_reader("model.layers.1.self_attn").k_stored == 15
