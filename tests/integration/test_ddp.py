@@ -67,8 +67,17 @@ def runs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def replay(example):
-    """Each rank's captured records and losses, replayed in one process: ``{(rank, step): records}``."""
+    """Each rank's captured records and losses, replayed in one process: ``{(rank, step): records}``,
+    with one torch thread as each rank ran (the suite's thread count is put back afterwards)."""
+    before = torch.get_num_threads()
     torch.set_num_threads(1)
+    try:
+        return _replay(example)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _replay(example):
     ids, vocab = example.corpus()
     model = example.build_model(len(vocab))
     params = list(model.parameters())

@@ -140,8 +140,10 @@ def in_thread(body: Callable[[], Any], timeout: float = TIMEOUT) -> tuple[Any, B
     """Run ``body`` in a thread; fail if it hangs, return (its result, the error it raised)."""
     before = writer_threads()
     box: dict[str, Any] = {}
+    threads = torch.get_num_threads()  # a new thread starts with OpenMP's default, not the caller's count
 
     def target() -> None:
+        torch.set_num_threads(threads)
         try:
             box["result"] = body()
         except BaseException as err:
