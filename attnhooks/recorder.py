@@ -131,47 +131,21 @@ class Recorder:
             return None
         call, continues = self._call_index(owner)
         stream = self._streams.get((owner, call)) if continues else None
-        q_len, k_len = event.shape[2], event.shape[3]
-        past = self._past.length
         if cross is None:
-            cross = stream.cross if stream else _looks_cross(event, past)
-        if not cross and past is not None and k_len > past + q_len:
-            event = _unused_slots_removed(owner, event, past + q_len)  # a static cache's whole buffer
-            k_len = past + q_len
-        q_offset = stream.rows if stream else 0
-        shift, k_offset, parents = 0, 0, None
-        if stream and cross:
-            k_offset = stream.keys if stream.keys <= k_len else 0
-        elif stream:
-            held = stream.keys if past is None else past  # positions in the cache before this forward
-            if held > stream.keys or held < stream.keys - stream.rows:
-                raise CacheMismatchError(
-                    f"{owner!r} (step {self.step}, call {call}): the forward's KV cache holds {held} positions but "
-                    f"the capture recorded {stream.keys} for this stream, so its keys cannot be placed; a cache "
-                    "filled outside the capture or by another model? Start the step afresh (a forward without the "
-                    "cache), or say where the forward continues with cap.continuing(past=n)."
-                )
-            if held < stream.keys:  # a cropped cache (rejected draft tokens): its rows are replaced
-                self._refuse_crop(owner, call)
-            q_offset -= stream.keys - held
-            # a rolling (sliding-window) cache hands the kernel only its last keys: `shift` positions
-            # before the kernel's first key were dropped, and the record is kept in stream positions
-            shift = max(0, held + q_len - k_len)
-            k_offset = held
-            parents = self._past.parents
-            self._check_keys(owner, call, stream, event, held, shift, parents)
+            cross = stream.cross if stream else _looks_cross(event, self._past.length)
+        event, q_offset, k_offset, shift = self._place(owner, call, stream, event, cross)
         nbytes = self._nbytes(event, k_offset - shift, shift)
         if self.admit is not None and not self.admit(nbytes):
             self.dropping = True
             return None
         rec = self._build(owner, call, event, q_offset, k_offset, "cross" if cross else "self", shift)
+        parents = self._past.parents if stream and not cross else None
         if parents is not None and rec.k is not None:
             rec.parents = _key_parents(parents, int(rec.k.shape[2]))
-        tail = None
-        if not cross and event.k is not None:
-            with isolated(event.k.device):
-                tail = event.k[:, :, max(0, k_len - _TAIL) :].detach().clone()
-        self._streams[(owner, call)] = _Stream(q_offset + q_len, k_len + shift, cross, tail)
+        self._streams[(owner, call)] = _Stream(q_offset + event.shape[2], event.shape[3] + shift, cross)
+        if not cross and event.k is not None and (self._continuing or self._past.length is not None):
+            with isolated(event.k.device):  # a forward with a KV cache: the next one is checked against these
+                self._streams[(owner, call)].tail = event.k[:, :, -_TAIL:].detach().clone()
         if event.dropout > 0:
             self.dropout(owner, event.dropout, rec)
         ready = self.stager.seal()
@@ -181,6 +155,35 @@ class Recorder:
             self.listener.put(rec, nbytes, ready)
         self._last[owner] = (call, rec if self.keep else None)
         return rec
+
+    def _place(
+        self, owner: str, call: int, stream: _Stream | None, event: AttentionEvent, cross: bool
+    ) -> tuple[AttentionEvent, int, int, int]:
+        """Where a call's rows and keys go in its stream: ``(event, q_offset, k_offset, shift)``, the
+        event cut to the cache's written positions (a static buffer), ``shift`` the positions a rolling
+        cache dropped before the kernel's first key. Checks the cache against the stream."""
+        q_len, k_len = event.shape[2], event.shape[3]
+        past = self._past.length
+        if not cross and past is not None and k_len > past + q_len:
+            event = _unused_slots_removed(owner, event, past + q_len)  # a static cache's whole buffer
+            k_len = past + q_len
+        if stream is None:
+            return event, 0, 0, 0
+        if cross:
+            return event, stream.rows, stream.keys if stream.keys <= k_len else 0, 0
+        held = stream.keys if past is None else past  # positions in the cache before this forward
+        if held > stream.keys or held < stream.keys - stream.rows:
+            raise CacheMismatchError(
+                f"{owner!r} (step {self.step}, call {call}): the forward's KV cache holds {held} positions but "
+                f"the capture recorded {stream.keys} for this stream, so its keys cannot be placed; a cache "
+                "filled outside the capture or by another model? Start the step afresh (a forward without the "
+                "cache), or say where the forward continues with cap.continuing(past=n)."
+            )
+        if held < stream.keys:  # a cropped cache (rejected draft tokens): its rows are replaced
+            self._refuse_crop(owner, call)
+        shift = max(0, held + q_len - k_len)
+        self._check_keys(owner, call, stream, event, held, shift, self._past.parents)
+        return event, stream.rows - (stream.keys - held), held, shift
 
     def crop(self, length: int) -> None:
         """The KV cache was cropped to ``length`` positions (assisted decoding rejected draft tokens):
