@@ -32,23 +32,25 @@ def llama(impl: str = "sdpa", heads: int = 4, kv_heads: int = 2, layers: int = 2
     return LlamaForCausalLM(cfg).eval()
 
 
+# the small sliding-window decoders (2 layers, 4 heads over 2 KV heads of 16)
+_WINDOWED = {
+    "vocab_size": 128,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "max_position_embeddings": 256,
+}
+
+
 def mistral(impl: str = "sdpa", window: int = 4):
     """A Llama-like model with a sliding window: its cache rolls during generation."""
     from transformers import MistralConfig, MistralForCausalLM
 
     _quiet()
-    cfg = MistralConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=256,
-        sliding_window=window,
-        attn_implementation=impl,
-    )
+    cfg = MistralConfig(**_WINDOWED, sliding_window=window, attn_implementation=impl)
     return MistralForCausalLM(cfg).eval()
 
 
@@ -58,18 +60,7 @@ def gemma2(impl: str = "eager", window: int = 4):
     from transformers import Gemma2Config, Gemma2ForCausalLM
 
     _quiet()
-    cfg = Gemma2Config(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=256,
-        sliding_window=window,
-        attn_implementation=impl,
-    )
+    cfg = Gemma2Config(**_WINDOWED, sliding_window=window, attn_implementation=impl)
     return Gemma2ForCausalLM(cfg).eval()
 
 
