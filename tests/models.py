@@ -163,3 +163,55 @@ def unet():
         attention_head_dim=8,
         norm_num_groups=8,
     ).eval()
+
+
+def bart(impl: str = "sdpa"):
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    _quiet()
+    cfg = BartConfig(
+        vocab_size=128,
+        d_model=64,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=128,
+        decoder_ffn_dim=128,
+        max_position_embeddings=64,
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=2,
+        decoder_start_token_id=2,
+        forced_eos_token_id=None,
+        attn_implementation=impl,
+    )
+    return BartForConditionalGeneration(cfg).eval()
+
+
+def whisper(impl: str = "sdpa"):
+    """A tiny Whisper: 8 mel bins, 32 input frames (16 encoder positions)."""
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+
+    _quiet()
+    cfg = WhisperConfig(
+        vocab_size=128,
+        num_mel_bins=8,
+        d_model=64,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=128,
+        decoder_ffn_dim=128,
+        max_source_positions=16,
+        max_target_positions=64,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        decoder_start_token_id=1,
+        suppress_tokens=None,
+        begin_suppress_tokens=None,
+        attn_implementation=impl,
+    )
+    return WhisperForConditionalGeneration(cfg).eval()

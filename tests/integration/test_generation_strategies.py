@@ -151,33 +151,51 @@ def test_generation_rows_equal_eager_per_step_attentions(family, strategy, tmp_p
         assert rows <= reader.k_stored <= rows + drafts, "keys are stored once: O(N·d)"
 
 
-@pytest.mark.parametrize("strategy", ["greedy", "beam"])
-def test_encoder_decoder_generation_stores_encoder_keys_once_and_cross_rows_per_step(strategy, tmp_path):
-    model, eager = models.same_weights(models.t5, "eager")
-    x, mask = models.ids(batch=2, length=7, pad_last=2)
-    kw = {"input_ids": x, "attention_mask": mask, "max_new_tokens": 5, "do_sample": False}
+ENCODER_DECODER = {  # family: (decoder self-attention, cross-attention, encoder length)
+    "t5": ("decoder.block.1.layer.0.SelfAttention", "decoder.block.1.layer.1.EncDecAttention", 7),
+    "bart": ("model.decoder.layers.1.self_attn", "model.decoder.layers.1.encoder_attn", 7),
+    "whisper": ("model.decoder.layers.1.self_attn", "model.decoder.layers.1.encoder_attn", 16),
+}
+ENC_DEC_CASES = [("t5", "greedy"), ("t5", "beam"), ("bart", "greedy"), ("bart", "beam"), ("whisper", "greedy")]
+
+
+@pytest.mark.parametrize(("family", "strategy"), ENC_DEC_CASES, ids=[f"{f}-{s}" for f, s in ENC_DEC_CASES])
+def test_encoder_decoder_generation_stores_encoder_keys_once_and_cross_rows_per_step(family, strategy, tmp_path):
+    model, eager = models.same_weights(getattr(models, family), "eager")
+    if family == "whisper":
+        torch.manual_seed(0)
+        kw = {"input_features": torch.randn(1, 8, 32)}
+    else:
+        x, mask = models.ids(batch=2, length=7, pad_last=2)
+        kw = {"input_ids": x, "attention_mask": mask}
+    kw.update(max_new_tokens=5, min_new_tokens=5, do_sample=False)
     kw.update({"num_beams": 2} if strategy == "beam" else {})
     ref = _reference(eager, kw)
-    slots = 2 * kw.get("num_beams", 1)
-    names = {"self": "decoder.block.1.layer.0.SelfAttention", "cross": "decoder.block.1.layer.1.EncDecAttention"}
+    del eager  # (transformers leaves its output-recording hooks on a model it returned attentions of)
+    self_name, cross_name, enc = ENCODER_DECODER[family]
+    slots = ref.decoder_attentions[0][1].shape[0]
     refs = {"self": [s[1] for s in ref.decoder_attentions], "cross": [s[1] for s in ref.cross_attentions]}
     cap, out = _run(model, kw)
-    assert torch.equal(out, ref.sequences)
-    _run(model, kw, record=("q", "k", "lse"), store=tmp_path / "t5.zarr")
-    st = attnhooks.open_store(tmp_path / "t5.zarr")
-    for kind, name in names.items():
+    assert torch.equal(out, ref.sequences[:, -out.shape[1] :])  # (Whisper leaves its start token out)
+    _run(model, kw, record=("q", "k", "lse"), store=tmp_path / "encdec.zarr")
+    st = attnhooks.open_store(tmp_path / "encdec.zarr")
+    for kind, name in (("self", self_name), ("cross", cross_name)):
         rec = cap.assemble(name)
-        assert rec.kind == kind and rec.attn.shape[2] == len(refs[kind])
+        first = int(rec.attn.shape[2]) - len(refs[kind])  # the decoder's start tokens before the first step
+        assert rec.kind == kind and first >= 0
         for b in range(slots):
             stored = st.attention(name, step=0, sample=b, method="reconstructed")
             for t, step in enumerate(refs[kind]):
-                expected = step[b].numpy()
-                end = 7 if kind == "cross" else t + 1
-                assert _compare(rec.attn[b, :, t : t + 1].numpy(), expected, end) <= 1e-5
-                assert _compare(stored[:, t : t + 1], expected, end) <= 1e-5
-    cross = [r for r in cap.records if r.module == names["cross"]]
-    assert cross[0].k.shape[2] == 7 and all(r.k.shape[2] == 0 for r in cross[1:]), "encoder keys stored once"
-    assert st.call_reader(names["cross"]).k_stored == 7
+                expected, row = step[b].numpy(), first + t
+                end = enc if kind == "cross" else row + 1
+                if t == 0 and expected.shape[1] > 1:  # the first step's rows: all start tokens at once
+                    row, end = 0, expected.shape[1]
+                rows = slice(row, row + expected.shape[1])
+                assert _compare(rec.attn[b, :, rows].numpy(), expected, end) <= 1e-5
+                assert _compare(stored[:, rows], expected, end) <= 1e-5
+    cross = [r for r in cap.records if r.module == cross_name]
+    assert cross[0].k.shape[2] == enc and all(r.k.shape[2] == 0 for r in cross[1:]), "encoder keys stored once"
+    assert st.call_reader(cross_name).k_stored == enc
 
 
 class TinyDecoder(torch.nn.Module):
