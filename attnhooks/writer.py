@@ -148,6 +148,7 @@ class _Call:
     dropout: float
     softcap: float
     rowkeys: list[int] = field(default_factory=list)
+    has_parent: bool = False  # a reordered cache wrote `parent` (beam search)
     received: np.ndarray | None = None  # running column sums of a summarised stream
     stored: list[bool] = field(default_factory=list)  # rows whose attn is stored (row windows)
 
@@ -374,6 +375,7 @@ class StoreWriter:
             self._write_summary(module, base, state, rec.summary, row, n_rows)
         if rec.parents is not None:  # a reordered cache (beam search): the slot preceding each new key
             self._put(module, "parent", base, (slice(key, key + rec.parents.shape[1]),), rec.parents.int().numpy())
+            state.has_parent = True
         if rec.mask.key_valid is not None:  # the keys this record adds (earlier ones are written)
             new_keys = rec.mask.key_valid[:, rec.k_offset :].numpy()
             self._put(module, "mask/key_valid", base, (slice(rec.k_offset, rec.k_len),), new_keys)
@@ -492,6 +494,7 @@ class StoreWriter:
             be.write(f"{path}/scalars", (pos, slice(0, n)), scalars)
             be.write(f"{path}/rowkeys", (pos, slice(0, n), slice(0, width)), rowkeys)
             self._write_stored_rows(path, pos, calls, width)
+            self._clear_parents(path, pos, calls)
         if not self._has_tokens:  # clear what a dropped or killed step may have left at this position
             for path, fill in (("tokens/ids", -1), ("tokens/text", "")):
                 shape = self._shape_of(path)
@@ -507,6 +510,16 @@ class StoreWriter:
             self._status_set = True
         be.set_attrs("", commit)
         be.flush()
+
+    def _clear_parents(self, path: str, pos: int, calls: dict[int, _Call]) -> None:
+        """Reset ``parent`` of the calls that wrote none at this position: a dropped or killed step may
+        have left a lineage there that a reader would otherwise follow."""
+        shape = self._shape_of(f"{path}/parent")
+        if shape is None or shape[0] <= pos:
+            return
+        for c, st in calls.items():
+            if not st.has_parent and c < shape[1]:
+                self.backend.write(f"{path}/parent", (pos, c), np.full(shape[2:], -1, dtype=np.int32))
 
     def _tables(self, path: str, pos: int, calls: int, width: int) -> None:
         """Make sure a module's per-call tables exist and hold ``calls`` calls of ``width`` rows at

@@ -334,3 +334,35 @@ def test_chunked_prefill_then_decode_is_one_stream_equal_to_eager(cache_kind, tm
         got = st.attention("model.layers.1.self_attn", step=0, sample=b, method="reconstructed")
         assert got.shape == ref[b].shape and np.abs(got - ref[b]).max() <= 1e-5
     assert st.call_reader("model.layers.1.self_attn").k_stored == 15
+
+
+def test_a_failed_beam_search_leaves_no_lineage_behind_for_the_step_that_reuses_its_place(tmp_path):
+    """A generation that raises is not committed; the next step is written at its place and must not
+    be read through the slot lineage the failed beam search wrote there."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class Boom(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            if input_ids.shape[1] >= PROMPT + 4:
+                raise RuntimeError("boom")
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+    model, eager = _make("llama")
+    x, mask = _inputs(batch=2, pad=0)
+    kw = {"input_ids": x, "attention_mask": mask, "max_new_tokens": NEW, "do_sample": False, "pad_token_id": 0}
+    store = tmp_path / "s.zarr"  # a small buffer: held decode rows are written before the failure
+    with torch.no_grad(), attnhooks.capture(model, record=("q", "k", "lse"), store=store, buffer="16KiB"):
+        with pytest.raises(RuntimeError, match="boom"):
+            model.generate(**kw, num_beams=3, stopping_criteria=StoppingCriteriaList([Boom()]))
+        model.generate(**kw)
+    ref = _reference(eager, kw)
+    st = attnhooks.open_store(tmp_path / "s.zarr")
+    assert len(st.steps) == 1
+    steps = [s[1] for s in ref.attentions]
+    worst = _check_rows(
+        lambda b: st.attention("model.layers.1.self_attn", step=st.steps[0], sample=b, method="reconstructed"),
+        steps,
+        2,
+        set(),
+    )
+    assert worst <= 1e-5
