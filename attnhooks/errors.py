@@ -15,11 +15,16 @@ __all__ = [
     "CaptureError",
     "CaptureStateError",
     "DropoutError",
+    "EmitError",
     "FaithfulnessWarning",
+    "ModelLoadError",
     "ModuleSelectionError",
     "NotAStoreError",
     "NotInStoreError",
+    "ReadOptionError",
     "RecordOptionError",
+    "SelectionError",
+    "ShapeError",
     "StoreError",
     "StoreExistsError",
     "StoreFullError",
@@ -27,6 +32,8 @@ __all__ = [
     "StoreOptionError",
     "StoreStateError",
     "StoreWriteError",
+    "TextInputError",
+    "ViewError",
 ]
 
 
@@ -105,3 +112,31 @@ class NotInStoreError(StoreError, LookupError):
 
 class AnalysisError(AttnHooksError, ValueError):
     """An analysis function got an array or an argument it cannot use (shape, range, type)."""
+
+
+class ViewError(AnalysisError):
+    """A view was given data it cannot draw (wrong shape, empty selection...)."""
+
+
+class SelectionError(AttnHooksError, IndexError):
+    """A reader was asked for rows, keys or heads outside what the stored call has."""
+
+
+class ReadOptionError(AttnHooksError, ValueError):
+    """A reader option has a value it cannot take (e.g. ``method=``)."""
+
+
+class EmitError(AttnHooksError, TypeError):
+    """:func:`attnhooks.emit` was called without the tensors it needs."""
+
+
+class ShapeError(AttnHooksError, ValueError):
+    """Tensors of one attention call do not fit together (e.g. query heads not a multiple of key heads)."""
+
+
+class ModelLoadError(AttnHooksError, LookupError):
+    """A model could not be found or loaded locally."""
+
+
+class TextInputError(AttnHooksError, ValueError):
+    """The text to capture is missing or empty."""

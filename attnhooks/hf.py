@@ -12,19 +12,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import AttnHooksError
+from .errors import ModelLoadError, TextInputError
 
 __all__ = ["MINILM", "ModelLoadError", "TextInputError", "capture_text", "load_model", "model_path"]
 
 MINILM = ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2", "minilm")
-
-
-class ModelLoadError(AttnHooksError, LookupError):
-    """A model could not be found or loaded locally."""
-
-
-class TextInputError(AttnHooksError, ValueError):
-    """The text to capture is missing or empty."""
 
 
 def model_path(name: str | os.PathLike[str]) -> str:

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+from .errors import ShapeError
 from .masks import MaskSpec
 
 __all__ = ["EXP_FLOOR", "attention_probs", "isolated", "logsumexp", "row_lse", "scores", "verify_rows"]
@@ -72,7 +73,7 @@ def _block_scores(
     batch, heads, q_len, head_dim = q.shape
     kv_heads = k.shape[1]
     if heads % kv_heads:
-        raise ValueError(f"query heads ({heads}) must be a multiple of key heads ({kv_heads})")
+        raise ShapeError(f"query heads ({heads}) must be a multiple of key heads ({kv_heads})")
     group = heads // kv_heads
     qs = q[:, :, rows].float()
     n_rows = qs.shape[2]

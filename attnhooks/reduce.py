@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from . import native
+from .errors import RecordOptionError, ShapeError
 from .kernels import EXP_FLOOR, isolated
 from .masks import MaskSpec
 from .native.blocks import Layout, NativeBlocks
@@ -73,7 +74,7 @@ class SummaryOptions:
             value = getattr(self, name)
             least = 1 if name == "block" else 0
             if not isinstance(value, int) or value < least:
-                raise ValueError(f"summary option {name}={value!r}: use an int >= {least}")
+                raise RecordOptionError(f"summary option {name}={value!r}: use an int >= {least}")
 
 
 def summarize_call(
@@ -107,7 +108,7 @@ def summarize_call(
     batch, heads, q_len, _ = q.shape
     kv_heads, k_len = k.shape[1], k.shape[2]
     if heads % kv_heads:
-        raise ValueError(f"query heads ({heads}) must be a multiple of key heads ({kv_heads})")
+        raise ShapeError(f"query heads ({heads}) must be a multiple of key heads ({kv_heads})")
     plan = _Plan.make(batch, heads, kv_heads, q_len, k_len, options)
     dev = q.device
     with isolated(dev):

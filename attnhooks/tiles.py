@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from .backends.base import Backend
-from .errors import NotInStoreError
+from .errors import NotInStoreError, ReadOptionError, SelectionError
 from .lineage import key_slots
 
 __all__ = ["CallLayout", "CallReader", "HeadSelection", "head_index", "span", "widen_bits"]
@@ -37,11 +37,11 @@ def span(value: slice | int | None, size: int, what: str) -> slice:
     if isinstance(value, (int, np.integer)):
         index = int(value) + size if value < 0 else int(value)
         if not 0 <= index < size:
-            raise IndexError(f"{what}={value} is out of range for {size} {what}")
+            raise SelectionError(f"{what}={value} is out of range for {size} {what}")
         return slice(index, index + 1)
     start, stop, step = value.indices(size)
     if step != 1:
-        raise IndexError(f"{what}={value}: only contiguous ranges (step 1) are supported")
+        raise SelectionError(f"{what}={value}: only contiguous ranges (step 1) are supported")
     return slice(start, max(start, stop))
 
 
@@ -54,7 +54,7 @@ def head_index(heads: HeadSelection, n_heads: int) -> np.ndarray:
     index = np.atleast_1d(np.asarray(heads, dtype=np.int64))
     index = np.where(index < 0, index + n_heads, index)
     if index.size and (index.min() < 0 or index.max() >= n_heads):
-        raise IndexError(f"heads={heads} is out of range: the call has {n_heads} heads")
+        raise SelectionError(f"heads={heads} is out of range: the call has {n_heads} heads")
     return index
 
 
@@ -99,7 +99,7 @@ class CallReader:
     def method(self, requested: str) -> str:
         """``"stored"`` or ``"reconstructed"`` for a requested method (``"auto"`` prefers stored)."""
         if requested not in METHODS:
-            raise ValueError(f"method={requested!r}: use one of {METHODS}")
+            raise ReadOptionError(f"method={requested!r}: use one of {METHODS}")
         can_rebuild = self.has("q") and self.has("k")
         if requested == "stored" or (requested == "auto" and self.has("attn")):
             if not self.has("attn"):

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch.overrides import handle_torch_function, has_torch_function
 
+from ..errors import EmitError
 from ..masks import MaskSpec
 from .event import AttentionEvent, to_4d
 
@@ -60,7 +61,7 @@ def emit(
     """
     tensors = tuple(t for t in (q, k, attn) if t is not None)
     if not tensors:
-        raise TypeError("attnhooks.emit needs at least one of q=, k=, attn=")
+        raise EmitError("attnhooks.emit needs at least one of q=, k=, attn=")
     if has_torch_function(tensors):
         handle_torch_function(
             emit, tensors, module, q=q, k=k, attn=attn, v=v, out=out, mask=mask, is_causal=is_causal, scale=scale
@@ -74,7 +75,7 @@ def handle_emit(mode: Any, func: Any, args: tuple[Any, ...], kwargs: dict[str, A
         return
     q, k, attn = (to_4d(t) if t is not None else None for t in (kwargs["q"], kwargs["k"], kwargs["attn"]))
     if attn is None and (q is None or k is None):
-        raise TypeError("attnhooks.emit without attn= needs both q= and k=")
+        raise EmitError("attnhooks.emit without attn= needs both q= and k=")
     q_len = attn.shape[-2] if attn is not None else q.shape[-2]  # type: ignore[union-attr]
     k_len = attn.shape[-1] if attn is not None else k.shape[-2]  # type: ignore[union-attr]
     v, out = kwargs["v"], kwargs["out"]

@@ -18,7 +18,7 @@ from matplotlib.axes import Axes
 from matplotlib.colors import Colormap, Normalize, PowerNorm, TwoSlopeNorm
 from matplotlib.figure import Figure
 
-from ..errors import AnalysisError
+from ..errors import ViewError
 
 __all__ = [
     "ATTENTION_CMAP",
@@ -45,10 +45,6 @@ DIVERGING_CMAP = "RdBu_r"  # blue = negative, white = 0, red = positive
 MASKED_COLOR = "#bfd3e6"  # light steel blue: outside the colour map, so "masked" never reads as "0"
 DIVERGING_MASKED_COLOR = "#8c8c8c"  # mid grey: outside RdBu_r (whose middle is near-white, its ends blue/red)
 MAX_TOKEN_LABELS = 64  # past this many tokens an axis shows positions instead of strings
-
-
-class ViewError(AnalysisError):
-    """A view was given data it cannot draw (wrong shape, empty selection...)."""
 
 
 def as_numpy(values: Any, *, name: str = "values", ndim: int | None = None) -> npt.NDArray[np.float64]:
