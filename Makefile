@@ -39,6 +39,7 @@ versions: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check attnhooks tests benchmarks examples
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 bench: $(STAMP)
 	$(PY) benchmarks/capture_overhead.py

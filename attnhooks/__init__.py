@@ -10,8 +10,13 @@ Example:
     (1, 4, 3, 3)
 """
 
-from .capture import Capture, capture
-from .errors import (
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from attnhooks._version import __version__
+from attnhooks.errors import (
     AnalysisError,
     AttnHooksError,
     AttnHooksWarning,
@@ -32,13 +37,43 @@ from .errors import (
     StoreStateError,
     StoreWriteError,
 )
-from .intercept.emit import emit
-from .masks import MaskSpec
-from .record import Record
-from .repair import RepairReport, repair
-from .store import Store, open_store
 
-__version__ = "0.1.0"
+if TYPE_CHECKING:
+    from attnhooks.api import capture
+    from attnhooks.attention.masks import MaskSpec
+    from attnhooks.capturing.intercept.emit import emit
+    from attnhooks.capturing.record import Record
+    from attnhooks.capturing.session import Capture
+    from attnhooks.read.repair import RepairReport, repair
+    from attnhooks.read.store import Store, open_store
+
+# Loaded on first use: ``import attnhooks`` (and ``import attnhooks.read``) import neither torch nor a
+# storage or plotting library; the capture side (torch) loads when one of its names is used.
+_LAZY = {
+    "Capture": "attnhooks.capturing.session",
+    "capture": "attnhooks.api",
+    "emit": "attnhooks.capturing.intercept.emit",
+    "MaskSpec": "attnhooks.attention.masks",
+    "Record": "attnhooks.capturing.record",
+    "RepairReport": "attnhooks.read.repair",
+    "repair": "attnhooks.read.repair",
+    "Store": "attnhooks.read.store",
+    "open_store": "attnhooks.read.store",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'attnhooks' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY])
+
 
 __all__ = [
     "AnalysisError",
@@ -65,6 +100,7 @@ __all__ = [
     "StoreOptionError",
     "StoreStateError",
     "StoreWriteError",
+    "__version__",
     "capture",
     "emit",
     "open_store",

@@ -36,7 +36,7 @@ of each call are in ``info``. A KV-cache stream (prefill plus decode calls) is o
 grow; ``rowkeys`` says how many keys each row saw.
 
 A store written under ``torch.distributed`` is a rank set: its root has ``layout="ranks"`` and
-``world_size``, and one group ``rank<r>`` per rank holds the layout above (see :mod:`attnhooks.ranks`).
+``world_size``, and one group ``rank<r>`` per rank holds the layout above (see :mod:`attnhooks.backends.subtree`).
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .backends.base import Backend
+    from attnhooks.backends.base import Backend
 
 SCHEMA = "attnhooks/1"
 SUPPORTED = (SCHEMA,)

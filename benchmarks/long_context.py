@@ -12,7 +12,7 @@ A Llama-style model (``benchmarks/common.py``: hidden 768, 12 heads, 12 KV heads
   ``summary``  the same with ``record=("q", "k", "lse", "summary")`` and default summary sizes
                (top-8 keys, 4 sinks, 64 diagonals, 256 x 256 overview, blocks of at most 1024
                rows and 8 MiB of scores); the row reductions run in attnhooks' C kernel when it
-               builds (the report says which path ran: ``attnhooks.native.status()``).
+               builds (the report says which path ran: ``attnhooks.reduce.native.status()``).
   ``eager``    ``attn_implementation="eager"``, ``output_attentions=True`` (every layer's
                ``[1, heads, n, n]`` float32 attention returned).
 
@@ -289,9 +289,9 @@ def measure(job: dict[str, Any]) -> dict[str, Any]:
     if job.get("profile"):
         result["profile"] = profile_text(profiler)
     if config == "summary":
-        import attnhooks.native
+        import attnhooks.reduce.native
 
-        result["kernel"] = attnhooks.native.status()  # the C row kernel, or torch's ops (and why)
+        result["kernel"] = attnhooks.reduce.native.status()  # the C row kernel, or torch's ops (and why)
     shutil.rmtree(store, ignore_errors=True)
     return result
 
@@ -590,8 +590,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="smoke sizes: 1024 / 512 / 2048 tokens, 2 small layers")
     p.add_argument("--parts", default="main,eager,long", help="comma-separated: main, eager, long (default all)")
     p.add_argument(
-        "--repeats", type=int, default=5, help="rounds of the main and eager sections (default 5: this VM's "
-        "forward times move by +-10%% from one minute to the next, the captures' overhead is ~2%%)"
+        "--repeats",
+        type=int,
+        default=5,
+        help="rounds of the main and eager sections (default 5: this VM's "
+        "forward times move by +-10%% from one minute to the next, the captures' overhead is ~2%%)",
     )
     p.add_argument("--long-repeats", type=int, default=1, help="rounds of the long section (default 1)")
     p.add_argument("--tokens", type=int, default=8192, help="main section length (default 8192)")

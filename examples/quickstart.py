@@ -14,6 +14,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.utils import logging
 
 import attnhooks
+import attnhooks.attention.kernels
 
 
 def make(impl: str) -> LlamaForCausalLM:
@@ -56,7 +57,7 @@ def main() -> None:
     with torch.no_grad(), attnhooks.capture(model, record=("q", "k")) as gen:
         out = model.generate(input_ids=ids[:1], max_new_tokens=32, do_sample=False)
     full = gen.assemble("model.layers.3.self_attn")
-    p, _ = attnhooks.kernels.attention_probs(full.q, full.k, full.scale, attnhooks.MaskSpec(causal=True))
+    p, _ = attnhooks.attention.kernels.attention_probs(full.q, full.k, full.scale, attnhooks.MaskSpec(causal=True))
     with torch.no_grad():
         ref = eager(input_ids=out[:, : p.shape[2]], output_attentions=True).attentions[3]
     kept = sum(r.k.numel() for r in gen.records if r.module == "model.layers.3.self_attn")

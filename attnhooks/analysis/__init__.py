@@ -23,10 +23,10 @@ Example:
     array([[0., 1., 1., 1.]])
 """
 
-from ._common import AnalysisError
-from .classify import HEAD_CLASSES, HeadThresholds, classify_head, classify_heads, head_pattern_scores
-from .entropy import entropy, valid_keys
-from .mass import (
+from attnhooks.analysis._common import AnalysisError
+from attnhooks.analysis.classify import HEAD_CLASSES, HeadThresholds, classify_head, classify_heads, head_pattern_scores
+from attnhooks.analysis.entropy import entropy, valid_keys
+from attnhooks.analysis.mass import (
     attention_distance,
     next_mass,
     offset_mass,
@@ -35,7 +35,7 @@ from .mass import (
     sink_mass,
     token_class_mass,
 )
-from .patterns import (
+from attnhooks.analysis.patterns import (
     duplicate_token_pattern,
     duplicate_token_score,
     induction_pattern,
@@ -44,12 +44,12 @@ from .patterns import (
     previous_token_pattern,
     previous_token_score,
 )
-from .probe import bias_probe
-from .rollout import rollout
-from .similarity import head_similarity, js_divergence
-from .stored import HeadTable, head_table
-from .summarize import SUMMARY_METRICS, summarize
-from .tokens import SPECIAL_TOKENS, punctuation, special_tokens
+from attnhooks.analysis.probe import bias_probe
+from attnhooks.analysis.rollout import rollout
+from attnhooks.analysis.similarity import head_similarity, js_divergence
+from attnhooks.analysis.stored import HeadTable, head_table
+from attnhooks.analysis.summarize import SUMMARY_METRICS, summarize
+from attnhooks.analysis.tokens import SPECIAL_TOKENS, punctuation, special_tokens
 
 __all__ = [
     "HEAD_CLASSES",

@@ -11,7 +11,7 @@ from typing import Any, TypeAlias
 import numpy as np
 import numpy.typing as npt
 
-from ..errors import AnalysisError
+from attnhooks.errors import AnalysisError
 
 __all__ = ["AnalysisError", "Array", "as_float", "check_attn", "check_int", "key_offsets", "xlogx"]
 

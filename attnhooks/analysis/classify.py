@@ -35,8 +35,8 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from ._common import AnalysisError, Array, check_attn, check_int
-from .mass import offset_mass
+from attnhooks.analysis._common import AnalysisError, Array, check_attn, check_int
+from attnhooks.analysis.mass import offset_mass
 
 __all__ = ["HEAD_CLASSES", "HeadThresholds", "classify_head", "classify_heads", "head_pattern_scores"]
 

@@ -8,7 +8,7 @@ from typing import overload
 import numpy as np
 import numpy.typing as npt
 
-from ._common import AnalysisError, Array, as_float, check_attn, check_int, key_offsets
+from attnhooks.analysis._common import AnalysisError, Array, as_float, check_attn, check_int, key_offsets
 
 __all__ = [
     "attention_distance",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._common import AnalysisError, Array, check_attn, check_int
+from attnhooks.analysis._common import AnalysisError, Array, check_attn, check_int
 
 __all__ = ["bias_probe"]
 

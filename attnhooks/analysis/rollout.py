@@ -8,7 +8,7 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 
-from ._common import AnalysisError, Array, check_attn, check_int
+from attnhooks.analysis._common import AnalysisError, Array, check_attn, check_int
 
 __all__ = ["rollout"]
 

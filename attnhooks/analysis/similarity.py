@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
-from ._common import AnalysisError, Array, as_float, check_attn, check_int, xlogx
+from attnhooks.analysis._common import AnalysisError, Array, as_float, check_attn, check_int, xlogx
 
 __all__ = ["head_similarity", "js_divergence"]
 

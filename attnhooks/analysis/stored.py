@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from ._common import AnalysisError
-from .summarize import summarize
+from attnhooks.analysis._common import AnalysisError
+from attnhooks.analysis.summarize import summarize
 
 __all__ = ["HeadTable", "head_table"]
 

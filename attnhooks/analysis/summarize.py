@@ -7,10 +7,10 @@ from collections.abc import Callable, Iterable, Sequence
 import numpy as np
 import numpy.typing as npt
 
-from ._common import AnalysisError, Array, check_attn, check_int
-from .entropy import entropy
-from .mass import attention_distance, next_mass, previous_mass, self_mass, sink_mass, token_class_mass
-from .tokens import punctuation, special_tokens
+from attnhooks.analysis._common import AnalysisError, Array, check_attn, check_int
+from attnhooks.analysis.entropy import entropy
+from attnhooks.analysis.mass import attention_distance, next_mass, previous_mass, self_mass, sink_mass, token_class_mass
+from attnhooks.analysis.tokens import punctuation, special_tokens
 
 __all__ = ["SUMMARY_METRICS", "summarize"]
 

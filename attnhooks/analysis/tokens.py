@@ -10,7 +10,7 @@ from collections.abc import Iterable
 import numpy as np
 import numpy.typing as npt
 
-from ._common import AnalysisError
+from attnhooks.analysis._common import AnalysisError
 
 __all__ = ["SPECIAL_TOKENS", "punctuation", "special_tokens"]
 

@@ -1,5 +1,5 @@
 """Storage backends: Zarr v3, HDF5 and in-memory, behind one small protocol (see :mod:`.base`)."""
 
-from .base import MODES, Backend, Codec, backend_for, backend_names, register_backend
+from attnhooks.backends.base import MODES, Backend, Codec, backend_for, backend_names, register_backend
 
 __all__ = ["MODES", "Backend", "Codec", "backend_for", "backend_names", "register_backend"]

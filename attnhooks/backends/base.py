@@ -23,7 +23,7 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import numpy as np
 
-from ..errors import StoreExistsError, StoreOptionError
+from attnhooks.errors import StoreExistsError, StoreOptionError
 
 __all__ = [
     "MODES",

@@ -41,8 +41,8 @@ try:  # registers the zstd / blosc filters with HDF5, for writing and for readin
 except ImportError:  # pragma: no cover - hdf5plugin comes with attnhooks[hdf5]
     hdf5plugin = None  # type: ignore[assignment]
 
-from ..errors import NotAStoreError, StoreOptionError
-from .base import Codec, Selection, check_mode, check_remove, refuse_existing
+from attnhooks.backends.base import Codec, Selection, check_mode, check_remove, refuse_existing
+from attnhooks.errors import NotAStoreError, StoreOptionError
 
 __all__ = ["HDF5Backend"]
 
@@ -289,7 +289,7 @@ def _open_for_reading(path: str) -> h5py.File:
 
 
 def _open_or_explain(path: str) -> h5py.File:
-    from ..errors import StoreStateError
+    from attnhooks.errors import StoreStateError
 
     try:
         return h5py.File(path, "r+", libver="latest", rdcc_nbytes=0)

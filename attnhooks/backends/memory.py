@@ -14,8 +14,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from ..errors import NotAStoreError
-from .base import Codec, Selection, check_mode, check_remove, refuse_existing, split
+from attnhooks.backends.base import Codec, Selection, check_mode, check_remove, refuse_existing, split
+from attnhooks.errors import NotAStoreError
 
 __all__ = ["MemoryBackend"]
 

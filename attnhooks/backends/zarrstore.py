@@ -34,8 +34,8 @@ import zarr
 import zarr.errors
 from zarr.codecs import BloscCodec, GzipCodec, ZstdCodec
 
-from ..errors import NotAStoreError, StoreOptionError
-from .base import Codec, Selection, check_mode, check_remove, refuse_existing, split
+from attnhooks.backends.base import Codec, Selection, check_mode, check_remove, refuse_existing, split
+from attnhooks.errors import NotAStoreError, StoreOptionError
 
 __all__ = ["ZarrBackend"]
 

@@ -19,13 +19,13 @@ Example:
     >>> ax.figure.savefig("/tmp/attnhooks-doctest.png")
 """
 
-from ._common import ViewError
-from .grids import compare_view, divergence_grid, head_divergence, metric_grid, metric_grids, model_view
-from .head_view import head_edges, head_view, head_view_grid
-from .image import cross_attention_map, image_overlay, patch_map, patch_overlay, upsample
-from .maps import heatmap, overview, rollout_view
-from .qk import qk_scores, qk_view
-from .stored import VIEWS, pooled_attention, render
+from attnhooks.viewer._common import ViewError
+from attnhooks.viewer.grids import compare_view, divergence_grid, head_divergence, metric_grid, metric_grids, model_view
+from attnhooks.viewer.head_view import head_edges, head_view, head_view_grid
+from attnhooks.viewer.image import cross_attention_map, image_overlay, patch_map, patch_overlay, upsample
+from attnhooks.viewer.maps import heatmap, overview, rollout_view
+from attnhooks.viewer.qk import qk_scores, qk_view
+from attnhooks.viewer.stored import VIEWS, pooled_attention, render
 
 __all__ = [
     "VIEWS",

@@ -18,7 +18,7 @@ from matplotlib.axes import Axes
 from matplotlib.colors import Colormap, Normalize, PowerNorm, TwoSlopeNorm
 from matplotlib.figure import Figure
 
-from ..errors import ViewError
+from attnhooks.errors import ViewError
 
 __all__ = [
     "ATTENTION_CMAP",

@@ -16,8 +16,8 @@ from matplotlib.axes import Axes
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 
-from ..analysis.similarity import js_divergence
-from ._common import (
+from attnhooks.analysis.similarity import js_divergence
+from attnhooks.viewer._common import (
     DIVERGING_MASKED_COLOR,
     MASKED_COLOR,
     ViewError,
@@ -31,10 +31,10 @@ from ._common import (
     new_grid,
     pool,
 )
-from .maps import apply_mask, draw_map, matrix, scale_label, show
+from attnhooks.viewer.maps import apply_mask, draw_map, matrix, scale_label, show
 
 if TYPE_CHECKING:
-    from ..analysis.stored import HeadTable
+    from attnhooks.analysis.stored import HeadTable
 
 __all__ = ["compare_view", "divergence_grid", "head_divergence", "metric_grid", "metric_grids", "model_view"]
 

@@ -20,7 +20,7 @@ from matplotlib.collections import LineCollection
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from ._common import (
+from attnhooks.viewer._common import (
     ViewError,
     as_numpy,
     attention_cmap,

@@ -16,7 +16,7 @@ import numpy.typing as npt
 from matplotlib.axes import Axes
 from matplotlib.colors import Normalize
 
-from ._common import ViewError, as_numpy, new_axes
+from attnhooks.viewer._common import ViewError, as_numpy, new_axes
 
 __all__ = ["cross_attention_map", "image_overlay", "patch_map", "patch_overlay", "upsample"]
 

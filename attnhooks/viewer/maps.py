@@ -20,7 +20,16 @@ from matplotlib.figure import Figure
 from matplotlib.image import AxesImage
 from matplotlib.patches import Rectangle
 
-from ._common import ViewError, as_numpy, attention_cmap, attention_norm, label_tokens, new_axes, pool, pool_blocks
+from attnhooks.viewer._common import (
+    ViewError,
+    as_numpy,
+    attention_cmap,
+    attention_norm,
+    label_tokens,
+    new_axes,
+    pool,
+    pool_blocks,
+)
 
 __all__ = ["heatmap", "overview", "rollout_view"]
 

@@ -17,7 +17,7 @@ from matplotlib.collections import PolyCollection
 from matplotlib.figure import Figure
 from matplotlib.image import AxesImage
 
-from ._common import (
+from attnhooks.viewer._common import (
     MASKED_COLOR,
     MAX_TOKEN_LABELS,
     ViewError,

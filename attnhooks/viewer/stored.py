@@ -18,13 +18,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..tiles import head_index
-from ._common import ViewError, pool_blocks
+from attnhooks.read.tiles import head_index
+from attnhooks.viewer._common import ViewError, pool_blocks
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-    from ..store import Store
+    from attnhooks.read.store import Store
 
 __all__ = ["VIEWS", "pooled_attention", "render"]
 
@@ -99,7 +99,7 @@ def _heatmap(
     where: Where, *, head: int = 0, rows: slice | None = None, cols: slice | None = None, method: str = "auto", **_: Any
 ) -> Figure:
     """One head: read exactly when the window is small enough, else pooled while read (whole calls only)."""
-    from .maps import heatmap
+    from attnhooks.viewer.maps import heatmap
 
     reader = where.reader()
     r, c = range(reader.q_len)[rows or slice(None)], range(reader.k_len)[cols or slice(None)]
@@ -127,7 +127,7 @@ def _heatmap(
 
 
 def _model(where: Where, *, modules: str | Sequence[str] | None = None, method: str = "auto", **_: Any) -> Figure:
-    from .grids import model_view
+    from attnhooks.viewer.grids import model_view
 
     names = where.store.select(modules)
     layers = [
@@ -139,7 +139,7 @@ def _model(where: Where, *, modules: str | Sequence[str] | None = None, method: 
 def _head(
     where: Where, *, heads: Sequence[int] | None = None, topk: int | None = None, method: str = "auto", **_: Any
 ) -> Figure:
-    from .head_view import head_view
+    from attnhooks.viewer.head_view import head_view
 
     _square(where, [where.name])
     attn = where.store.attention(where.name, where.step, where.sample, where.call, method=method)
@@ -149,7 +149,7 @@ def _head(
 
 
 def _qk(where: Where, *, head: int = 0, query: int = -1, method: str = "auto", **_: Any) -> Figure:
-    from .qk import qk_view
+    from attnhooks.viewer.qk import qk_view
 
     st, name = where.store, where.name
     reader = where.reader()
@@ -181,8 +181,8 @@ def _qk(where: Where, *, head: int = 0, query: int = -1, method: str = "auto", *
 def _rollout(
     where: Where, *, modules: str | Sequence[str] | None = None, query: int = 0, method: str = "auto", **_: Any
 ) -> Figure:
-    from ..analysis import rollout
-    from .maps import rollout_view
+    from attnhooks.analysis import rollout
+    from attnhooks.viewer.maps import rollout_view
 
     names = where.store.select(modules)
     layers = [
@@ -199,8 +199,8 @@ def _metrics(
     method: str = "auto",
     **_: Any,
 ) -> Figure:
-    from ..analysis import head_table
-    from .grids import metric_grids
+    from attnhooks.analysis import head_table
+    from attnhooks.viewer.grids import metric_grids
 
     names = where.store.select(modules)
     table = head_table(where.store, where.step, where.sample, modules=names, call=where.call, method=method)
@@ -209,8 +209,8 @@ def _metrics(
 
 def _overview(where: Where, *, head: int | None = None, method: str = "auto", **_: Any) -> Figure:
     """From the ``summary`` reductions when stored, else pooled (and summed) while reading row tiles."""
-    from ..errors import NotInStoreError
-    from .maps import overview
+    from attnhooks.errors import NotInStoreError
+    from attnhooks.viewer.maps import overview
 
     st, name, at = where.store, where.name, (where.step, where.sample, where.call)
     try:
@@ -244,7 +244,7 @@ def _compare(
     method: str = "auto",
     **_: Any,
 ) -> Figure:
-    from .grids import compare_view
+    from attnhooks.viewer.grids import compare_view
 
     other = Where(
         against or where.store,
@@ -273,7 +273,7 @@ def _divergence(
     method: str = "auto",
     **_: Any,
 ) -> Figure:
-    from .grids import divergence_grid
+    from attnhooks.viewer.grids import divergence_grid
 
     other = Where(
         against or where.store, None, against_step if against_step is not None else where.step, where.sample, where.call
@@ -296,8 +296,8 @@ def _patch(
     method: str = "auto",
     **_: Any,
 ) -> Figure:
-    from ..analysis import rollout
-    from .image import image_overlay, patch_map
+    from attnhooks.analysis import rollout
+    from attnhooks.viewer.image import image_overlay, patch_map
 
     names = where.store.select(modules) if use_rollout else [where.name]
     layers = [where.store.attention(m, where.step, where.sample, where.call, method=method) for m in names]
@@ -317,7 +317,7 @@ def _cross(
     method: str = "auto",
     **_: Any,
 ) -> Figure:
-    from .image import cross_attention_map, image_overlay
+    from attnhooks.viewer.image import cross_attention_map, image_overlay
 
     st = where.store
     names = st.select(modules, kind="cross")

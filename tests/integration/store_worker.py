@@ -104,7 +104,7 @@ def run(store: str, steps: int, hold: str | None = None) -> None:
     """Capture ``steps`` steps of :func:`build_model` into ``store`` (which must not exist)."""
     import attnhooks
     from attnhooks.backends import backend_for
-    from attnhooks.writer import StoreOptions, root_attrs
+    from attnhooks.write.writer import StoreOptions, root_attrs
 
     torch.set_num_threads(1)
     model = build_model()

@@ -15,7 +15,7 @@ import torch
 from matplotlib.image import imread
 
 import attnhooks
-from attnhooks.cli import VIEW_NAMES, main
+from attnhooks.cli.main import VIEW_NAMES, main
 from attnhooks.viewer.stored import VIEWS
 
 WORDS = [

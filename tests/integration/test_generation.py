@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 import attnhooks
+import attnhooks.attention.kernels
 from tests import models
 
 
@@ -54,7 +55,7 @@ def test_q_k_only_generation_rebuilds_eager_attention():
     cap, out = _generate(model, x, mask, n=5, record=("q", "k"))
     rec = cap.assemble("model.layers.1.self_attn")
     assert rec.attn is None and rec.q.shape[2] == 8 and rec.k.shape[2] == 8
-    p, _ = attnhooks.kernels.attention_probs(rec.q, rec.k, rec.scale, attnhooks.MaskSpec(causal=True))
+    p, _ = attnhooks.attention.kernels.attention_probs(rec.q, rec.k, rec.scale, attnhooks.MaskSpec(causal=True))
     with torch.no_grad():
         ref = eager(input_ids=out[:, :8], output_attentions=True).attentions[1]
     assert float((p - ref).abs().max()) <= 1e-5

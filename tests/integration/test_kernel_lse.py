@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 
 import attnhooks
-import attnhooks.recorder
-from attnhooks.kernels import attention_probs
+import attnhooks.capturing.recorder
+from attnhooks.attention.kernels import attention_probs
 from tests import models
 
 
@@ -20,7 +20,7 @@ def _no_recompute(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("lse was recomputed instead of taken from the kernel")
 
-    monkeypatch.setattr(attnhooks.recorder, "attention_probs", refuse)
+    monkeypatch.setattr(attnhooks.capturing.recorder, "attention_probs", refuse)
 
 
 @pytest.mark.parametrize("pad", [0, 3])

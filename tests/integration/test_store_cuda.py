@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import attnhooks
-from attnhooks.staging import Stager
+from attnhooks.capturing.staging import Stager
 from tests import models
 
 pytestmark = [

@@ -10,7 +10,7 @@ import torch
 
 import attnhooks
 from attnhooks.backends.memory import MemoryBackend
-from attnhooks.reduce import SummaryOptions
+from attnhooks.reduce.summary import SummaryOptions
 from tests import models
 from tests.unit.test_reduce import reference_summary
 

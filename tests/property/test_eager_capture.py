@@ -5,7 +5,7 @@ product written as ``torch.matmul``, ``@``, ``einsum("bhqd,bhkd->bhqk")`` or the
 ``einsum("bqhd,bkd->bhqk")`` (a key without a head letter), and the softmax as ``torch.softmax``,
 ``F.softmax``, ``Tensor.softmax`` or an ``nn.Softmax`` child. The record must hold exactly the
 probabilities the model computed, q and k as the product's operands (``[B, H, L, D]``), and a
-scale and mask that rebuild those probabilities through :func:`attnhooks.kernels.attention_probs`.
+scale and mask that rebuild those probabilities through :func:`attnhooks.attention.kernels.attention_probs`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import attnhooks
-from attnhooks.kernels import attention_probs
+import attnhooks.attention.kernels
+from attnhooks.attention.kernels import attention_probs
 from tests.property.common import NEG_INF, SETTINGS, TOL
 
 PRODUCTS = ("matmul", "at", "einsum", "einsum_mqa")

@@ -14,7 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import attnhooks
-from attnhooks.masks import MaskSpec
+from attnhooks.attention.masks import MaskSpec
 from tests.property.common import SETTINGS
 
 

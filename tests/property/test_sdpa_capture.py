@@ -18,7 +18,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import attnhooks
-from attnhooks.kernels import attention_probs
+from attnhooks.attention.kernels import attention_probs
 from tests.property.common import NEG_INF, SETTINGS, TOL
 
 # how a mask tensor is laid out: which of [batch, heads] it has, and its rank

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 import attnhooks
+import attnhooks.attention.kernels
 from attnhooks import errors
-from attnhooks.tiles import head_index, span
+from attnhooks.read.tiles import head_index, span
 
 BUILTINS = (LookupError, ValueError, RuntimeError, OSError, TypeError, IndexError, FileExistsError)
 
@@ -26,7 +27,7 @@ def test_every_error_is_rooted_and_has_a_builtin_base():
 
 
 def test_errors_defined_elsewhere_before_are_the_same_classes():
-    from attnhooks.hf import ModelLoadError, TextInputError
+    from attnhooks.cli.models import ModelLoadError, TextInputError
     from attnhooks.viewer import ViewError
 
     assert ViewError is errors.ViewError and issubclass(ViewError, attnhooks.AttnHooksError)
@@ -51,6 +52,6 @@ def test_reader_and_kernel_paths_raise_typed_errors():
     with pytest.raises(errors.EmitError):
         attnhooks.emit(torch.nn.Linear(1, 1))
     with pytest.raises(errors.ShapeError):
-        attnhooks.kernels.attention_probs(torch.ones(1, 3, 2, 4), torch.ones(1, 2, 2, 4), None, None)
+        attnhooks.attention.kernels.attention_probs(torch.ones(1, 3, 2, 4), torch.ones(1, 2, 2, 4), None, None)
     with pytest.raises(errors.RecordOptionError):
         attnhooks.capture(torch.nn.Linear(1, 1), record="summary", summary={"topk": -1})

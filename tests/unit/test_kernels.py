@@ -10,7 +10,7 @@ import torch.nn as nn
 
 import attnhooks
 from attnhooks import MaskSpec
-from attnhooks.kernels import attention_probs, scores, verify_rows
+from attnhooks.attention.kernels import attention_probs, scores, verify_rows
 
 NEG_INF = float("-inf")
 

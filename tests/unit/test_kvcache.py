@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import attnhooks
-from attnhooks.kvcache import CacheWatch, find_cache, past_length
+from attnhooks.capturing.kvcache import CacheWatch, find_cache, past_length
 from attnhooks.lineage import key_slots
 
 

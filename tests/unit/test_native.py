@@ -8,9 +8,9 @@ from unittest import mock
 import pytest
 import torch
 
-from attnhooks import native
-from attnhooks.masks import MaskSpec
-from attnhooks.reduce import SummaryOptions, summarize_call
+from attnhooks.attention.masks import MaskSpec
+from attnhooks.reduce import native
+from attnhooks.reduce.summary import SummaryOptions, summarize_call
 
 
 @pytest.fixture
@@ -88,7 +88,7 @@ def test_both_paths_agree_on_a_long_peaked_causal_call():
     g = torch.Generator().manual_seed(0)
     q, k = torch.randn(1, 4, 2048, 32, generator=g), torch.randn(1, 2, 2048, 32, generator=g)
     k[:, :, 0] = 30 * q[:, :2].mean(2)  # a sink every row attends to: the rest falls below e^-87
-    from attnhooks.kernels import row_lse
+    from attnhooks.attention.kernels import row_lse
 
     lse = row_lse(q, k, 32**-0.5, MaskSpec(causal=True))
     args = dict(scale=32**-0.5, mask=MaskSpec(causal=True), options=SummaryOptions())

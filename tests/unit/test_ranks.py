@@ -1,11 +1,11 @@
-"""Rank sets (:mod:`attnhooks.ranks`) written in one process: torch.distributed's answer is faked,
+"""Rank sets (:mod:`attnhooks.backends.subtree`) written in one process: torch.distributed's answer is faked,
 except in the last test, which joins a real gloo process group of one."""
 
 from __future__ import annotations
 
+import importlib
 import os
 import socket
-import sys
 import uuid
 
 import fsspec
@@ -16,9 +16,9 @@ import torch.distributed as dist
 
 import attnhooks
 from attnhooks.backends.memory import MemoryBackend
-from attnhooks.ranks import RankInfo
+from attnhooks.capturing.distributed import RankInfo
 
-CAPTURE = sys.modules["attnhooks.capture"]
+CAPTURE = importlib.import_module("attnhooks.capturing.session")
 STEPS = {0: 3, 1: 2}  # steps each rank writes
 
 
@@ -188,7 +188,7 @@ def test_a_real_process_group_makes_a_rank_set(model, tmp_path, monkeypatch):
 
 
 def test_the_command_line_reads_any_rank(model, tmp_path, as_rank, capsys):
-    from attnhooks.cli import main
+    from attnhooks.cli.main import main
 
     location = str(tmp_path / "set.zarr")
     for rank in (0, 1):

@@ -10,10 +10,11 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from attnhooks import native, reduce
-from attnhooks.kernels import attention_probs
-from attnhooks.masks import MaskSpec
-from attnhooks.reduce import SummaryOptions, summarize_call
+from attnhooks.attention.kernels import attention_probs
+from attnhooks.attention.masks import MaskSpec
+from attnhooks.reduce import native
+from attnhooks.reduce import summary as reduce
+from attnhooks.reduce.summary import SummaryOptions, summarize_call
 from tests.property.common import SETTINGS
 
 TOL = 1e-5

@@ -14,9 +14,9 @@ from matplotlib.colors import TwoSlopeNorm, to_rgb
 from matplotlib.figure import Figure
 
 from attnhooks.analysis import HeadTable, rollout
-from attnhooks.kernels import attention_probs
-from attnhooks.masks import MaskSpec
-from attnhooks.reduce import SummaryOptions, summarize_call
+from attnhooks.attention.kernels import attention_probs
+from attnhooks.attention.masks import MaskSpec
+from attnhooks.reduce.summary import SummaryOptions, summarize_call
 from attnhooks.viewer._common import MASKED_COLOR, ViewError
 from attnhooks.viewer.grids import (
     compare_view,

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend
 
-from ..masks import MaskSpec
-from .event import AttentionEvent, to_4d
+from attnhooks.attention.masks import MaskSpec
+from attnhooks.capturing.intercept.event import AttentionEvent, to_4d
 
 __all__ = ["FUNCTIONS", "handle_sdpa"]
 

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .event import AttentionEvent
+from attnhooks.capturing.intercept.event import AttentionEvent
 
 __all__ = ["DROPOUTS", "PRODUCTS", "SOFTMAXES", "QKProduct", "handle_dropout", "handle_product", "handle_softmax"]
 

@@ -21,10 +21,10 @@ from typing import Any
 
 import torch
 
-from ..errors import AttnHooksWarning, CaptureError
-from ..kernels import isolated
-from ..masks import MaskSpec
-from .event import AttentionEvent, Sink
+from attnhooks.attention.kernels import isolated
+from attnhooks.attention.masks import MaskSpec
+from attnhooks.capturing.intercept.event import AttentionEvent, Sink
+from attnhooks.errors import AttnHooksWarning, CaptureError
 
 __all__ = ["RegistryPatch"]
 

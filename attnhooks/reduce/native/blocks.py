@@ -9,8 +9,8 @@ from typing import Any
 
 import torch
 
-from ..kernels import EXP_FLOOR
-from . import Block
+from attnhooks.attention.kernels import EXP_FLOOR
+from attnhooks.reduce.native import Block
 
 
 @dataclass(frozen=True)

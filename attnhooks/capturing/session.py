@@ -9,13 +9,10 @@ captured step's forward runs.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
-import inspect
-import os
 import sys
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from typing import Any
 
@@ -23,33 +20,26 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .backends.base import Backend, Codec, backend_for
-from .errors import (
-    AttnHooksError,
+from attnhooks.capturing.distributed import RankInfo, current
+from attnhooks.capturing.intercept.event import AttentionEvent
+from attnhooks.capturing.intercept.hf import RegistryPatch
+from attnhooks.capturing.intercept.mode import AttentionMode
+from attnhooks.capturing.kvcache import CacheWatch, Past, find_cache, past_length
+from attnhooks.capturing.options import CaptureOptions
+from attnhooks.capturing.record import Record
+from attnhooks.capturing.recorder import Recorder
+from attnhooks.capturing.select import named_modules, select, unwrap
+from attnhooks.capturing.sink import StepSink, StoreOpener
+from attnhooks.capturing.streams import assemble
+from attnhooks.errors import (
     AttnHooksWarning,
     CacheMismatchError,
     CaptureStateError,
     RecordOptionError,
-    StoreOptionError,
-    StoreWriteError,
 )
-from .intercept.event import AttentionEvent
-from .intercept.hf import RegistryPatch
-from .intercept.mode import AttentionMode
-from .kvcache import CacheWatch, Past, find_cache, past_length
-from .ranks import RankInfo, current, open_rank
-from .record import Record
-from .recorder import RECORDABLE, Recorder, RecordOptions
-from .reduce import SummaryOptions
-from .select import Modules, named_modules, select, unwrap
-from .streams import assemble
-from .writer import StoreOptions, StoreWriter, dumps_options, parse_bytes, root_attrs
 
-__all__ = ["Capture", "capture"]
+__all__ = ["Capture"]
 
-DEFAULT_RECORD = ("attn", "q", "k")
-Store = str | os.PathLike[str] | Backend | None
-_MODES = {"create": "w-", "overwrite": "w", "append": "r+"}
 _HEAD_ATTRS = ("heads", "num_heads", "num_attention_heads", "n_head", "n_heads")
 
 
@@ -61,65 +51,29 @@ class Capture:
             unless ``keep=True``).
         every: capture one step in ``every``.
         writer: the :class:`~attnhooks.writer.StoreWriter` while streaming to a store, else None.
-        rank: this process's :class:`~attnhooks.ranks.RankInfo` while it writes its group of a
+        rank: this process's :class:`~attnhooks.capturing.distributed.RankInfo` while it writes its group of a
             rank set (under ``torch.distributed``), else None.
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        *,
-        modules: Modules = None,
-        record: Iterable[str] = DEFAULT_RECORD,
-        every: int = 1,
-        verify: bool | int = False,
-        dropout: str = "flag",
-        store: Store = None,
-        mode: str = "create",
-        buffer: int | str = "1GiB",
-        when_full: str = "block",
-        dtype: str | None = None,
-        compression: str | Codec | None = None,
-        keep: bool | None = None,
-        tokenizer: Any = None,
-        summary: SummaryOptions | dict[str, int] | None = None,
-        progress: bool = False,
-        rows: slice | Iterable[slice] | None = None,
-        distributed: bool | None = None,
-        ranks: Iterable[int] | None = None,
-    ) -> None:
+    def __init__(self, model: nn.Module, options: CaptureOptions, open_store: StoreOpener | None = None) -> None:
         if not isinstance(model, nn.Module):
             raise RecordOptionError(f"capture() takes a torch.nn.Module, got {type(model).__name__}")
         self.model = model
+        self.options = options
         self._chain = unwrap(model)
-        self._selection = select(self._chain[-1], modules)
+        self._selection = select(self._chain[-1], options.modules)
         self._modules_by_name = named_modules(self._chain[-1])
-        self.every = _check_every(every)
-        self._recorder = Recorder(_options(record, verify, dropout, summary, rows))
-        self._progress = _progress_bar if progress else None
+        self.every = options.every
+        self._recorder = Recorder(options.record)
+        self._progress = _progress_bar if options.progress else None
         self._bar: Any = None
-        self._recorder.keep = store is None if keep is None else bool(keep)
-        self._store = store
-        self._store_options = _store_options(mode, buffer, when_full, dtype, compression) if store is not None else None
-        self._distributed = _check_distributed(distributed)
-        self._ranks = _check_ranks(ranks)
+        self._recorder.keep = options.keep
+        self._open_store_with = open_store
         self.rank: RankInfo | None = None
         self._process: RankInfo | None = None
-        self._options_meta = {
-            "record": sorted(self._recorder.options.record),
-            "every": self.every,
-            "verify": self._recorder.options.verify,
-            "dropout": dropout,
-            "modules": modules if isinstance(modules, (str, list, tuple, type(None))) else repr(modules),
-            "mode": mode,
-            "buffer": buffer,
-            "when_full": when_full,
-            "dtype": dtype,
-            "compression": compression if isinstance(compression, (str, type(None))) else repr(compression),
-            "summary": dataclasses.asdict(self._recorder.options.summary),
-        }
+        tokenizer = options.tokenizer
         self.tokenizer = tokenizer
-        self.writer: StoreWriter | None = None
+        self.writer: StepSink | None = None
         self._mode = AttentionMode(self)
         self._registry = RegistryPatch(self, lambda: self._recorder.events, self._mode)
         self._exit: ExitStack | None = None
@@ -242,15 +196,15 @@ class Capture:
             self._stack.clear()
 
     def _install(self, stack: ExitStack) -> None:
-        process = current(require=self._distributed is True)
-        self.rank = None if self._distributed is False else process  # a rank set is written when set
-        if self._ranks is not None and (process.rank if process else 0) not in self._ranks:
+        process = current(require=self.options.distributed is True)
+        self.rank = None if self.options.distributed is False else process  # a rank set is written when set
+        if self.options.ranks is not None and (process.rank if process else 0) not in self.options.ranks:
             return  # not a capturing rank: nothing is installed, the model runs untouched
         self._process = process
         if self._progress is not None:
             self._bar = self._progress()
             stack.callback(self._bar.close)
-        if self._store_options is not None:
+        if self._open_store_with is not None:
             self._open_store(stack)
         for root in self._chain:
             stack.callback(root.register_forward_pre_hook(self._root_pre, with_kwargs=True).remove)
@@ -271,18 +225,11 @@ class Capture:
             _patch_generate(stack, obj, self._generate_scope)
 
     def _open_store(self, stack: ExitStack) -> None:
-        options = self._store_options
-        assert options is not None and self._store is not None
+        assert self._open_store_with is not None
         meta: dict[str, Any] = {"model": f"{type(self._chain[-1]).__module__}.{type(self._chain[-1]).__qualname__}"}
-        meta["options"] = dumps_options(self._options_meta)
         if self._process is not None:
             meta.update(rank=self._process.rank, world_size=self._process.world_size)
-        backend = _open_backend(self._store, options, meta, self.rank)
-        try:
-            writer = StoreWriter(backend, options, meta, appending=options.mode == "r+")
-        except BaseException:
-            backend.close()
-            raise
+        writer = self._open_store_with(meta, self.rank)
         self.writer = writer
         stack.callback(self._close_store)  # first in, last out: hooks are gone before the final flush
         rec = self._recorder
@@ -474,219 +421,12 @@ class Capture:
         return f"<Capture {state} step={self.step} records={len(self.records)}>"
 
 
-def capture(
-    model: nn.Module,
-    *,
-    modules: Modules = None,
-    record: Iterable[str] = DEFAULT_RECORD,
-    every: int = 1,
-    verify: bool | int = False,
-    dropout: str = "flag",
-    store: Store = None,
-    mode: str = "create",
-    buffer: int | str = "1GiB",
-    when_full: str = "block",
-    dtype: str | None = None,
-    compression: str | Codec | None = None,
-    keep: bool | None = None,
-    tokenizer: Any = None,
-    summary: SummaryOptions | dict[str, int] | None = None,
-    progress: bool = False,
-    rows: slice | Iterable[slice] | None = None,
-    distributed: bool | None = None,
-    ranks: Iterable[int] | None = None,
-) -> Capture:
-    """Capture the attention of ``model`` while it runs, on its own attention path.
-
-    Args:
-        model: any ``nn.Module``; DDP / DataParallel / PEFT / ``torch.compile`` wrappers are looked
-            through for names.
-        modules: which modules own attention calls: None (every attention call of the model,
-            attributed to the innermost running module), a glob such as
-            ``"model.layers.*.self_attn"``, a list of names or globs, or a predicate
-            ``(name, module) -> bool``.
-        record: what to keep per call, drawn from ``"attn"`` (``[batch, heads, q_len, k_len]``
-            float32 probabilities), ``"q"``, ``"k"``, ``"lse"`` (row log-sum-exp: with q and k,
-            any tile can be rebuilt exactly offline) and ``"summary"`` (reductions computed block
-            by block where the model runs, never an n x n matrix: row entropy, top-k keys,
-            attention received per key, sink mass, the last diagonals, a pooled overview; see
-            :mod:`attnhooks.reduce`).
-        every: capture one step in ``every`` (steps ``0, every, 2*every, ...``); other steps run
-            with no interception at all.
-        verify: opt-in faithfulness check: ``True`` (4 rows) or a number of query rows per call
-            whose ``attn @ v`` is compared with the kernel's output; ``Record.verify_error`` holds
-            the difference and a :class:`FaithfulnessWarning` reports a mismatch.
-        dropout: ``"flag"`` records pre-dropout probabilities with ``Record.dropout`` set and
-            warns once; ``"refuse"`` raises :class:`DropoutError` when attention dropout is active.
-        store: stream the records to a store while the model runs: a path ending in ``.zarr``,
-            ``.h5`` / ``.hdf5``, a ``memory://name`` URL, or an open backend. Read it back with
-            :func:`attnhooks.open_store`. A step becomes visible to readers only once all of it is
-            written; leaving the ``with`` block flushes, marks the store complete and raises any
-            error of the writer thread.
-        mode: ``"create"`` (fail if the store exists), ``"overwrite"`` or ``"append"`` (add steps
-            after the committed ones; the modules must match; step ids continue from the last).
-        buffer: memory budget for records staged but not yet written (bytes or ``"512MiB"``).
-        when_full: what a hook does when the budget is spent: ``"block"`` until the writer
-            catches up, or ``"drop"`` the rest of the step (counted in the store's ``dropped``).
-        dtype: storage dtype of q and k: None keeps the model's (bfloat16 becomes float32,
-            losslessly), ``"float32"``, ``"float16"`` (also attn), or ``"bfloat16-bits"`` (raw
-            bfloat16 bits as uint16, converted back by the reader).
-        compression: ``"zstd"``, ``"gzip"``, ``"lzf"`` (HDF5), ``"none"``, a
-            :class:`~attnhooks.backends.Codec`, or None for the backend's default (zstd level 1;
-            in HDF5 through ``hdf5plugin``, which other HDF5 readers then need; ``"gzip"`` is
-            readable by every HDF5 tool but about 10x slower to write).
-        keep: also keep the records in ``cap.records`` (default: only without a store).
-        tokenizer: with a store, token strings are stored next to the ids through
-            ``tokenizer.convert_ids_to_tokens``.
-        summary: sizes of the ``"summary"`` reductions: a :class:`~attnhooks.reduce.SummaryOptions`
-            or a dict of its fields (``topk``, ``sinks``, ``band``, ``pooled``, ``block``).
-        progress: show a progress bar (tqdm, ``attnhooks[progress]``) of the attention calls
-            captured, with the step, the module and what the store has written so far: for long
-            prefills and generations.
-        rows: row windows: keep ``attn`` only for these query rows, a slice or a list of slices in
-            stream positions (a generation's decode rows continue its prompt's), negative bounds
-            counting from the end of each forward call: ``slice(-512, None)`` keeps the last 512
-            rows of a prefill (and every decode row). Other rows stay exactly rebuildable from q,
-            k and lse (``Store.attention`` mixes both). Needs ``"attn"`` in ``record``.
-        distributed: under ``torch.distributed`` (DDP, FSDP, ``torchrun``), every rank writes its
-            own group of one store, with its rank and the world size in the metadata
-            (:mod:`attnhooks.ranks`; read them with ``Store.ranks`` and ``rank=``). None: whenever
-            the process group is initialised; True: require it; False: a plain store per process
-            (give each rank its own path). No collective operation is ever made: ranks never wait
-            for one another. Zarr stores only (HDF5 files take one writer).
-        ranks: the ranks that capture (e.g. ``[0]``); on the others the capture installs nothing
-            and the model runs untouched. Default: every rank.
-
-    Returns:
-        A :class:`Capture`; use it as a context manager.
-
-    Example:
-        >>> import torch, attnhooks
-        >>> layer = torch.nn.TransformerEncoderLayer(16, 4, batch_first=True).eval()
-        >>> with attnhooks.capture(layer) as cap:
-        ...     _ = layer(torch.randn(2, 5, 16))
-        >>> rec = cap.records[0]
-        >>> rec.module, tuple(rec.attn.shape)
-        ('self_attn', (2, 4, 5, 5))
-    """
-    return Capture(
-        model,
-        modules=modules,
-        record=record,
-        every=every,
-        verify=verify,
-        dropout=dropout,
-        store=store,
-        mode=mode,
-        buffer=buffer,
-        when_full=when_full,
-        dtype=dtype,
-        compression=compression,
-        keep=keep,
-        tokenizer=tokenizer,
-        summary=summary,
-        progress=progress,
-        rows=rows,
-        distributed=distributed,
-        ranks=ranks,
-    )
-
-
 def _progress_bar() -> Any:
     try:
         from tqdm.auto import tqdm
     except ImportError as err:
         raise RecordOptionError("capture(progress=True) needs tqdm: pip install 'attnhooks[progress]'") from err
     return tqdm(desc="attnhooks", unit=" call", dynamic_ncols=True)
-
-
-def _options(
-    record: Iterable[str],
-    verify: bool | int,
-    dropout: str,
-    summary: SummaryOptions | dict[str, int] | None = None,
-    rows: slice | Iterable[slice] | None = None,
-) -> RecordOptions:
-    if isinstance(record, str):
-        record = (record,)
-    wanted = tuple(record)
-    unknown = [r for r in wanted if r not in RECORDABLE]
-    if unknown or not wanted:
-        raise RecordOptionError(
-            f"record={wanted!r}: each entry must be one of {RECORDABLE}, and at least one is needed; "
-            "e.g. record=('q', 'k') for the cheapest exact capture"
-        )
-    if dropout not in ("flag", "refuse"):
-        raise RecordOptionError(f"dropout={dropout!r}: use 'flag' or 'refuse'")
-    if isinstance(verify, bool):
-        verify_rows = 4 if verify else 0
-    elif isinstance(verify, int) and verify >= 0:
-        verify_rows = verify
-    else:
-        raise RecordOptionError(f"verify={verify!r}: use True/False or a number of rows per call")
-    try:
-        sizes = summary if isinstance(summary, SummaryOptions) else SummaryOptions(**(summary or {}))
-    except (TypeError, ValueError) as err:
-        raise RecordOptionError(f"summary={summary!r}: {err}; fields: topk, sinks, band, pooled, block") from err
-    return RecordOptions(frozenset(wanted), verify_rows, dropout, sizes, _windows(rows, wanted))
-
-
-def _windows(rows: slice | Iterable[slice] | None, wanted: tuple[str, ...]) -> tuple[slice, ...] | None:
-    if rows is None:
-        return None
-    windows = (rows,) if isinstance(rows, slice) else tuple(rows)
-    if "attn" not in wanted:
-        raise RecordOptionError(f"rows={rows!r} chooses which rows keep 'attn', but record={wanted!r} has no 'attn'")
-    for w in windows:
-        if not isinstance(w, slice) or w.step not in (None, 1):
-            raise RecordOptionError(f"rows={rows!r}: give slices with step 1, e.g. slice(-512, None)")
-    return windows
-
-
-def _store_options(
-    mode: str, buffer: int | str, when_full: str, dtype: str | None, compression: str | Codec | None
-) -> StoreOptions:
-    if mode not in _MODES:
-        raise StoreOptionError(f"mode={mode!r}: use 'create', 'overwrite' or 'append'")
-    if when_full not in ("block", "drop"):
-        raise StoreOptionError(f"when_full={when_full!r}: use 'block' (wait for the writer) or 'drop' (skip the step)")
-    if dtype not in (None, "float32", "float16", "bfloat16-bits"):
-        raise StoreOptionError(f"dtype={dtype!r}: use None (the model's), 'float32', 'float16' or 'bfloat16-bits'")
-    if isinstance(compression, str):
-        if compression not in ("zstd", "gzip", "lzf", "blosc", "none"):
-            raise StoreOptionError(
-                f"compression={compression!r}: use 'zstd', 'gzip', 'lzf' (HDF5), 'blosc' (Zarr), 'none', "
-                "or None for the backend's default"
-            )
-        compression = Codec(compression, 0 if compression in ("none", "lzf") else 1)
-    return StoreOptions(_MODES[mode], parse_bytes(buffer), when_full, dtype, compression)
-
-
-def _open_backend(
-    store: str | os.PathLike[str] | Backend, options: StoreOptions, meta: dict[str, Any], rank: RankInfo | None
-) -> Backend:
-    """Open the store's backend for writing, with typed errors for the usual failures. A new
-    store is created with its root attributes in place (it never exists without its schema).
-    Under ``torch.distributed`` (``rank``), this rank's group of a rank set (:mod:`attnhooks.ranks`)."""
-    if not isinstance(store, (str, os.PathLike)):
-        if not isinstance(store, Backend):
-            raise StoreOptionError(f"store={store!r}: use a path, a URL or a backend instance")
-        return store
-    location = os.fspath(store)
-    cls = backend_for(location)
-    mode = options.mode
-    try:
-        if rank is not None:
-            return open_rank(location, cls, rank, mode, root_attrs(cls, options, meta))
-        if mode == "r+" or "attrs" not in inspect.signature(cls.open).parameters:
-            return cls.open(location, mode)  # (a backend without atomic creation: the writer sets the root)
-        return cls.open(location, mode, root_attrs(cls, options, meta))
-    except AttnHooksError:
-        raise
-    except PermissionError as err:
-        raise StoreWriteError(f"cannot write the store at {location}: {err.strerror or err}") from err
-    except OSError as err:
-        raise StoreWriteError(f"cannot open the store at {location}: {err}") from err
 
 
 def _as_ids(value: Any) -> np.ndarray | None:
@@ -706,27 +446,6 @@ def _as_ids(value: Any) -> np.ndarray | None:
     if not isinstance(value, np.ndarray) or value.dtype.kind not in "iu" or value.ndim not in (1, 2):
         return None
     return value.reshape(-1, value.shape[-1]).astype(np.int64)
-
-
-def _check_distributed(distributed: bool | None) -> bool | None:
-    if distributed not in (None, True, False):
-        raise RecordOptionError(f"distributed={distributed!r}: use None (auto), True or False")
-    return distributed
-
-
-def _check_ranks(ranks: Iterable[int] | None) -> frozenset[int] | None:
-    if ranks is None:
-        return None
-    chosen = frozenset([ranks] if isinstance(ranks, int) else ranks)
-    if not chosen or not all(isinstance(r, int) and not isinstance(r, bool) and r >= 0 for r in chosen):
-        raise RecordOptionError(f"ranks={ranks!r}: use None (every rank) or non-negative ints, e.g. ranks=[0]")
-    return chosen
-
-
-def _check_every(every: int) -> int:
-    if not isinstance(every, int) or isinstance(every, bool) or every < 1:
-        raise RecordOptionError(f"every={every!r}: use a positive int (1 captures every step)")
-    return every
 
 
 def _may_own_attention(module: nn.Module) -> bool:

@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from .errors import StoreOptionError
+from attnhooks.errors import StoreOptionError
 
 if TYPE_CHECKING:
-    from .store import Store
+    from attnhooks.read.store import Store
 
 __all__ = ["to_bertviz"]
 

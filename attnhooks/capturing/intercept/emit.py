@@ -21,9 +21,9 @@ from typing import Any
 import torch
 from torch.overrides import handle_torch_function, has_torch_function
 
-from ..errors import EmitError
-from ..masks import MaskSpec
-from .event import AttentionEvent, to_4d
+from attnhooks.attention.masks import MaskSpec
+from attnhooks.capturing.intercept.event import AttentionEvent, to_4d
+from attnhooks.errors import EmitError
 
 __all__ = ["emit", "handle_emit"]
 

@@ -19,9 +19,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..kernels import isolated
-from ..masks import MaskSpec
-from .event import AttentionEvent
+from attnhooks.attention.kernels import isolated
+from attnhooks.attention.masks import MaskSpec
+from attnhooks.capturing.intercept.event import AttentionEvent
 
 __all__ = ["FUNCTIONS", "handle_mha"]
 

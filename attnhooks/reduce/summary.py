@@ -30,12 +30,12 @@ from dataclasses import dataclass
 
 import torch
 
-from . import native
-from .errors import RecordOptionError, ShapeError
-from .kernels import EXP_FLOOR, isolated
-from .masks import MaskSpec
-from .native.blocks import Layout, NativeBlocks
-from .schema import ROWWISE, SUMMARY
+from attnhooks.attention.kernels import EXP_FLOOR, isolated
+from attnhooks.attention.masks import MaskSpec
+from attnhooks.errors import RecordOptionError, ShapeError
+from attnhooks.reduce import native
+from attnhooks.reduce.native.blocks import Layout, NativeBlocks
+from attnhooks.schema import ROWWISE, SUMMARY
 
 __all__ = ["ROWWISE", "SUMMARY", "SummaryOptions", "summarize_call"]
 

@@ -8,7 +8,7 @@ from typing import Protocol
 
 import torch
 
-from ..masks import MaskSpec
+from attnhooks.attention.masks import MaskSpec
 
 __all__ = ["AttentionEvent", "Sink", "to_4d"]
 

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from .errors import AttnHooksError
+from attnhooks.errors import AttnHooksError
 
 __all__ = ["main"]
 
@@ -179,7 +179,7 @@ def _slice(text: str) -> slice:
 
 # -- commands -------------------------------------------------------------------------------------
 def _demo(args: argparse.Namespace) -> None:
-    from .demo import run
+    from attnhooks.cli.demo import run
 
     text = args.text.read_text() if args.text else None
     for path in run(args.out, text=text):
@@ -187,7 +187,7 @@ def _demo(args: argparse.Namespace) -> None:
 
 
 def _capture(args: argparse.Namespace) -> None:
-    from .hf import capture_text
+    from attnhooks.cli.models import capture_text
 
     texts = [p.read_text() for p in args.text] if args.text else list(args.prompt)
     record = tuple(r.strip() for r in args.record.split(",") if r.strip())
@@ -207,14 +207,14 @@ def _capture(args: argparse.Namespace) -> None:
 
 
 def _info(args: argparse.Namespace) -> None:
-    from .report import describe, store_info
+    from attnhooks.cli.report import describe, store_info
 
     info = store_info(_open(args.store))
     print(json.dumps(info, indent=2, default=str) if args.json else describe(info))
 
 
 def _view(args: argparse.Namespace) -> None:
-    from .viewer import ViewError, render
+    from attnhooks.viewer import ViewError, render
 
     if args.output.suffix.lower() not in FIGURE_SUFFIXES:
         raise ViewError(f"-o {args.output}: the file must end in {', '.join(FIGURE_SUFFIXES)}")
@@ -247,7 +247,7 @@ def _view(args: argparse.Namespace) -> None:
 
 
 def _analyze(args: argparse.Namespace) -> None:
-    from .report import head_rows, top_heads, write_rows
+    from attnhooks.cli.report import head_rows, top_heads, write_rows
 
     st = _open(args.store, args.rank)
     rows = head_rows(st, step=args.step, sample=args.sample, call=args.call, modules=args.modules, method=args.method)
@@ -259,13 +259,13 @@ def _analyze(args: argparse.Namespace) -> None:
 
 
 def _repair(args: argparse.Namespace) -> None:
-    from .repair import repair
+    from attnhooks.read.repair import repair
 
     print(repair(args.store))
 
 
 def _open(location: str, rank: int | None = None) -> Any:
-    from .store import open_store
+    from attnhooks.read.store import open_store
 
     st = open_store(location)
     return st if rank is None else st.rank(rank)

@@ -13,9 +13,9 @@ from typing import Any
 import torch
 from torch.overrides import TorchFunctionMode
 
-from . import eager, mha, sdpa
-from .emit import emit, handle_emit
-from .event import Sink
+from attnhooks.capturing.intercept import eager, mha, sdpa
+from attnhooks.capturing.intercept.emit import emit, handle_emit
+from attnhooks.capturing.intercept.event import Sink
 
 __all__ = ["AttentionMode"]
 

@@ -6,11 +6,11 @@ import os
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
-from .backends.base import Backend, backend_for
-from .errors import AttnHooksError, NotAStoreError, StoreWriteError
-from .ranks import LAYOUT, group, present, subtree
-from .schema import STATUS_COMPLETE, STATUS_RECOVERED, STATUS_WRITING, trim
-from .store import Store
+from attnhooks.backends.base import Backend, backend_for
+from attnhooks.backends.subtree import LAYOUT, group, present, subtree
+from attnhooks.errors import AttnHooksError, NotAStoreError, StoreWriteError
+from attnhooks.read.store import Store
+from attnhooks.schema import STATUS_COMPLETE, STATUS_RECOVERED, STATUS_WRITING, trim
 
 __all__ = ["RepairReport", "repair"]
 

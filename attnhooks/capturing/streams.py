@@ -1,0 +1,161 @@
+"""Reassemble a call stream (a prefill and its KV-cache continuations) into one record."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from attnhooks.capturing.record import Record
+from attnhooks.errors import CacheMismatchError, ModuleSelectionError
+from attnhooks.schema import ROWWISE
+
+__all__ = ["assemble", "cut", "join", "rows_of"]
+
+
+def assemble(records: list[Record], module: str, step: int, call: int = 0) -> Record:
+    """Join the records of one call stream into a single record over all its rows.
+
+    Args:
+        records: records of a capture (``cap.records``).
+        module, step, call: which stream.
+
+    Returns:
+        A record whose ``q`` holds every query row (``[batch, heads, rows, head_dim]``), ``k`` every
+        key, ``attn`` ``[batch, heads, rows, k_len]`` with zeros where a row's call had fewer keys
+        (those keys did not exist yet: exactly the causal zeros of the full matrix), ``lse`` every row,
+        ``parents`` the slot preceding each key when the cache's slots were reordered (beam search).
+        Rows a later part replaced (the rejected draft tokens of assisted decoding, whose cache was
+        cropped) are left out.
+
+    Raises:
+        ModuleSelectionError: no record matches.
+    """
+    parts = _current([r for r in records if r.module == module and r.step == step and r.call == call])
+    if not parts:
+        known = sorted({(r.module, r.step, r.call) for r in records})[:10]
+        raise ModuleSelectionError(
+            f"no records for module={module!r}, step={step}, call={call}; captured streams include {known}"
+        )
+    return join(parts)
+
+
+def join(parts: list[Record]) -> Record:
+    """One record for consecutive parts of a stream (ordered by ``q_offset``): q, k and lse
+    concatenated, ``attn`` zero-padded to the last part's keys (with row windows: the windows'
+    rows, listed in ``attn_rows``); other fields from the first part (the mask too), ``k_len`` and
+    ``dropout`` the largest."""
+    first = parts[0]
+    if len(parts) == 1:
+        return first
+    out = dataclasses.replace(
+        first,
+        k_len=max(r.k_len for r in parts),
+        dropout=max(r.dropout for r in parts),
+        verify_error=None,
+    )
+    out.q = _cat([r.q for r in parts], dim=2)
+    out.k = _cat([r.k for r in parts], dim=2)
+    out.lse = _cat([r.lse for r in parts], dim=2)
+    out.parents = _join_parents(parts)
+    out.summary = _join_summary(parts, out.k_len)
+    out.attn, out.attn_rows = _join_attn(parts, out.k_len)
+    return out
+
+
+def _current(parts: list[Record]) -> list[Record]:
+    """The parts of one stream in capture order, each cut where a later part restarts the stream
+    (a KV cache cropped between forwards): the rows and keys in force at the end."""
+    out: list[Record] = []
+    for part in parts:
+        while out and out[-1].q_offset >= part.q_offset and part.q_offset > 0:
+            out.pop()
+        if part.q_offset == 0:
+            out = []
+        elif out and out[-1].q_offset + rows_of(out[-1]) > part.q_offset:
+            out[-1] = cut(out[-1], part.q_offset - out[-1].q_offset, part.k_offset)
+        out.append(part)
+    return out
+
+
+def rows_of(rec: Record) -> int:
+    """Query rows of a record."""
+    for t in (rec.q, rec.lse, None if rec.attn_rows else rec.attn):
+        if t is not None:
+            return int(t.shape[2])
+    return 0
+
+
+def cut(rec: Record, rows: int, keys: int) -> Record:
+    """``rec`` with its first ``rows`` query rows and its keys before stream position ``keys``."""
+    if rec.attn_rows is not None or rec.summary is not None:
+        raise CacheMismatchError(
+            f"{rec.module!r}: a cropped KV-cache stream cannot be joined with row windows or summaries; "
+            "read its records one by one"
+        )
+    k_new = max(0, keys - rec.k_offset)
+    out = dataclasses.replace(rec, k_len=min(rec.k_len, keys))
+    out.q = None if rec.q is None else rec.q[:, :, :rows]
+    out.k = None if rec.k is None else rec.k[:, :, :k_new]
+    out.lse = None if rec.lse is None else rec.lse[:, :, :rows]
+    out.attn = None if rec.attn is None else rec.attn[:, :, :rows, : out.k_len]
+    out.parents = None if rec.parents is None else rec.parents[:, :k_new]
+    return out
+
+
+def _join_parents(parts: list[Record]) -> torch.Tensor | None:
+    """The parts' ``parents`` along their keys (a part without any: each slot precedes itself)."""
+    if all(r.parents is None for r in parts) or any(r.k is None for r in parts):
+        return None
+    blocks = []
+    for r in parts:
+        assert r.k is not None
+        batch, k_new = int(r.k.shape[0]), int(r.k.shape[2])
+        own = torch.arange(batch, dtype=torch.int64)[:, None].expand(batch, k_new)
+        blocks.append(own if r.parents is None else r.parents)
+    return torch.cat(blocks, dim=1)
+
+
+def _join_attn(parts: list[Record], k_len: int) -> tuple[torch.Tensor | None, tuple[tuple[int, int], ...] | None]:
+    """The parts' ``attn`` rows in order, zero-padded to ``k_len`` keys, and the rows they are
+    (None: every row); a part without ``attn`` (no row of it in a window) adds none."""
+    if all(r.attn is None for r in parts):
+        return None, None
+    first = parts[0].q_offset
+    spans: list[tuple[int, int]] = []
+    blocks = []
+    for r in parts:
+        if r.attn is None:
+            continue
+        row = r.q_offset - first
+        for a, b in r.attn_rows or ((0, int(r.attn.shape[2])),):
+            if spans and spans[-1][1] == row + a:
+                spans[-1] = (spans[-1][0], row + b)
+            else:
+                spans.append((row + a, row + b))
+        blocks.append(torch.nn.functional.pad(r.attn.float(), (0, k_len - int(r.attn.shape[3]))))
+    whole = all(r.attn is not None and r.attn_rows is None for r in parts)
+    return torch.cat(blocks, dim=2), None if whole else tuple(spans)
+
+
+def _join_summary(parts: list[Record], k_len: int) -> dict[str, torch.Tensor] | None:
+    """Row reductions concatenated, column sums added up, the overview map of the first part."""
+    if any(r.summary is None for r in parts):
+        return None
+    summaries = [r.summary for r in parts if r.summary is not None]
+    out = {name: t for name, t in summaries[0].items() if name.startswith("pooled")}
+    for name in ROWWISE:
+        if name in summaries[0]:
+            out[name] = torch.cat([s[name] for s in summaries], dim=2)
+    received = [s["received"] for s in summaries]
+    total = torch.zeros(*received[0].shape[:-1], k_len, dtype=torch.float64)
+    for r in received:
+        total[..., : r.shape[-1]] += r
+    out["received"] = total.float()
+    return out
+
+
+def _cat(tensors: list[torch.Tensor | None], dim: int) -> torch.Tensor | None:
+    if any(t is None for t in tensors):
+        return None
+    return torch.cat([t for t in tensors if t is not None], dim=dim)

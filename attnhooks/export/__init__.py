@@ -1,0 +1,5 @@
+"""A store to other tools: xarray / dask (``xarray``) and BertViz (``bertviz``)."""
+
+from attnhooks.export.bertviz import to_bertviz
+
+__all__ = ["to_bertviz"]

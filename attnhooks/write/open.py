@@ -1,0 +1,84 @@
+"""Opening a store for a capture: its options checked before anything exists on disk, its backend
+opened with typed errors, and the writer that the capture hands its steps to."""
+
+from __future__ import annotations
+
+import inspect
+import os
+from collections.abc import Callable
+from typing import Any
+
+from attnhooks.backends.base import Backend, Codec, backend_for
+from attnhooks.capturing.distributed import RankInfo
+from attnhooks.errors import AttnHooksError, StoreOptionError, StoreWriteError
+from attnhooks.write.ranks import open_rank
+from attnhooks.write.writer import StoreOptions, StoreWriter, dumps_options, parse_bytes, root_attrs
+
+__all__ = ["Location", "open_backend", "opener", "store_options"]
+
+Location = str | os.PathLike[str] | Backend
+_MODES = {"create": "w-", "overwrite": "w", "append": "r+"}
+
+
+def opener(
+    store: Location, options: StoreOptions, described: dict[str, Any]
+) -> Callable[[dict[str, Any], RankInfo | None], StoreWriter]:
+    """What a capture calls when it starts: opens ``store`` and returns its writer. ``described``: the
+    capture's options as given, kept in the store's metadata."""
+
+    def open_writer(meta: dict[str, Any], rank: RankInfo | None) -> StoreWriter:
+        meta = {**meta, "options": dumps_options(described)}
+        backend = open_backend(store, options, meta, rank)
+        try:
+            return StoreWriter(backend, options, meta, appending=options.mode == "r+")
+        except BaseException:
+            backend.close()
+            raise
+
+    return open_writer
+
+
+def store_options(
+    mode: str, buffer: int | str, when_full: str, dtype: str | None, compression: str | Codec | None
+) -> StoreOptions:
+    if mode not in _MODES:
+        raise StoreOptionError(f"mode={mode!r}: use 'create', 'overwrite' or 'append'")
+    if when_full not in ("block", "drop"):
+        raise StoreOptionError(f"when_full={when_full!r}: use 'block' (wait for the writer) or 'drop' (skip the step)")
+    if dtype not in (None, "float32", "float16", "bfloat16-bits"):
+        raise StoreOptionError(f"dtype={dtype!r}: use None (the model's), 'float32', 'float16' or 'bfloat16-bits'")
+    if isinstance(compression, str):
+        if compression not in ("zstd", "gzip", "lzf", "blosc", "none"):
+            raise StoreOptionError(
+                f"compression={compression!r}: use 'zstd', 'gzip', 'lzf' (HDF5), 'blosc' (Zarr), 'none', "
+                "or None for the backend's default"
+            )
+        compression = Codec(compression, 0 if compression in ("none", "lzf") else 1)
+    return StoreOptions(_MODES[mode], parse_bytes(buffer), when_full, dtype, compression)
+
+
+def open_backend(
+    store: str | os.PathLike[str] | Backend, options: StoreOptions, meta: dict[str, Any], rank: RankInfo | None
+) -> Backend:
+    """Open the store's backend for writing, with typed errors for the usual failures. A new
+    store is created with its root attributes in place (it never exists without its schema).
+    Under ``torch.distributed`` (``rank``), this rank's group of a rank set (:mod:`attnhooks.backends.subtree`)."""
+    if not isinstance(store, (str, os.PathLike)):
+        if not isinstance(store, Backend):
+            raise StoreOptionError(f"store={store!r}: use a path, a URL or a backend instance")
+        return store
+    location = os.fspath(store)
+    cls = backend_for(location)
+    mode = options.mode
+    try:
+        if rank is not None:
+            return open_rank(location, cls, rank, mode, root_attrs(cls, options, meta))
+        if mode == "r+" or "attrs" not in inspect.signature(cls.open).parameters:
+            return cls.open(location, mode)  # (a backend without atomic creation: the writer sets the root)
+        return cls.open(location, mode, root_attrs(cls, options, meta))
+    except AttnHooksError:
+        raise
+    except PermissionError as err:
+        raise StoreWriteError(f"cannot write the store at {location}: {err.strerror or err}") from err
+    except OSError as err:
+        raise StoreWriteError(f"cannot open the store at {location}: {err}") from err
