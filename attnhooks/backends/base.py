@@ -2,8 +2,8 @@
 
 A backend stores a hierarchy of groups and n-dimensional arrays with JSON-able attributes, numpy
 in and numpy out. It knows nothing about attention or torch: the layout of schema ``attnhooks/1``
-lives in :mod:`attnhooks.schema`, the write protocol in :mod:`attnhooks.writer`, the reader in
-:mod:`attnhooks.store`. Paths are ``/``-separated, relative to the root (``""`` is the root).
+lives in :mod:`attnhooks.schema`, the write protocol in :mod:`attnhooks.write.commit`, the reader in
+:mod:`attnhooks.read`. Paths are ``/``-separated, relative to the root (``""`` is the root).
 
 Backends are found by name (``"zarr"``), URI scheme (``"memory://run"``) or file suffix
 (``.zarr``, ``.h5`` / ``.hdf5``). A URL whose path ends in ``.zarr`` is a Zarr store on that

@@ -19,12 +19,25 @@ from __future__ import annotations
 import weakref
 from collections.abc import Callable
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
-__all__ = ["CacheWatch", "Past", "find_cache", "past_length"]
+from attnhooks.attention.masks import MaskSpec
+from attnhooks.capturing.intercept.event import AttentionEvent
+from attnhooks.errors import CacheMismatchError
+
+__all__ = [
+    "CacheWatch",
+    "Past",
+    "find_cache",
+    "hides_keys_from",
+    "key_parents",
+    "looks_cross",
+    "past_length",
+    "unused_slots_removed",
+]
 
 # methods of a transformers Cache that change its contents between two forwards
 _WATCHED = ("reorder_cache", "crop")
@@ -151,3 +164,56 @@ class CacheWatch:
         index = torch.as_tensor(beam_idx).detach().to("cpu", torch.int64).reshape(-1)
         # slot b now holds what slot index[b] held; after an earlier reorder p, that was p[index[b]]
         self._parents = index if self._parents is None else self._parents[index]
+
+
+def looks_cross(event: AttentionEvent, past: int | None) -> bool:
+    """A call of a new stream attends over another sequence's keys (cross-attention): its keys are
+    not the forward's own positions (``past + q_len`` of them, or a static buffer's hidden tail)."""
+    _, _, q_len, k_len = event.shape
+    if past is None:
+        return q_len != k_len
+    if k_len == past + q_len:
+        return False
+    return not (k_len > past + q_len and hides_keys_from(event, past + q_len))
+
+
+def hides_keys_from(event: AttentionEvent, n: int) -> bool:
+    """True when the call hides every key from ``n`` on from every query row: by its mask, or in an
+    eager call by its scores (``-inf``, or transformers' ``finfo.min``)."""
+    q_len, k_len = event.shape[2:]
+    if event.scores is not None:
+        tail = event.scores[..., n:].detach()
+        return bool((tail <= torch.finfo(tail.dtype).min / 2).all())
+    return (event.mask or MaskSpec()).hides_keys_from(n, q_len, k_len)
+
+
+def unused_slots_removed(owner: str, event: AttentionEvent, n: int) -> AttentionEvent:
+    """The call over its first ``n`` keys only: a static cache hands the kernel its whole buffer, whose
+    slots past the written positions the mask hides. Raises when the mask does not hide them."""
+    if not hides_keys_from(event, n):
+        raise CacheMismatchError(
+            f"{owner!r}: the kernel received {event.shape[3]} keys but the forward's cache holds only {n} positions "
+            "(with this call's), and the mask does not hide the rest; the cache's length does not describe its keys"
+        )
+
+    def first(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t[..., :n]
+
+    return replace(
+        event,
+        k=None if event.k is None else event.k[:, :, :n],
+        v=None if event.v is None else event.v[:, :, :n],
+        attn=first(event.attn),
+        scores=first(event.scores),
+        # (an eager call's mask is read from its scores later)
+        mask=None if event.mask is None else event.mask.first_keys(n, event.shape[2], event.shape[3]),
+    )
+
+
+def key_parents(parents: torch.Tensor, k_new: int) -> torch.Tensor:
+    """``[batch, k_new]``: the slot preceding each new key; the first new key follows the reorder."""
+    batch = parents.numel()
+    out = torch.arange(batch, dtype=torch.int64)[:, None].repeat(1, k_new)
+    if k_new:
+        out[:, 0] = parents
+    return out

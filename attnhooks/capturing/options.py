@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from attnhooks.capturing.recorder import RECORDABLE, RecordOptions
+from attnhooks.capturing.build import RECORDABLE, RecordOptions
 from attnhooks.capturing.select import Modules
 from attnhooks.errors import RecordOptionError
 from attnhooks.reduce.summary import SummaryOptions

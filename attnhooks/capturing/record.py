@@ -49,7 +49,7 @@ class Record:
         parents: ``[batch, k_new]`` int64, for the keys of ``k``: the batch slot whose keys precede each
             one (a KV cache whose slots were reordered between forwards, as beam search does: slot
             ``b``'s history before key ``k_offset + j`` is slot ``parents[b, j]``'s); None when every
-            slot continues itself. :func:`attnhooks.streams.key_slots` follows it back.
+            slot continues itself. :func:`attnhooks.lineage.key_slots` follows it back.
         verify_error: max abs difference of ``attn @ v`` against the kernel's output on sampled rows
             when the capture ran with ``verify=True``; None when not checked.
     """

@@ -11,15 +11,16 @@ however the model is wrapped.
 from __future__ import annotations
 
 import difflib
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch.nn as nn
 
-from attnhooks.errors import ModuleSelectionError
+from attnhooks.errors import AttnHooksWarning, ModuleSelectionError
 from attnhooks.names import glob_regex
 
-__all__ = ["Modules", "Selection", "glob_regex", "named_modules", "select", "unwrap"]
+__all__ = ["Modules", "Selection", "glob_regex", "named_modules", "select", "unwrap", "warn_silent"]
 
 WRAPPER_SEGMENTS = frozenset({"_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod"})
 
@@ -115,3 +116,20 @@ def _no_match(pattern: str, names: list[str]) -> str:
         "Names are those of model.named_modules() (wrappers such as DDP or PEFT are looked "
         "through); in globs '*' stays within a dotted segment and '**' spans segments, e.g. 'model.layers.*.self_attn'."
     )
+
+
+def warn_silent(selection: Selection, seen: set[str]) -> None:
+    """Warn once about selected modules that made no attention call (a selection that names the
+    wrong modules, or a custom attention to declare with ``emit``)."""
+    if selection.everything:
+        return
+    silent = [n for n in selection.names.values() if n not in seen]
+    if silent:
+        shown = ", ".join(repr(n) for n in silent[:8]) + (" ..." if len(silent) > 8 else "")
+        warnings.warn(
+            f"attnhooks: {len(silent)} selected module(s) made no attention call during the forward: "
+            f"{shown}. Select the modules that compute attention, or declare a custom one with "
+            "attnhooks.emit(self, q=..., k=..., attn=...) in its forward.",
+            AttnHooksWarning,
+            stacklevel=4,
+        )

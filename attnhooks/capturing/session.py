@@ -1,4 +1,4 @@
-"""capture(): watch a model's attention calls while it runs, with nothing left behind afterwards.
+"""The capture session: watch a model's attention calls while it runs, with nothing left behind.
 
 Lifecycle: hooks, the registry patch and the ``generate`` scope are installed on ``__enter__``
 into an ``ExitStack`` and removed in ``__exit__`` (also after a partial install or an exception
@@ -10,30 +10,25 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import sys
-import warnings
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from typing import Any
 
-import numpy as np
-import torch
 import torch.nn as nn
 
 from attnhooks.capturing.distributed import RankInfo, current
 from attnhooks.capturing.intercept.event import AttentionEvent
 from attnhooks.capturing.intercept.hf import RegistryPatch
 from attnhooks.capturing.intercept.mode import AttentionMode
-from attnhooks.capturing.kvcache import CacheWatch, Past, find_cache, past_length
 from attnhooks.capturing.options import CaptureOptions
+from attnhooks.capturing.passes import Passes
 from attnhooks.capturing.record import Record
 from attnhooks.capturing.recorder import Recorder
-from attnhooks.capturing.select import named_modules, select, unwrap
+from attnhooks.capturing.select import named_modules, select, unwrap, warn_silent
 from attnhooks.capturing.sink import StepSink, StoreOpener
 from attnhooks.capturing.streams import assemble
+from attnhooks.capturing.tokens import stored_ids
 from attnhooks.errors import (
-    AttnHooksWarning,
-    CacheMismatchError,
     CaptureStateError,
     RecordOptionError,
 )
@@ -44,13 +39,13 @@ _HEAD_ATTRS = ("heads", "num_heads", "num_attention_heads", "n_head", "n_heads")
 
 
 class Capture:
-    """A running capture; use :func:`capture` to make one. See :func:`capture` for the options.
+    """A running capture; use :func:`attnhooks.capture` to make one (its options are documented there).
 
     Attributes:
         records: every :class:`Record` kept, in call order (empty when streaming to a store
             unless ``keep=True``).
         every: capture one step in ``every``.
-        writer: the :class:`~attnhooks.writer.StoreWriter` while streaming to a store, else None.
+        writer: the :class:`~attnhooks.write.writer.StoreWriter` while streaming to a store, else None.
         rank: this process's :class:`~attnhooks.capturing.distributed.RankInfo` while it writes its group of a
             rank set (under ``torch.distributed``), else None.
     """
@@ -71,22 +66,14 @@ class Capture:
         self._open_store_with = open_store
         self.rank: RankInfo | None = None
         self._process: RankInfo | None = None
-        tokenizer = options.tokenizer
-        self.tokenizer = tokenizer
+        self.tokenizer = options.tokenizer
         self.writer: StepSink | None = None
         self._mode = AttentionMode(self)
         self._registry = RegistryPatch(self, lambda: self._recorder.events, self._mode)
         self._exit: ExitStack | None = None
-        self._stack: list[str] = []
-        self._fwd_depth = 0
-        self._gen_depth = 0
-        self._capturing = False
-        self._step_used = False
-        self._manual = False
-        self._fastpath: bool | None = None
+        self._stack: list[str] = []  # the selected modules running now, innermost last
         self._checked_silent = False
-        self._watch = CacheWatch(on_crop=self._cropped)
-        self._continuing: Past | None = None
+        self._passes = Passes(self)
 
     # -- public API -------------------------------------------------------------------------
     @property
@@ -103,9 +90,7 @@ class Capture:
     def step(self, value: int) -> None:
         if not isinstance(value, int) or value < 0:
             raise RecordOptionError(f"cap.step must be a non-negative int, got {value!r}")
-        self._manual = True
-        self._step_used = False
-        self._recorder.step = value
+        self._passes.take_step(value)
 
     @property
     def active(self) -> bool:
@@ -115,7 +100,7 @@ class Capture:
     def assemble(self, module: str, step: int | None = None, call: int = 0) -> Record:
         """One record for a whole call stream: prefill plus every KV-cache continuation.
 
-        See :func:`attnhooks.streams.assemble`; ``step`` defaults to the last captured step.
+        See :func:`attnhooks.capturing.streams.assemble`; ``step`` defaults to the last captured step.
         """
         if step is None:
             steps = [r.step for r in self.records if r.module == module]
@@ -144,13 +129,8 @@ class Capture:
             ...         with cap.continuing():
             ...             logits = model(next_token)   # one query row, one new key per call
         """
-        if past is not None and (not isinstance(past, int) or isinstance(past, bool) or past < 0):
-            raise RecordOptionError(f"continuing(past={past!r}): give the cache's length, a non-negative int")
-        outer, self._continuing = self._continuing, Past(length=past)
-        try:
+        with self._passes.continuing(past):
             yield
-        finally:
-            self._continuing = outer
 
     def set_tokens(self, ids: Any, text: list[list[str]] | None = None) -> None:
         """Tokens of the current step for the store: ``ids`` ``[batch, len]`` (tensor, array or
@@ -158,10 +138,8 @@ class Capture:
         ``generate`` record their ids (and strings, with ``tokenizer=``) without this call."""
         if self.writer is None:
             raise CaptureStateError("set_tokens() needs a capture streaming to a store (capture(..., store=...))")
-        ids_np = _as_ids(ids)
-        if ids_np is None:
+        if not stored_ids(self.writer, self.tokenizer, ids, text):
             raise RecordOptionError(f"set_tokens(ids=...): expected integer ids [batch, len], got {type(ids).__name__}")
-        self.writer.tokens(ids_np, text if text is not None else self._token_text(ids_np))
 
     def flush(self) -> None:
         """With a store: wait until every step so far is written and committed (readers see it)."""
@@ -188,11 +166,11 @@ class Capture:
     def __exit__(self, *exc: object) -> None:
         stack, self._exit = self._exit, None
         try:
-            self._close_unit(failed=exc[0] is not None)
+            self._passes.close_unit(failed=exc[0] is not None)
         finally:
             if stack is not None:
                 stack.close()
-            self._fwd_depth = self._gen_depth = 0
+            self._passes.reset()
             self._stack.clear()
 
     def _install(self, stack: ExitStack) -> None:
@@ -207,9 +185,9 @@ class Capture:
         if self._open_store_with is not None:
             self._open_store(stack)
         for root in self._chain:
-            stack.callback(root.register_forward_pre_hook(self._root_pre, with_kwargs=True).remove)
+            stack.callback(root.register_forward_pre_hook(self._passes.root_pre, with_kwargs=True).remove)
             # prepend: when captures nest on one model, the last one opened closes first (LIFO)
-            post = root.register_forward_hook(self._root_post, prepend=True, always_call=True)
+            post = root.register_forward_hook(self._passes.root_post, prepend=True, always_call=True)
             stack.callback(post.remove)
         for name, module in self._modules_by_name.items():
             if self._selection.names.get(id(module)) != name:
@@ -220,9 +198,9 @@ class Capture:
             stack.callback(module.register_forward_hook(self._pop, always_call=True).remove)
         self._registry.install()
         stack.callback(self._registry.remove)
-        stack.callback(self._watch.close)
+        stack.callback(self._passes.watch.close)
         for obj in self._chain:
-            _patch_generate(stack, obj, self._generate_scope)
+            _patch_generate(stack, obj, self._passes.generate_scope)
 
     def _open_store(self, stack: ExitStack) -> None:
         assert self._open_store_with is not None
@@ -234,7 +212,7 @@ class Capture:
         stack.callback(self._close_store)  # first in, last out: hooks are gone before the final flush
         rec = self._recorder
         rec.listener, rec.admit = writer, writer.admit
-        if writer.last_step is not None and not self._manual:
+        if writer.last_step is not None and not self._passes.manual:
             rec.step = writer.last_step + 1
 
     def _close_store(self) -> None:
@@ -245,117 +223,16 @@ class Capture:
 
     # -- hooks ----------------------------------------------------------------------------------
     def _push(self, module: nn.Module, args: Any) -> None:
-        if self._capturing:
+        if self._passes.capturing:
             self._stack.append(self._selection.names[id(module)])
 
     def _pop(self, module: nn.Module, args: Any, output: Any) -> None:
-        if self._capturing and self._stack:
+        if self._passes.capturing and self._stack:
             self._stack.pop()
-
-    def _root_pre(self, module: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
-        self._fwd_depth += 1
-        if self._fwd_depth > 1:
-            return
-        past = self._past(args, kwargs)
-        continuation = past is not None and (past.length is None or past.length > 0)
-        if self._gen_depth == 0:
-            self._open_unit(new_step=not continuation)
-            if not continuation:
-                self._auto_tokens(args, kwargs)
-        self._recorder.begin_pass(continuation, past)
-        self._mode.forget()
-
-    def _cropped(self, length: int) -> None:
-        if self._capturing:
-            self._recorder.crop(length)
-
-    def _past(self, args: Any, kwargs: dict[str, Any]) -> Past | None:
-        """What a top-level forward's KV cache holds: None without a cache; else the positions in it
-        (0: a new pass) and the slot reorders made since the last forward. The cache is found by behaviour
-        (:mod:`attnhooks.kvcache`), whatever the argument is called."""
-        if self._continuing is not None:
-            explicit, self._continuing = self._continuing, Past()  # `past` holds for the first forward only
-            return explicit
-        cache = find_cache(args, kwargs)
-        if cache is None:
-            return None
-        parents = self._watch.take_parents() if cache is self._watch.cache else None
-        self._watch.follow(cache)
-        return Past(past_length(cache), parents)
-
-    def _root_post(self, module: nn.Module, args: Any, output: Any) -> None:
-        self._fwd_depth = max(self._fwd_depth - 1, 0)
-        if self._fwd_depth == 0 and self._capturing and output is not None:
-            try:
-                self._recorder.check()
-            except CacheMismatchError:
-                self._close_unit(failed=True)  # nothing of the step is committed
-                raise
-        if self._fwd_depth == 0 and self._gen_depth == 0:
-            # always_call: on an exception the hook runs inside torch's except block with no output
-            self._close_unit(failed=output is None and sys.exc_info()[0] is not None)
-
-    def _generate_scope(self, generate: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        """``model.generate``: the whole generation is one step; decode forwards continue it."""
-        self._gen_depth += 1
-        if self._gen_depth == 1:
-            self._open_unit()
-            self._recorder.begin_pass(False)
-        try:
-            out = generate(*args, **kwargs)
-            if self._gen_depth == 1:
-                self._auto_tokens((getattr(out, "sequences", out),), {})
-            return out
-        finally:
-            self._gen_depth -= 1
-            if self._gen_depth == 0:
-                self._close_unit(failed=sys.exc_info()[0] is not None)
-
-    def _open_unit(self, new_step: bool = True) -> None:
-        """A top-level forward (or generate) begins: advance the step, decide, push the mode.
-
-        A KV-cache continuation forward (``new_step=False``) stays in the step it continues.
-        """
-        if self._step_used and not self._manual and new_step:
-            self._recorder.new_step(self._recorder.step + 1)
-        elif not self._step_used:
-            self._recorder.new_step(self._recorder.step)
-        self._step_used = True
-        if self._recorder.step % self.every:
-            return
-        if self.writer is not None:  # may raise the writer's error: before anything is entered
-            self.writer.begin_step(self._recorder.step)
-        self._capturing = True
-        self._stack.clear()
-        self._fastpath = torch.backends.mha.get_fastpath_enabled()
-        torch.backends.mha.set_fastpath_enabled(False)
-        self._mode.__enter__()  # type: ignore[no-untyped-call]
-
-    def _close_unit(self, failed: bool = False) -> None:
-        """The captured forward (or generate) ended; ``failed`` when it raised: the store then
-        keeps only what the step committed before (a half-run step is never committed)."""
-        if not self._capturing:
-            return
-        self._capturing = False
-        self._recorder.stager.synchronize()
-        if self.writer is not None:
-            if failed or self._recorder.dropping:
-                self.writer.drop_step(count=not failed)
-            else:
-                self.writer.end_step()
-        self._mode.forget()
-        try:
-            self._mode.__exit__(None, None, None)  # type: ignore[no-untyped-call]
-        finally:
-            if self._fastpath is not None:
-                torch.backends.mha.set_fastpath_enabled(self._fastpath)
-            self._fastpath = None
-            self._stack.clear()
-        self._warn_silent()
 
     # -- Sink protocol (called by the interception layer) -------------------------------------
     def owner(self, module: nn.Module | None = None) -> str | None:
-        if not self._capturing:
+        if not self._passes.capturing:
             return None
         if module is not None:
             name = self._selection.name_of(module)
@@ -388,33 +265,13 @@ class Capture:
 
     # -- tokens -------------------------------------------------------------------------------------
     def _auto_tokens(self, args: Any, kwargs: dict[str, Any]) -> None:
-        if self.writer is None or not self._capturing:
-            return
-        ids = _as_ids(kwargs.get("input_ids", args[0] if args else None))
-        if ids is not None:
-            self.writer.tokens(ids, self._token_text(ids))
-
-    def _token_text(self, ids: np.ndarray) -> list[list[str]] | None:
-        convert = getattr(self.tokenizer, "convert_ids_to_tokens", None)
-        if convert is None:
-            return None
-        return [[str(t) for t in convert([int(i) for i in row])] for row in ids]
+        if self.writer is not None and self._passes.capturing:
+            stored_ids(self.writer, self.tokenizer, kwargs.get("input_ids", args[0] if args else None))
 
     def _warn_silent(self) -> None:
-        if self._checked_silent or self._selection.everything:
-            return
-        self._checked_silent = True
-        seen = self._recorder.seen
-        silent = [n for n in self._selection.names.values() if n not in seen]
-        if silent:
-            shown = ", ".join(repr(n) for n in silent[:8]) + (" ..." if len(silent) > 8 else "")
-            warnings.warn(
-                f"attnhooks: {len(silent)} selected module(s) made no attention call during the forward: "
-                f"{shown}. Select the modules that compute attention, or declare a custom one with "
-                "attnhooks.emit(self, q=..., k=..., attn=...) in its forward.",
-                AttnHooksWarning,
-                stacklevel=3,
-            )
+        if not self._checked_silent:
+            self._checked_silent = True
+            warn_silent(self._selection, self._recorder.seen)
 
     def __repr__(self) -> str:
         state = "active" if self.active else "closed"
@@ -427,25 +284,6 @@ def _progress_bar() -> Any:
     except ImportError as err:
         raise RecordOptionError("capture(progress=True) needs tqdm: pip install 'attnhooks[progress]'") from err
     return tqdm(desc="attnhooks", unit=" call", dynamic_ncols=True)
-
-
-def _as_ids(value: Any) -> np.ndarray | None:
-    """Integer token ids as int64 ``[batch, len]``, or None when ``value`` is not ids."""
-    if isinstance(value, torch.Tensor):
-        if value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool:
-            return None
-        if value.dim() not in (1, 2):
-            return None
-        value = value.detach().cpu().numpy()
-    elif isinstance(value, list) and value:
-        rows = value if isinstance(value[0], list) else [value]
-        ints = all(isinstance(r, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in r) for r in rows)
-        if not ints or len({len(r) for r in rows}) != 1:
-            return None
-        value = np.asarray(rows, dtype=np.int64)
-    if not isinstance(value, np.ndarray) or value.dtype.kind not in "iu" or value.ndim not in (1, 2):
-        return None
-    return value.reshape(-1, value.shape[-1]).astype(np.int64)
 
 
 def _may_own_attention(module: nn.Module) -> bool:

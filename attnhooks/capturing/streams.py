@@ -159,3 +159,72 @@ def _cat(tensors: list[torch.Tensor | None], dim: int) -> torch.Tensor | None:
     if any(t is None for t in tensors):
         return None
     return torch.cat([t for t in tensors if t is not None], dim=dim)
+
+
+# -- merging the continuation records of a stream into slabs (the store writer writes each as one) --
+__all__ += ["batch_of", "follows", "join_run", "merge_contiguous", "row_count"]
+
+
+def merge_contiguous(parts: list[Record]) -> list[Record]:
+    """Join consecutive continuation records whose rows and keys follow each other into one.
+
+    Args:
+        parts: continuation records of one call stream, in capture order.
+
+    Returns:
+        The same rows and keys in fewer records: each run of parts that :func:`follows` its
+        predecessor becomes one record (:func:`join_run`); the others stay as they are.
+    """
+    out: list[Record] = []
+    run: list[Record] = []
+    for part in parts:
+        if run and not follows(run[-1], part):
+            out.append(join_run(run))
+            run = []
+        run.append(part)
+    if run:
+        out.append(join_run(run))
+    return out
+
+
+def follows(prev: Record, part: Record) -> bool:
+    """Whether ``part`` continues ``prev`` directly and the two can be one record: its rows and keys
+    start where ``prev``'s end, neither has row windows or a dense mask, and their batches match."""
+    rows = prev.q_offset + row_count(prev) == part.q_offset
+    keys = prev.k is None or part.k is None or prev.k_offset + prev.k.shape[2] == part.k_offset
+    windows = prev.attn_rows is None and part.attn_rows is None
+    return (
+        rows
+        and keys
+        and windows
+        and prev.mask.dense is None
+        and part.mask.dense is None
+        and batch_of(prev) == batch_of(part)
+    )
+
+
+def join_run(run: list[Record]) -> Record:
+    """The run as one record (:func:`join`); its mask is the last part's (whose ``key_valid`` covers
+    every key)."""
+    return dataclasses.replace(join(run), mask=run[-1].mask) if len(run) > 1 else run[0]
+
+
+def row_count(rec: Record) -> int:
+    """Query rows of a record as a store writes them: the rows of its first tensor of ``q``, ``attn``,
+    ``lse`` and the ``entropy`` summary (with row windows, ``attn`` holds the windows' rows only;
+    :func:`rows_of` counts none there)."""
+    entropy = rec.summary.get("entropy") if rec.summary is not None else None
+    for t in (rec.q, rec.attn, rec.lse, entropy):
+        if t is not None:
+            return int(t.shape[2])
+    return 0
+
+
+def batch_of(rec: Record) -> int:
+    """Samples of a record: the batch of its first tensor of ``q``, ``k``, ``attn``, ``lse`` and the
+    ``entropy`` summary (0 when it has none)."""
+    entropy = rec.summary.get("entropy") if rec.summary is not None else None
+    for t in (rec.q, rec.k, rec.attn, rec.lse, entropy):
+        if t is not None:
+            return int(t.shape[0])
+    return 0

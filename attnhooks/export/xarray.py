@@ -105,7 +105,7 @@ def to_xarray(
 def _extent(store: Store, module: str) -> _Extent:
     if module not in store.modules:  # a rank that never ran it
         return _Extent(0, 0, 0, 0, 0, 0, 0, 0)
-    base = store._module_path(module)
+    base = store.module_path(module)
     attrs = store.backend.attrs(base)
     n = store.committed
     info = store.backend.read(f"{base}/info", (slice(0, n),)) if n else np.zeros((0, 0, len(INFO)), np.int64)

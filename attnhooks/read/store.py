@@ -3,25 +3,26 @@
 The reader needs numpy and a backend only (no torch, no model). Opening reads the root metadata;
 arrays are read when asked for, one call's block at a time. Only the first ``committed`` steps
 exist: a store whose writer was killed opens and shows exactly those.
+
+:class:`Store` is the facade: what a store holds is its :class:`~attnhooks.read.catalog.Catalog`'s
+to say, the ranks of a rank set are a :class:`~attnhooks.read.ranksets.RankSet`'s, and the tensor
+reads (attention, q, k, lse, masks, summaries, tokens) come from
+:class:`~attnhooks.read.reads.TensorReads`.
 """
 
 from __future__ import annotations
 
 import os
-import threading
-from collections import OrderedDict
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
-
 from attnhooks.backends.base import Backend, backend_for
-from attnhooks.backends.subtree import LAYOUT, group, present, subtree
+from attnhooks.backends.subtree import LAYOUT
 from attnhooks.errors import AttnHooksError, NotAStoreError, NotInStoreError
-from attnhooks.names import match_names
-from attnhooks.read.tiles import CallLayout, CallReader, HeadSelection, head_index, span, widen_bits
-from attnhooks.schema import INFO, ROWWISE, SCALARS, SUPPORTED, unescape
+from attnhooks.read.catalog import Catalog
+from attnhooks.read.ranksets import RankSet
+from attnhooks.read.reads import TensorReads
+from attnhooks.schema import SUPPORTED
 
 __all__ = ["NotInStoreError", "Store", "open_store"]  # NotInStoreError re-exported for old imports
 
@@ -50,7 +51,7 @@ def open_store(location: str | os.PathLike[str], mode: str = "r", *, backend: st
     return Store(be)
 
 
-class Store:
+class Store(TensorReads):
     """An attnhooks store, read through its backend. See :func:`open_store`.
 
     A store written under ``torch.distributed`` is a rank set (:mod:`attnhooks.backends.subtree`): every
@@ -58,54 +59,40 @@ class Store:
     :meth:`rank` gives one rank's store.
     """
 
-    def __init__(self, backend: Backend, *, _set: Store | None = None) -> None:
+    def __init__(self, backend: Backend, *, _set: RankSet[Store] | None = None) -> None:
+        super().__init__()
         self._root = backend
         self.backend = backend
         self.location = backend.location
-        self._set = _set  # the rank set this store reads a rank of (itself for the set), or None
-        self._children: dict[int, Store] = {}
-        self._rank_ids: list[int] = []
-        self._modules: dict[str, str] | None = None
-        self._lock = threading.Lock()  # dask may read from several threads
+        self._set = _set  # the rank set this store reads a rank of (also for the set's own store), or None
         self.refresh()
 
     def refresh(self) -> None:
         """Re-read the root metadata (a store still being written may have committed more steps;
         a rank set may have gained ranks)."""
-        attrs = self._checked(self._root.attrs(""))
+        attrs = _checked(self._root.attrs(""), self.location)
         if attrs.get("layout") == LAYOUT:
-            self._set, self._children, self._rank_ids = self, {}, present(self._root)
-            if self._rank_ids:
-                self.backend = subtree(self._root, group(self._rank_ids[0]))
-                attrs = self._checked(self.backend.attrs(""))
+            if self._set is None or self._set.head is not self:
+                self._set = RankSet(self._root, self.location, self, _open_rank)
+            else:
+                self._set.refresh()
+            lowest = self._set.lowest()
+            if lowest is not None:
+                self.backend = lowest
+                attrs = _checked(self.backend.attrs(""), self.location)
             else:
                 attrs = {**attrs, "rank": 0}  # no rank has started writing yet: an empty store
         self.metadata: dict[str, Any] = attrs
         self.committed = int(attrs.get("committed", 0))
-        self._steps = self._read_steps()
-        self._step_pos = {step: pos for pos, step in reversed(list(enumerate(self._steps)))}
-        self._modules = None
-        self._tables: dict[str, _Tables] = {}
-        self._readers: OrderedDict[tuple[str, int, int, int], CallReader] = OrderedDict()
-
-    def _checked(self, attrs: dict[str, Any]) -> dict[str, Any]:
-        schema = attrs.get("schema")
-        if schema is None:
-            raise NotAStoreError(f"{self.location} is not an attnhooks store (its root has no 'schema' attribute)")
-        if schema not in SUPPORTED:
-            raise NotAStoreError(
-                f"{self.location} has schema {schema!r}; this attnhooks reads {', '.join(SUPPORTED)}: upgrade attnhooks"
-            )
-        return attrs
+        self.catalog = Catalog(self.backend, self.location, self.committed)  # what this store (rank) holds
+        self._readers.clear()
 
     # -- ranks ----------------------------------------------------------------------------------
     @property
     def ranks(self) -> list[int]:
         """The ranks whose captures the store holds: ``[0]`` (or the writer's rank) for a store of
         one process, every rank that has started writing for a rank set."""
-        if self._set is None:
-            return [self.default_rank]
-        return list(self._set._rank_ids)
+        return [self.default_rank] if self._set is None else list(self._set.ids)
 
     @property
     def default_rank(self) -> int:
@@ -123,18 +110,11 @@ class Store:
         Raises:
             NotInStoreError: the store holds no such rank.
         """
-        owner = self._set
-        if owner is not None and owner is not self:
-            return owner.rank(rank)
-        if rank == self.default_rank and (owner is None or rank in self._rank_ids):
-            return self
-        if owner is None or rank not in self._rank_ids:
+        if self._set is not None:
+            return self._set.rank(rank)
+        if rank != self.default_rank:
             raise NotInStoreError(f"{self.location} has no rank {rank}; its ranks are {self.ranks}")
-        with self._lock:
-            child = self._children.get(rank)
-            if child is None:
-                child = self._children[rank] = Store(subtree(self._root, group(rank)), _set=self)
-        return child
+        return self
 
     @property
     def rank_set(self) -> bool:
@@ -167,127 +147,53 @@ class Store:
     @property
     def steps(self) -> list[int]:
         """User step ids of the committed steps, in the order they were written."""
-        return list(self._steps)
+        return list(self.catalog.steps)
 
     def has_step(self, step: int) -> bool:
         """True when ``step`` is one of the committed steps."""
-        return step in self._step_pos
+        return self.catalog.has_step(step)
 
     @property
     def modules(self) -> list[str]:
         """Names of the modules with records, in model order when layer indices are known."""
-        return list(self._module_paths())
+        return self.catalog.modules
+
+    def module_path(self, module: str, *, rank: int | None = None) -> str:
+        """The path of the module's group in the backend (``modules/<escaped name>``).
+
+        Raises:
+            NotInStoreError: the store has no such module (the message names some it has).
+        """
+        return self._at(rank).catalog.module_path(module)
 
     def self_attention(self) -> list[str]:
         """The modules whose calls are self-attention (``kind == "self"``), in model order."""
-        return [m for m in self.modules if self._module_tables(m).attrs.get("kind") == "self"]
+        return self.catalog.of_kind("self")
 
     def select(self, modules: str | Sequence[str] | None = None, *, kind: str = "self") -> list[str]:
         """Module names, in model order, from names or globs (capture's rules: ``*`` stays within a
         dotted segment, ``**`` spans segments), or None: every module of ``kind`` ("self" or
         "cross"), all modules when none is of that kind."""
-        if modules is None:
-            names = [m for m in self.modules if self._module_tables(m).attrs.get("kind") == kind] or self.modules
-        else:
-            names = match_names(self.modules, modules)
-        if not names:
-            raise NotInStoreError(f"modules={modules!r} matches no module of {self.location}: {_listing(self.modules)}")
-        return names
+        return self.catalog.select(modules, kind=kind)
 
     def resolve(self, module: str | int | None = None) -> str:
         """One module name from a name, a glob (its first match), an index into the self-attention
         modules (the layer; negative counts from the last), or None (the first layer)."""
-        layers = self.select()
-        if module is None:
-            return layers[0]
-        if isinstance(module, (int, np.integer)) or str(module).lstrip("-").isdigit():
-            index = int(module)
-            if not -len(layers) <= index < len(layers):
-                raise NotInStoreError(f"layer {index} is out of range: {self.location} has {len(layers)} layers")
-            return layers[index]
-        return self.select(module)[0]
+        return self.catalog.resolve(module)
 
     def module_info(self, module: str, *, rank: int | None = None) -> dict[str, Any]:
         """The module's attributes: kind, heads, kv_heads, head_dim, scale, causal, dtype, layer, ..."""
-        return dict(self._at(rank)._module_tables(module).attrs)
+        return dict(self._at(rank).catalog.tables(module).attrs)
 
     def calls(self, module: str, step: int | None = None, *, rank: int | None = None) -> int:
         """Number of calls of ``module`` stored for ``step`` (0 when it was not called)."""
-        st = self._at(rank)
-        pos = st._position(step)
-        calls = st._module_tables(module).calls
-        return int(calls[pos]) if pos < calls.size else 0
+        return self._at(rank).catalog.calls(module, step)
 
     def info(self, module: str, step: int | None = None, call: int = 0, *, rank: int | None = None) -> dict[str, Any]:
         """Sizes, offsets and mask flags of one call (the ``info`` and ``scalars`` columns)."""
-        st = self._at(rank)
-        pos, _ = st._call(module, step, call)
-        tables = st._module_tables(module)
-        out: dict[str, Any] = {name: int(v) for name, v in zip(INFO, tables.info[pos, call])}
-        out.update({name: float(v) for name, v in zip(SCALARS, tables.scalars[pos, call])})
-        return out
+        return self._at(rank).catalog.info(module, step, call)
 
-    # -- tensors ----------------------------------------------------------------------------------
-    def attention(
-        self,
-        module: str,
-        step: int | None = None,
-        sample: int = 0,
-        call: int = 0,
-        *,
-        heads: HeadSelection = None,
-        rows: slice | int | None = None,
-        cols: slice | int | None = None,
-        method: str = "auto",
-        rank: int | None = None,
-    ) -> np.ndarray:
-        """Exact probabilities ``[heads, rows, cols]`` (float32) of one call and sample.
-
-        Reads the stored ``attn`` when there is one, otherwise rebuilds the tile from q, k and lse
-        (see :mod:`attnhooks.tiles`): only the rows of q, the keys of k and the mask entries the
-        tile covers are read, so a window of a long sequence never costs ``q_len × k_len``.
-        Rows of a KV-cache stream are zero beyond the keys that existed when they were computed,
-        exactly as in the model's full causal matrix.
-
-        Args:
-            module, step, sample, call: which call (``step`` None: the first stored step).
-            heads: an int (drops the axis), a slice or a list of head indices; default all.
-            rows: query rows (int drops the axis, slices must be contiguous); default all.
-            cols: keys, as ``rows``.
-            method: ``"auto"`` (stored when available), ``"stored"`` or ``"reconstructed"``.
-            rank: which rank of a store written under ``torch.distributed`` (default: the lowest).
-
-        Example:
-            >>> st.attention("model.layers.0.self_attn", step=0, heads=3, rows=slice(-256, None))  # doctest: +SKIP
-        """
-        reader = self.call_reader(module, step, sample, call, rank=rank)
-        index = head_index(heads, reader.layout.heads)
-        row_span, col_span = span(rows, reader.q_len, "rows"), span(cols, reader.k_len, "cols")
-        out = reader.read(index, row_span, col_span, method)
-        squeeze = tuple(axis for axis, sel in enumerate((heads, rows, cols)) if isinstance(sel, (int, np.integer)))
-        return out.squeeze(squeeze) if squeeze else out
-
-    def row_tiles(
-        self,
-        module: str,
-        step: int | None = None,
-        sample: int = 0,
-        call: int = 0,
-        *,
-        heads: HeadSelection = None,
-        tile: int = 512,
-        method: str = "auto",
-        rank: int | None = None,
-    ) -> Iterator[tuple[slice, np.ndarray]]:
-        """Yield ``(rows, probabilities [heads, len(rows), k_len])`` over all query rows, ``tile``
-        rows at a time: analysis of a long sequence holds one tile, never the whole matrix."""
-        reader = self.call_reader(module, step, sample, call, rank=rank)
-        index = head_index(heads, reader.layout.heads)
-        reader.method(method)  # refuses at once what cannot be read
-        for start in range(0, reader.q_len, max(1, tile)):
-            rows = slice(start, min(start + tile, reader.q_len))
-            yield rows, reader.read(index, rows, slice(0, reader.k_len), method)
-
+    # -- exporters --------------------------------------------------------------------------------
     def to_xarray(
         self,
         modules: str | Sequence[str] | None = None,
@@ -355,194 +261,7 @@ class Store:
 
         return to_bertviz(self._at(rank), step, sample, modules=modules, call=call, method=method)
 
-    def summary(
-        self, module: str, step: int | None = None, sample: int = 0, call: int = 0, *, rank: int | None = None
-    ) -> dict[str, np.ndarray]:
-        """The call's ``record="summary"`` reductions (see :mod:`attnhooks.reduce`), one sample:
-        ``entropy``, ``sink`` ``[heads, q_len]``; ``topk_index`` / ``topk_weight`` ``[heads, q_len, K]``;
-        ``band`` ``[heads, q_len, W]``; ``received`` ``[heads, k_len]``; ``pooled_max`` /
-        ``pooled_mean`` ``[heads, P_q, P_k]`` and ``pooled_bins`` (rows per bin, keys per bin, P_q, P_k)."""
-        st = self._at(rank)
-        pos, base, meta = st._block(module, step, call, sample, None)
-        if "summary" not in st._module_tables(module).leaves:
-            raise NotInStoreError(f"{module!r} has no summary in this store: capture with record=('summary', ...)")
-        out: dict[str, np.ndarray] = {}
-        lead = (pos, call, sample)
-        for name in st.backend.children(f"{base}/summary"):
-            path = f"{base}/summary/{name}"
-            if name in ROWWISE:
-                out[name] = st.backend.read(path, (*lead, slice(None), slice(0, meta["q_len"])))
-            elif name == "received":
-                out[name] = st.backend.read(path, (*lead, slice(None), slice(0, meta["k_len"])))
-            elif name == "pooled_bins":
-                out[name] = st.backend.read(path, lead)
-        if "pooled_bins" in out:
-            pq, pk = (int(x) for x in out["pooled_bins"][2:])
-            for name in ("pooled_max", "pooled_mean"):
-                out[name] = st.backend.read(f"{base}/summary/{name}", (*lead, slice(None), slice(0, pq), slice(0, pk)))
-        return out
-
-    def call_reader(
-        self, module: str, step: int | None = None, sample: int = 0, call: int = 0, *, rank: int | None = None
-    ) -> CallReader:
-        """The :class:`~attnhooks.tiles.CallReader` of one call: masks, key counts, tiles."""
-        st = self._at(rank)
-        key = (module, st._position(step), sample, call)
-        with st._lock:
-            reader = st._readers.get(key)
-            if reader is not None:
-                st._readers.move_to_end(key)
-                return reader
-        pos, base, meta = st._block(module, step, call, sample, None)
-        tables = st._module_tables(module)
-        heads = int(tables.attrs.get("heads") or 1)
-        kv_heads = int(tables.attrs.get("kv_heads") or heads)
-        layout = CallLayout(
-            base, pos, call, sample, meta, heads, kv_heads, bool(tables.attrs.get("bits")), tables.leaves
-        )
-        reader = CallReader(st.backend, layout)
-        with st._lock:
-            st._readers[key] = reader
-            while len(st._readers) > _READERS:
-                st._readers.popitem(last=False)
-        return reader
-
-    def q(
-        self, module: str, step: int | None = None, sample: int = 0, call: int = 0, *, rank: int | None = None
-    ) -> np.ndarray:
-        """Queries ``[heads, q_len, head_dim]`` as the kernel received them."""
-        return self._at(rank)._rows_of(module, step, call, sample, "q", "q_len")
-
-    def k(
-        self, module: str, step: int | None = None, sample: int = 0, call: int = 0, *, rank: int | None = None
-    ) -> np.ndarray:
-        """Keys ``[kv_heads, k_stored, head_dim]`` (positions from ``info()["k_offset"]``)."""
-        return self._at(rank)._rows_of(module, step, call, sample, "k", "k_stored")
-
-    def lse(
-        self, module: str, step: int | None = None, sample: int = 0, call: int = 0, *, rank: int | None = None
-    ) -> np.ndarray:
-        """Row log-sum-exp of the scores ``[heads, q_len]`` (float32)."""
-        return self._at(rank)._rows_of(module, step, call, sample, "lse", "q_len")
-
-    def mask(
-        self, module: str, step: int | None = None, sample: int = 0, call: int = 0, *, rank: int | None = None
-    ) -> dict[str, Any]:
-        """The call's mask: ``causal``, ``offset`` (row i sees keys ``j <= i + offset``),
-        ``window`` (None or int), ``key_valid`` (bool ``[k_len]`` or None), ``dense`` (additive
-        float32 ``[heads|1, q_len, k_len]`` or None)."""
-        st = self._at(rank)
-        pos, base, meta = st._block(module, step, call, sample, None)
-        key_valid = None
-        if meta["has_key_valid"]:
-            key_valid = st.backend.read(base + "/mask/key_valid", (pos, call, sample, slice(0, meta["k_len"])))
-        dense = None
-        if meta["dense_batch"]:
-            b = sample if meta["dense_batch"] > 1 else 0
-            sel = (pos, call, b, slice(0, meta["dense_heads"]), slice(0, meta["q_len"]), slice(0, meta["k_len"]))
-            dense = st.backend.read(base + "/mask/dense", sel)
-        return {
-            "causal": bool(meta["causal"]),
-            "offset": meta["mask_offset"],
-            "window": None if meta["window"] < 0 else meta["window"],
-            "key_valid": key_valid,
-            "dense": dense,
-        }
-
-    def tokens(
-        self, step: int | None = None, sample: int = 0, *, rank: int | None = None
-    ) -> tuple[list[int], list[str] | None]:
-        """Token ids (and strings, when stored) of one sample of ``step``; ``([], None)`` when none."""
-        st = self._at(rank)
-        pos = st._position(step)
-        if not st.backend.contains("tokens/ids") or st.backend.shape("tokens/ids")[0] <= pos:
-            return [], None
-        if not 0 <= sample < st.backend.shape("tokens/ids")[1]:
-            raise NotInStoreError(f"sample={sample} is out of range: step {st._steps[pos]} stored fewer samples")
-        ids = st.backend.read("tokens/ids", (pos, sample))
-        n = int((ids >= 0).sum())
-        text = None
-        if st.backend.contains("tokens/text") and st.backend.shape("tokens/text")[0] > pos:
-            text = [str(t) for t in st.backend.read("tokens/text", (pos, sample, slice(0, n)))]
-        return [int(i) for i in ids[:n]], text
-
     # -- plumbing ---------------------------------------------------------------------------------
-    def _read_steps(self) -> list[int]:
-        if not self.committed:
-            return []
-        if not self.backend.contains("steps") or self.backend.shape("steps")[0] < self.committed:
-            raise NotAStoreError(f"{self.location}: committed={self.committed} but the steps array is shorter")
-        return [int(s) for s in self.backend.read("steps", (slice(0, self.committed),))]
-
-    def _module_paths(self) -> dict[str, str]:
-        if self._modules is None:
-            found = {}
-            segments = self.backend.children("modules") if self.backend.contains("modules") else []
-            for segment in segments:
-                path = f"modules/{segment}"
-                found[self.backend.attrs(path).get("name", unescape(segment))] = path
-            self._modules = dict(sorted(found.items(), key=lambda kv: _natural(kv[0])))
-        return self._modules
-
-    def _module_path(self, module: str) -> str:
-        paths = self._module_paths()
-        if module not in paths:
-            near = [m for m in paths if module in m or m in module][:5] or list(paths)[:5]
-            raise NotInStoreError(f"{self.location} has no module {module!r}; it has e.g. {near}")
-        return paths[module]
-
-    def _position(self, step: int | None) -> int:
-        if not self._steps:
-            raise NotInStoreError(f"{self.location} has no committed steps yet")
-        if step is None:
-            return 0
-        try:
-            return self._step_pos[step]
-        except KeyError:
-            shown = self._steps[:10] + (["..."] if len(self._steps) > 10 else [])
-            raise NotInStoreError(f"{self.location} has no step {step}; its steps are {shown}") from None
-
-    def _module_tables(self, module: str) -> _Tables:
-        """The module's attributes, leaves and per-call tables over the committed steps (read once)."""
-        tables = self._tables.get(module)
-        if tables is None:
-            tables = self._tables[module] = _Tables.read(self.backend, self._module_path(module), self.committed)
-        return tables
-
-    def _call(self, module: str, step: int | None, call: int) -> tuple[int, str]:
-        base = self._module_path(module)
-        pos = self._position(step)
-        n = self.calls(module, step)
-        if not 0 <= call < n:
-            raise NotInStoreError(
-                f"{module!r} has {n} call(s) at step {self._steps[pos]}; call={call} is not one of them"
-            )
-        return pos, base
-
-    def _block(
-        self, module: str, step: int | None, call: int, sample: int, leaf: str | None
-    ) -> tuple[int, str, dict[str, Any]]:
-        pos, base = self._call(module, step, call)
-        leaves = self._module_tables(module).leaves
-        if leaf is not None and leaf not in leaves:
-            stored = [t for t in ("attn", "q", "k", "lse") if t in leaves]
-            raise NotInStoreError(f"{module!r} has no {leaf!r} in this store (recorded: {stored})")
-        meta = self.info(module, step, call)
-        if not 0 <= sample < meta["batch"]:
-            raise NotInStoreError(f"sample={sample} is out of range: the call has batch size {meta['batch']}")
-        return pos, base, meta
-
-    def _rows_of(self, module: str, step: int | None, call: int, sample: int, leaf: str, length: str) -> np.ndarray:
-        """One sample's ``leaf`` (q, k or lse) of a call, its sequence axis cut to ``info()[length]``."""
-        pos, base, meta = self._block(module, step, call, sample, leaf)
-        sel = (pos, call, sample, slice(None), slice(0, meta[length]))
-        path = f"{base}/{leaf}"
-        return self.backend.read(path, sel) if leaf == "lse" else self._values(module, path, sel)
-
-    def _values(self, module: str, path: str, sel: tuple[Any, ...]) -> np.ndarray:
-        out = self.backend.read(path, sel)
-        return widen_bits(out) if self._module_tables(module).attrs.get("bits") else out
-
     def close(self) -> None:
         self._root.close()
 
@@ -560,42 +279,18 @@ class Store:
         )
 
 
-_READERS = 64  # call readers kept (each caches its rowkeys and key padding)
-_LEAVES = ("attn", "attn_stored", "q", "k", "lse", "mask/key_valid", "mask/dense", "parent", "summary")
+def _open_rank(backend: Backend, ranks: RankSet[Store]) -> Store:
+    """The store of one rank of the set ``ranks``, from that rank's backend."""
+    return Store(backend, _set=ranks)
 
 
-@dataclass(frozen=True)
-class _Tables:
-    attrs: dict[str, Any]
-    leaves: frozenset[str]
-    calls: np.ndarray  # [S]
-    info: np.ndarray  # [S, C, len(INFO)]
-    scalars: np.ndarray  # [S, C, len(SCALARS)]
-
-    @classmethod
-    def read(cls, backend: Backend, base: str, committed: int) -> _Tables:
-        leaves = frozenset(leaf for leaf in _LEAVES if backend.contains(f"{base}/{leaf}"))
-
-        def table(name: str, tail: tuple[int, ...], dtype: str) -> np.ndarray:
-            path = f"{base}/{name}"
-            if not backend.contains(path):
-                return np.zeros((0, *tail), dtype=dtype)
-            return backend.read(path, (slice(0, min(committed, backend.shape(path)[0])),))
-
-        return cls(
-            backend.attrs(base),
-            leaves,
-            table("calls", (), "int64"),
-            table("info", (0, len(INFO)), "int64"),
-            table("scalars", (0, len(SCALARS)), "float64"),
+def _checked(attrs: dict[str, Any], location: str) -> dict[str, Any]:
+    """A store's root attributes, once their schema is one this version reads."""
+    schema = attrs.get("schema")
+    if schema is None:
+        raise NotAStoreError(f"{location} is not an attnhooks store (its root has no 'schema' attribute)")
+    if schema not in SUPPORTED:
+        raise NotAStoreError(
+            f"{location} has schema {schema!r}; this attnhooks reads {', '.join(SUPPORTED)}: upgrade attnhooks"
         )
-
-
-def _natural(name: str) -> list[tuple[int, int, str]]:
-    """Sort key: ``layers.10`` after ``layers.9``."""
-    return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in name.replace("/", ".").split(".")]
-
-
-def _listing(names: Sequence[str], limit: int = 6) -> str:
-    shown = ", ".join(names[:limit])
-    return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "") if names else "no modules"
+    return attrs

@@ -21,13 +21,14 @@ import numpy as np
 from attnhooks.backends.base import Backend
 from attnhooks.errors import NotInStoreError, ReadOptionError, SelectionError
 from attnhooks.lineage import key_slots
+from attnhooks.read.softmax import logsumexp_blocks, probabilities
+from attnhooks.read.visibility import Visibility
 
 __all__ = ["CallLayout", "CallReader", "HeadSelection", "head_index", "span", "widen_bits"]
 
 HeadSelection = int | slice | Sequence[int] | np.ndarray | None
 METHODS = ("auto", "stored", "reconstructed")
 _KEY_BLOCK = 4096  # keys per block when computing lse from whole rows
-_SUBNORMAL = np.float32(-87.0)  # exp of anything below is a float32 subnormal (or 0): numpy's slow path
 
 
 def span(value: slice | int | None, size: int, what: str) -> slice:
@@ -87,6 +88,7 @@ class CallReader:
         self.window = None if info["window"] < 0 else int(info["window"])
         # stored row i sees key j <= i + diagonal (causal) and i + diagonal - j < window
         self.diagonal = int(info["q_offset"]) + int(info["mask_offset"])
+        self.visibility = Visibility(self.causal, self.diagonal, self.window)
         self._rowkeys: np.ndarray | None = None
         self._stored_rows: np.ndarray | None = None
         self._key_valid: np.ndarray | None = None
@@ -191,16 +193,7 @@ class CallReader:
     # -- masks ------------------------------------------------------------------------------------
     def allowed(self, rows: slice, cols: slice) -> np.ndarray:
         """``[r, c]`` bool: which keys of ``cols`` each row of ``rows`` may attend (dense masks aside)."""
-        i = np.arange(rows.start, rows.stop)[:, None]
-        j = np.arange(cols.start, cols.stop)[None, :]
-        ok = j < self.rowkeys[rows][:, None]
-        if self.causal:
-            ok &= j <= i + self.diagonal
-        if self.window is not None:
-            ok &= i + self.diagonal - j < self.window
-        if self.key_valid is not None:
-            ok &= self.key_valid[cols][None, :]
-        return ok
+        return self.visibility.allowed(rows, cols, self.rowkeys[rows], self.key_valid)
 
     def key_counts(self, heads: np.ndarray, rows: slice) -> np.ndarray:
         """``[h, r]`` number of keys each row may attend (a dense mask's ``-inf`` entries excluded)."""
@@ -239,14 +232,7 @@ class CallReader:
         if heads.size == 0 or live.stop <= live.start or rows.stop <= rows.start:
             return np.zeros((heads.size, rows.stop - rows.start, cols.stop - cols.start), dtype=np.float32)
         lse = self.lse(heads, rows)
-        p = self.scores(heads, rows, live)
-        with np.errstate(invalid="ignore"):
-            p -= lse[:, :, None]
-            # exp is ~12x slower where its result is subnormal (log p in -104..-87): those become 0
-            np.copyto(p, np.float32(-np.inf), where=p < _SUBNORMAL)
-            np.exp(p, out=p)
-        p[~np.isfinite(lse)] = 0.0  # rows with no visible key
-        np.nan_to_num(p, copy=False, nan=0.0)
+        p = probabilities(self.scores(heads, rows, live), lse)
         if live == cols:
             return p
         out = np.zeros((heads.size, rows.stop - rows.start, cols.stop - cols.start), dtype=np.float32)
@@ -278,31 +264,15 @@ class CallReader:
         """Row log-sum-exp ``[h, r]`` float32: stored, or computed over the whole rows in key blocks."""
         if self.has("lse"):
             return self._take("lse", heads, rows).astype(np.float32, copy=False)
-        top = np.full((heads.size, rows.stop - rows.start), -np.inf)
-        total = np.zeros_like(top)
-        for cols in _blocks(self._live_cols(rows, slice(0, self.k_len)).stop, _KEY_BLOCK):
-            s = self.scores(heads, rows, cols).astype(np.float64)
-            new_top = np.maximum(top, s.max(axis=-1))
-            safe = np.where(np.isfinite(new_top), new_top, 0.0)
-            total = total * np.exp(np.where(np.isfinite(top), top - safe, -np.inf)) + np.exp(s - safe[..., None]).sum(
-                -1
-            )
-            top = new_top
-        with np.errstate(divide="ignore"):
-            return (np.log(total) + np.where(np.isfinite(top), top, 0.0)).astype(np.float32)
+        blocks = _blocks(self._live_cols(rows, slice(0, self.k_len)).stop, _KEY_BLOCK)
+        return logsumexp_blocks(
+            (self.scores(heads, rows, cols) for cols in blocks), (heads.size, rows.stop - rows.start)
+        )
 
     def _live_cols(self, rows: slice, cols: slice) -> slice:
         """The part of ``cols`` that some row of ``rows`` may attend (causal / window / rowkeys)."""
-        if rows.stop <= rows.start:
-            return slice(cols.start, cols.start)
-        stop = min(cols.stop, int(self.rowkeys[rows].max()))
-        if self.causal:
-            stop = min(stop, rows.stop - 1 + self.diagonal + 1)
-        start = cols.start
-        if self.window is not None:
-            start = max(start, rows.start + self.diagonal - self.window + 1)
-        start = max(start, 0)
-        return slice(start, max(start, stop))
+        rowkeys = self.rowkeys[rows] if rows.stop > rows.start else np.zeros(0, dtype=np.int64)  # no read for no rows
+        return self.visibility.live_cols(rows, cols, rowkeys)
 
     def queries(self, heads: np.ndarray, rows: slice) -> np.ndarray:
         """Queries ``[h, r, d]`` (float32) of the selected heads and rows."""

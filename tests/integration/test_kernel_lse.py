@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import attnhooks
-import attnhooks.capturing.recorder
+import attnhooks.capturing.build
 from attnhooks.attention.kernels import attention_probs
 from tests import models
 
@@ -20,7 +20,7 @@ def _no_recompute(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("lse was recomputed instead of taken from the kernel")
 
-    monkeypatch.setattr(attnhooks.capturing.recorder, "attention_probs", refuse)
+    monkeypatch.setattr(attnhooks.capturing.build, "attention_probs", refuse)
 
 
 @pytest.mark.parametrize("pad", [0, 3])
