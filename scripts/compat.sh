@@ -34,7 +34,8 @@ pins() {  # the extra constraints of one environment, one requirement a line
 tests=()
 for f in tests/integration/test_generation.py tests/integration/test_generation_*.py \
     tests/integration/test_hf_models.py tests/integration/test_store_capture.py \
-    tests/integration/test_diffusers_peft_ddp.py tests/unit/test_capture_api.py \
+    tests/integration/test_diffusers_peft_ddp.py tests/integration/test_store_backends.py \
+    tests/unit/capturing/test_capture_api.py tests/unit/capturing/test_recorder.py \
     tests/integration/test_reconstruct.py; do
     [ -f "$f" ] && tests+=("$f")
 done
