@@ -12,7 +12,7 @@ import attnhooks
 from attnhooks.backends.memory import MemoryBackend
 from attnhooks.reduce.summary import SummaryOptions
 from tests import models
-from tests.unit.test_reduce import reference_summary
+from tests.unit.reduce.test_reduce import reference_summary
 
 TOL = 1e-5
 OPT = SummaryOptions(topk=5, sinks=2, band=4, pooled=4, block=5)
