@@ -165,19 +165,25 @@ def unet():
     ).eval()
 
 
+# the small encoder-decoders (2 + 2 layers, 4 heads, 64 wide)
+_SEQ2SEQ = {
+    "d_model": 64,
+    "encoder_layers": 2,
+    "decoder_layers": 2,
+    "encoder_attention_heads": 4,
+    "decoder_attention_heads": 4,
+    "encoder_ffn_dim": 128,
+    "decoder_ffn_dim": 128,
+}
+
+
 def bart(impl: str = "sdpa"):
     from transformers import BartConfig, BartForConditionalGeneration
 
     _quiet()
     cfg = BartConfig(
         vocab_size=128,
-        d_model=64,
-        encoder_layers=2,
-        decoder_layers=2,
-        encoder_attention_heads=4,
-        decoder_attention_heads=4,
-        encoder_ffn_dim=128,
-        decoder_ffn_dim=128,
+        **_SEQ2SEQ,
         max_position_embeddings=64,
         pad_token_id=1,
         bos_token_id=0,
@@ -197,13 +203,7 @@ def whisper(impl: str = "sdpa"):
     cfg = WhisperConfig(
         vocab_size=128,
         num_mel_bins=8,
-        d_model=64,
-        encoder_layers=2,
-        decoder_layers=2,
-        encoder_attention_heads=4,
-        decoder_attention_heads=4,
-        encoder_ffn_dim=128,
-        decoder_ffn_dim=128,
+        **_SEQ2SEQ,
         max_source_positions=16,
         max_target_positions=64,
         pad_token_id=0,

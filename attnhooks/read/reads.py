@@ -93,7 +93,7 @@ class TensorReads:
         """Exact probabilities ``[heads, rows, cols]`` (float32) of one call and sample.
 
         Reads the stored ``attn`` when there is one, otherwise rebuilds the tile from q, k and lse
-        (see :mod:`attnhooks.tiles`): only the rows of q, the keys of k and the mask entries the
+        (see :mod:`attnhooks.read.tiles`): only the rows of q, the keys of k and the mask entries the
         tile covers are read, so a window of a long sequence never costs ``q_len × k_len``.
         Rows of a KV-cache stream are zero beyond the keys that existed when they were computed,
         exactly as in the model's full causal matrix.
