@@ -67,6 +67,11 @@ class HDF5Backend:
         self._datasets: dict[str, h5py.Dataset] = {}
 
     @classmethod
+    def check_codec(cls, codec: Codec) -> None:
+        """Raise StoreOptionError for a codec this backend cannot write (before a store is made)."""
+        _filter(codec)
+
+    @classmethod
     def exists(cls, location: str) -> bool:
         return os.path.exists(_local(location))
 

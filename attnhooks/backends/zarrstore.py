@@ -60,6 +60,11 @@ class ZarrBackend:
         return _place(location).exists()
 
     @classmethod
+    def check_codec(cls, codec: Codec) -> None:
+        """Raise StoreOptionError for a codec this backend cannot write (before a store is made)."""
+        _compressor(codec)
+
+    @classmethod
     def open(cls, location: str, mode: str, attrs: dict[str, Any] | None = None) -> ZarrBackend:
         check_mode(mode)
         place = _place(location)

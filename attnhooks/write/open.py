@@ -9,8 +9,10 @@ from collections.abc import Callable
 from typing import Any
 
 from attnhooks.backends.base import Backend, Codec, backend_for
+from attnhooks.backends.subtree import LAYOUT
 from attnhooks.capturing.distributed import RankInfo
-from attnhooks.errors import AttnHooksError, StoreOptionError, StoreWriteError
+from attnhooks.errors import AttnHooksError, StoreExistsError, StoreOptionError, StoreWriteError
+from attnhooks.schema import SUPPORTED
 from attnhooks.write.ranks import open_rank
 from attnhooks.write.writer import StoreOptions, StoreWriter, dumps_options, parse_bytes, root_attrs
 
@@ -70,7 +72,12 @@ def open_backend(
     location = os.fspath(store)
     cls = backend_for(location)
     mode = options.mode
+    check_codec = getattr(cls, "check_codec", None)  # optional capability: refuse before anything exists
+    if check_codec is not None and options.codec is not None:
+        check_codec(options.codec)
     try:
+        if mode == "w" and rank is None and cls.exists(location):
+            _refuse_replacing_what_is_not_ours(cls, location)
         if rank is not None:
             return open_rank(location, cls, rank, mode, root_attrs(cls, options, meta))
         if mode == "r+" or "attrs" not in inspect.signature(cls.open).parameters:
@@ -82,3 +89,25 @@ def open_backend(
         raise StoreWriteError(f"cannot write the store at {location}: {err.strerror or err}") from err
     except OSError as err:
         raise StoreWriteError(f"cannot open the store at {location}: {err}") from err
+
+
+def _refuse_replacing_what_is_not_ours(cls: type[Backend], location: str) -> None:
+    """``mode="overwrite"`` replaces an attnhooks store (a root with its schema, or a rank set) and
+    nothing else: a folder or file of anything else at ``location`` is refused, untouched."""
+    try:
+        existing = cls.open(location, "r")
+    except (AttnHooksError, OSError, ValueError) as err:
+        raise StoreExistsError(
+            f"{location} exists and is not an attnhooks store ({type(err).__name__}: {err}); mode='overwrite' "
+            "replaces only attnhooks stores: move it away yourself, or write the capture elsewhere"
+        ) from err
+    try:
+        attrs = existing.attrs("")
+    finally:
+        existing.close()
+    if attrs.get("schema") not in SUPPORTED and attrs.get("layout") != LAYOUT:
+        found = ", ".join(sorted(attrs)[:6]) or "no attributes"
+        raise StoreExistsError(
+            f"{location} holds a {cls.name} store that attnhooks did not write (root attributes: {found}); "
+            "mode='overwrite' replaces only attnhooks stores: move it away yourself, or write elsewhere"
+        )

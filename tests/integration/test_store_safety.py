@@ -1,0 +1,76 @@
+"""A store never replaces what attnhooks did not write, and a refused option leaves nothing on disk
+(issue 18, first cases): ``mode="overwrite"`` refuses a folder or file that is not an attnhooks
+store, leaving it untouched; a codec the backend cannot write is refused before the store exists,
+so the retry with a fixed option is not refused as an existing store."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+import torch
+import zarr
+
+import attnhooks
+
+
+@pytest.fixture(scope="module")
+def layer():
+    torch.manual_seed(0)
+    return torch.nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0, batch_first=True).eval()
+
+
+def _capture(layer, store, **kw):
+    with torch.no_grad(), attnhooks.capture(layer, store=store, **kw):
+        layer(torch.randn(1, 3, 8))
+
+
+def test_overwrite_refuses_a_folder_that_is_not_a_store(tmp_path, layer):
+    folder = tmp_path / "mydata.zarr"
+    folder.mkdir()
+    (folder / "precious.txt").write_text("years of work")
+    with pytest.raises(attnhooks.StoreExistsError, match="not an attnhooks store"):
+        _capture(layer, folder, mode="overwrite")
+    assert (folder / "precious.txt").read_text() == "years of work"
+
+
+def test_overwrite_refuses_a_zarr_store_attnhooks_did_not_write(tmp_path, layer):
+    path = tmp_path / "theirs.zarr"
+    group = zarr.open_group(str(path), mode="w", zarr_format=3, attributes={"experiment": "A"})
+    group.create_array("data", shape=(3,), dtype="float32")[:] = np.arange(3, dtype=np.float32)
+    with pytest.raises(attnhooks.StoreExistsError, match="did not write"):
+        _capture(layer, path, mode="overwrite")
+    assert zarr.open_group(str(path), mode="r").attrs["experiment"] == "A"
+
+
+@pytest.mark.parametrize("content", ["hdf5", "text"])
+def test_overwrite_refuses_an_hdf5_path_holding_something_else(tmp_path, layer, content):
+    path = tmp_path / "theirs.h5"
+    if content == "hdf5":
+        with h5py.File(path, "w") as f:
+            f["data"] = np.arange(4)
+    else:
+        path.write_text("not even HDF5")
+    before = path.read_bytes()
+    with pytest.raises(attnhooks.StoreExistsError):
+        _capture(layer, path, mode="overwrite")
+    assert path.read_bytes() == before
+
+
+@pytest.mark.parametrize("suffix", [".zarr", ".h5"])
+def test_overwrite_still_replaces_an_attnhooks_store(tmp_path, layer, suffix):
+    path = tmp_path / f"run{suffix}"
+    _capture(layer, path)
+    _capture(layer, path, mode="overwrite", every=1)
+    st = attnhooks.open_store(path)
+    assert st.steps == [0] and st.status == "complete"
+
+
+@pytest.mark.parametrize(("suffix", "codec"), [(".zarr", "lzf"), (".h5", "blosc")])
+def test_a_codec_the_backend_cannot_write_is_refused_before_the_store_exists(tmp_path, layer, suffix, codec):
+    path = tmp_path / f"run{suffix}"
+    with pytest.raises(attnhooks.StoreOptionError, match=codec):
+        _capture(layer, path, compression=codec)
+    assert not path.exists(), "nothing is created for a refused option"
+    _capture(layer, path, compression="gzip")  # the retry with a fixed option: not 'already exists'
+    assert attnhooks.open_store(path).steps == [0]
