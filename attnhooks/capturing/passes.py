@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from attnhooks.capturing.kvcache import CacheWatch, Past, find_cache, past_length
-from attnhooks.errors import CacheMismatchError, RecordOptionError
+from attnhooks.errors import CacheMismatchError, CaptureStateError, RecordOptionError
 
 if TYPE_CHECKING:
     from attnhooks.capturing.session import Capture
@@ -29,6 +29,7 @@ class Passes:
         self.capturing = False  # a captured unit is running
         self.manual = False  # the user assigned cap.step: steps change only when assigned
         self.watch = CacheWatch(on_crop=self.cropped)
+        self.captured: set[int] = set()  # the step ids whose forwards were captured
         self._fwd_depth = 0
         self._gen_depth = 0
         self._step_used = False
@@ -36,7 +37,15 @@ class Passes:
         self._continuing: Past | None = None
 
     def take_step(self, step: int) -> None:
-        """``cap.step = step``: from now on the step changes only when assigned."""
+        """``cap.step = step``: from now on the step changes only when assigned. A step id is used
+        once: assigning one whose forwards were captured already is refused (its calls would be
+        lost, or the store would list the step twice)."""
+        if step in self.captured:
+            raise CaptureStateError(
+                f"cap.step = {step}: step {step} was captured already in this capture; a step id is used once "
+                "(its calls would be replaced). Assign a new id, e.g. a global step counter, or keep the "
+                "assignment: every forward until the next assignment is part of the same step"
+            )
         self.manual = True
         self._step_used = False
         self.cap._recorder.step = step
@@ -129,6 +138,7 @@ class Passes:
         if self.cap.writer is not None:  # may raise the writer's error: before anything is entered
             self.cap.writer.begin_step(self.cap._recorder.step)
         self.capturing = True
+        self.captured.add(self.cap._recorder.step)
         self.cap._stack.clear()
         self._fastpath = torch.backends.mha.get_fastpath_enabled()
         torch.backends.mha.set_fastpath_enabled(False)

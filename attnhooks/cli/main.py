@@ -89,7 +89,10 @@ def _build_parser() -> argparse.ArgumentParser:
     src.add_argument("--prompt", action="append", help="a text (repeat for a padded batch)")
     cap.add_argument("--out", required=True, help="the store to write: DIR.zarr, FILE.h5 or memory://NAME")
     cap.add_argument(
-        "--generate", type=int, metavar="N", help="generate N tokens greedily (KV cache) instead of one forward"
+        "--generate",
+        type=_positive_int,
+        metavar="N",
+        help="generate N tokens greedily (KV cache) instead of one forward",
     )
     cap.add_argument(
         "--record",
@@ -100,7 +103,7 @@ def _build_parser() -> argparse.ArgumentParser:
     cap.add_argument(
         "--modules", action="append", help="module names or globs to capture (default: every attention call)"
     )
-    cap.add_argument("--max-length", type=int, help="truncate the text to this many tokens")
+    cap.add_argument("--max-length", type=_positive_int, help="truncate the text to this many tokens")
     cap.add_argument("--attn-implementation", default="sdpa", help="the model's attention path (default: %(default)s)")
     cap.add_argument("--overwrite", action="store_true", help="replace the store if it exists")
     cap.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -269,6 +272,17 @@ def _open(location: str, rank: int | None = None) -> Any:
 
     st = open_store(location)
     return st if rank is None else st.rank(rank)
+
+
+def _positive_int(text: str) -> int:
+    """An argparse type: an int of at least 1 (refused with exit code 2 before anything is made)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive count: give 1 or more")
+    return value
 
 
 if __name__ == "__main__":  # python -m attnhooks.cli

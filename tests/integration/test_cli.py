@@ -242,3 +242,13 @@ def main_help(sub: str) -> str:
 
 def test_view_names_match_the_views():
     assert set(VIEW_NAMES) == set(VIEWS)
+
+
+@pytest.mark.parametrize(("flag", "value"), [("--generate", "-3"), ("--generate", "0"), ("--max-length", "0")])
+def test_a_count_below_one_is_refused_before_a_store_is_made(saved, capsys, flag, value):
+    store = saved["root"] / f"refused{flag}{value}.zarr"
+    with pytest.raises(SystemExit) as exit_:
+        main(["capture", "--model", str(saved["bert"]), "--prompt", TEXT, "--out", str(store), flag, value])
+    assert exit_.value.code == 2
+    assert "positive count" in capsys.readouterr().err
+    assert not store.exists()

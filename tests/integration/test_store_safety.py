@@ -74,3 +74,21 @@ def test_a_codec_the_backend_cannot_write_is_refused_before_the_store_exists(tmp
     assert not path.exists(), "nothing is created for a refused option"
     _capture(layer, path, compression="gzip")  # the retry with a fixed option: not 'already exists'
     assert attnhooks.open_store(path).steps == [0]
+
+
+@pytest.mark.parametrize("suffix", [".zarr", ".h5"])
+def test_a_step_id_is_used_once(tmp_path, layer, suffix):
+    path = tmp_path / f"run{suffix}"
+    with torch.no_grad(), attnhooks.capture(layer, store=path, keep=True) as cap:
+        cap.step = 3
+        layer(torch.randn(1, 3, 8))
+        layer(torch.randn(1, 3, 8))  # a second forward under the same assignment: call 1 of step 3
+        cap.step = 4
+        cap.step = 4  # assigning a step again before it ran is fine
+        layer(torch.randn(1, 3, 8))
+        with pytest.raises(attnhooks.CaptureStateError, match="step 3 was captured already"):
+            cap.step = 3
+        layer(torch.randn(1, 3, 8))  # still step 4
+    st = attnhooks.open_store(path)
+    assert st.steps == [3, 4]
+    assert st.calls(st.modules[0], 3) == 2 and st.calls(st.modules[0], 4) == 2
