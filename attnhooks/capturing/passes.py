@@ -40,15 +40,26 @@ class Passes:
         """``cap.step = step``: from now on the step changes only when assigned. A step id is used
         once: assigning one whose forwards were captured already is refused (its calls would be
         lost, or the store would list the step twice)."""
+        self.check_step(step)
+        self.manual = True
+        self._step_used = False
+        self.cap._recorder.step = step
+
+    def check_step(self, step: int) -> None:
+        """Refuse a step id that holds data already, in this capture or in the store appended to."""
+        writer = self.cap.writer
+        if writer is not None and writer.holds(step):
+            raise CaptureStateError(
+                f"cap.step = {step}: the store being appended to holds step {step} already; a step id is used once "
+                f"per store (its calls would be hidden). Continue after its last step ({writer.last_step}), e.g. "
+                "cap.step = last + 1, or let the capture number the steps"
+            )
         if step in self.captured:
             raise CaptureStateError(
                 f"cap.step = {step}: step {step} was captured already in this capture; a step id is used once "
                 "(its calls would be replaced). Assign a new id, e.g. a global step counter, or keep the "
                 "assignment: every forward until the next assignment is part of the same step"
             )
-        self.manual = True
-        self._step_used = False
-        self.cap._recorder.step = step
 
     def reset(self) -> None:
         self._fwd_depth = self._gen_depth = 0

@@ -214,6 +214,8 @@ class Capture:
         rec.listener, rec.admit = writer, writer.admit
         if writer.last_step is not None and not self._passes.manual:
             rec.step = writer.last_step + 1
+        elif self._passes.manual:
+            self._passes.check_step(rec.step)  # (assigned before the store was open)
 
     def _close_store(self) -> None:
         writer, self.writer = self.writer, None

@@ -31,6 +31,7 @@ class Start:
         last_step: the user step at the last committed position.
         modules: the names of the modules the store holds ("not called" is written for them).
         appending: the store existed; its status becomes ``writing`` only once this run commits.
+        steps: the step ids the store holds already (a step id is used once per store).
     """
 
     committed: int = 0
@@ -39,6 +40,7 @@ class Start:
     last_step: int | None = None
     modules: frozenset[str] = frozenset()
     appending: bool = False
+    steps: frozenset[int] = frozenset()
 
 
 def root_attrs(backend: type[Backend] | Backend, options: StoreOptions, meta: dict[str, Any]) -> dict[str, Any]:
@@ -86,14 +88,16 @@ def resume(backend: Backend) -> Start:
     committed = int(attrs.get("committed", 0))
     dropped = int(attrs.get("dropped", 0))
     last_step = None
+    steps: frozenset[int] = frozenset()
     if committed and backend.contains("steps"):
-        last_step = int(backend.read("steps", (committed - 1,)))
+        stored = backend.read("steps", (slice(0, committed),))
+        last_step, steps = int(stored[-1]), frozenset(int(s) for s in stored)
     groups = backend.children("modules") if backend.contains("modules") else []
     modules = frozenset(backend.attrs(f"modules/{m}").get("name", m) for m in groups)
     dropped_steps: tuple[int, ...] = ()
     if backend.contains("dropped_steps"):
         dropped_steps = tuple(int(x) for x in backend.read("dropped_steps", (slice(0, dropped),)))
-    return Start(committed, dropped, dropped_steps, last_step, modules, appending=True)
+    return Start(committed, dropped, dropped_steps, last_step, modules, appending=True, steps=steps)
 
 
 def open_module(backend: Backend, rec: Record, stored: str, appending: frozenset[str]) -> dict[str, Any]:

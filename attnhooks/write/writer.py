@@ -71,6 +71,7 @@ class StoreWriter:
         self._last: tuple[int, int] | None = None  # (user step, position) of the last step begun
         self._ended = -1  # the last position committed at least once
         self.last_step = start.last_step
+        self._stored_steps = start.steps
         self._thread = threading.Thread(target=self._run, name="attnhooks-writer", daemon=True)
         self._thread.start()
 
@@ -93,6 +94,10 @@ class StoreWriter:
         """Reserve staging for a record of ``nbytes``; False means drop the step (``when_full="drop"``)."""
         self.check()
         return self.budget.acquire(nbytes, wait=self.options.when_full == "block")
+
+    def holds(self, step: int) -> bool:
+        """True when the store held step ``step`` before this writer began (it is being appended to)."""
+        return step in self._stored_steps
 
     def begin_step(self, step: int) -> None:
         """A captured step starts; the same step begun again (a continuation) keeps its position."""

@@ -92,3 +92,18 @@ def test_a_step_id_is_used_once(tmp_path, layer, suffix):
     st = attnhooks.open_store(path)
     assert st.steps == [3, 4]
     assert st.calls(st.modules[0], 3) == 2 and st.calls(st.modules[0], 4) == 2
+
+
+@pytest.mark.parametrize("suffix", [".zarr", ".h5"])
+def test_a_step_id_the_appended_store_holds_is_refused(tmp_path, layer, suffix):
+    path = tmp_path / f"run{suffix}"
+    with torch.no_grad(), attnhooks.capture(layer, store=path) as cap:
+        for step in (0, 1):
+            cap.step = step
+            layer(torch.randn(1, 3, 8))
+    with torch.no_grad(), attnhooks.capture(layer, store=path, mode="append") as cap:
+        with pytest.raises(attnhooks.CaptureStateError, match="holds step 1 already"):
+            cap.step = 1
+        cap.step = 2
+        layer(torch.randn(1, 3, 8))
+    assert attnhooks.open_store(path).steps == [0, 1, 2]
