@@ -112,6 +112,7 @@ def train(args: argparse.Namespace) -> list[float]:
     if rank == 0:
         print(f"trained {args.steps} steps in {seconds:.2f} s ({1000 * seconds / args.steps:.1f} ms/step)", flush=True)
     if distributed:
+        dist.barrier()  # every rank is done with gloo before any tears it down (else: an abort at exit)
         dist.destroy_process_group()
     if args.losses:
         Path(args.losses).mkdir(parents=True, exist_ok=True)
