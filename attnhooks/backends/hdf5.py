@@ -24,6 +24,7 @@ Attribute values that are not scalars or plain strings are stored as JSON text.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -235,6 +236,13 @@ class HDF5Backend:
         if self._file.id.valid:
             with _io():
                 self._file.close()
+
+    @classmethod
+    def discard(cls, location: str) -> None:
+        """Remove the store file at ``location`` (the writer's: a capture that created it and failed
+        before committing anything)."""
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(_local(location))
 
     @classmethod
     def cleanup(cls, location: str) -> list[str]:

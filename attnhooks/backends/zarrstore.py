@@ -187,6 +187,12 @@ class ZarrBackend:
     def cleanup(cls, location: str) -> list[str]:
         return _place(location).cleanup()
 
+    @classmethod
+    def discard(cls, location: str) -> None:
+        """Remove the whole store at ``location`` (the writer's: a capture that created it and failed
+        before committing anything)."""
+        _place(location).remove()
+
 
 # -- where a store lives: a local directory or an fsspec URL -------------------------------------
 
@@ -228,6 +234,9 @@ class _LocalPlace:
             raise
         return zarr.open_group(path, mode="r+", zarr_format=3)
 
+    def remove(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
     def cleanup(self) -> list[str]:
         root = Path(self.path)
         removed = []
@@ -260,6 +269,10 @@ class _UrlPlace:
         # needed: the root zarr.json is one put with the attributes already in it, and the store
         # exists only once that put has landed, so it never exists without its schema.
         return zarr.open_group(self.store(readonly=False), mode="w-", zarr_format=3, attributes=attrs)
+
+    def remove(self) -> None:
+        if self.fs.exists(self.path):
+            self.fs.rm(self.path, recursive=True)
 
     def cleanup(self) -> list[str]:
         return []  # every key is one put: an object store keeps no temporaries of a killed writer

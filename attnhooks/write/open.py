@@ -32,12 +32,23 @@ def opener(
         meta = {**meta, "options": dumps_options(described)}
         backend = open_backend(store, options, meta, rank)
         try:
-            return StoreWriter(backend, options, meta, appending=options.mode == "r+")
+            discard = _discarder(store) if options.mode != "r+" and rank is None else None
+            return StoreWriter(backend, options, meta, appending=options.mode == "r+", discard=discard)
         except BaseException:
             backend.close()
             raise
 
     return open_writer
+
+
+def _discarder(store: Location) -> Callable[[], None] | None:
+    """How to remove the store a capture has just created at ``store`` (its backend's optional
+    ``discard(location)``), or None for a backend instance or a backend without it."""
+    if not isinstance(store, (str, os.PathLike)):
+        return None
+    location = os.fspath(store)
+    discard = getattr(backend_for(location), "discard", None)
+    return None if discard is None else lambda: discard(location)
 
 
 def store_options(

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import queue
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -53,8 +54,18 @@ class StoreWriter:
         last_step: the last user step of a store appended to (None for a new store).
     """
 
-    def __init__(self, backend: Backend, options: StoreOptions, meta: dict[str, Any], appending: bool = False) -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        options: StoreOptions,
+        meta: dict[str, Any],
+        appending: bool = False,
+        discard: Callable[[], None] | None = None,
+    ) -> None:
         self.backend = backend
+        # removes the store this writer created, when a failed capture leaves it holding nothing
+        self._discard = discard
+        self._abandoned = False
         self.options = options
         self.budget = Budget(options.buffer)
         self.layout = ArrayLayout(backend, options)
@@ -144,6 +155,7 @@ class StoreWriter:
         if self._last is None:
             return
         step, pos = self._last
+        self._abandoned |= not count
         self._queue.put(("drop", pos, step, count))
         if self._ended != pos:
             self._next_pos = pos
@@ -178,6 +190,10 @@ class StoreWriter:
         self._closed = True
         self._queue.put(_STOP)
         self._thread.join()
+        if self._discard is not None and self._abandoned and self._commits.committed == 0:
+            # a capture that created the store and failed before committing a step: the store holds
+            # nothing, and leaving it would refuse the retry as existing (issue 18, case 1)
+            self._discard()
         self.check()
 
     # -- writer thread --------------------------------------------------------------------------

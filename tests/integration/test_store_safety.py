@@ -107,3 +107,25 @@ def test_a_step_id_the_appended_store_holds_is_refused(tmp_path, layer, suffix):
         cap.step = 2
         layer(torch.randn(1, 3, 8))
     assert attnhooks.open_store(path).steps == [0, 1, 2]
+
+
+@pytest.mark.parametrize("suffix", [".zarr", ".h5"])
+def test_a_capture_that_fails_before_its_first_step_leaves_no_store(tmp_path, layer, suffix):
+    """A buffer too small for one call is only known at the first call: the store made at the
+    start is removed again, so the retry with a fixed buffer is not refused as existing."""
+    path = tmp_path / f"b{suffix}"
+    with pytest.raises(attnhooks.StoreOptionError, match="buffer"):
+        _capture(layer, path, buffer=10)
+    assert not path.exists()
+    _capture(layer, path)
+    assert attnhooks.open_store(path).steps == [0]
+
+
+@pytest.mark.parametrize("suffix", [".zarr", ".h5"])
+def test_a_failure_after_a_committed_step_keeps_the_store(tmp_path, layer, suffix):
+    path = tmp_path / f"b{suffix}"
+    with pytest.raises(RuntimeError, match="boom"), torch.no_grad(), attnhooks.capture(layer, store=path) as cap:
+        layer(torch.randn(1, 3, 8))
+        cap.flush()
+        raise RuntimeError("boom")
+    assert attnhooks.open_store(path).steps == [0]
