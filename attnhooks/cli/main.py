@@ -1,4 +1,4 @@
-"""The ``attnhooks`` command line: demo, capture, info, view, analyze, repair.
+"""The ``attnhooks`` command line: demo, capture, info, view, analyze, repair, html, serve.
 
 A thin layer over the public API: each command parses its arguments, calls the library, prints
 what it wrote. Exit codes: 0 success, 1 the command failed (the reason in one line on stderr),
@@ -142,6 +142,11 @@ def _build_parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("repair", help="make a store whose writer was killed readable again")
     rep.add_argument("store")
     rep.set_defaults(run=_repair)
+
+    from attnhooks.cli import html, serve  # interactive views (issue 21): each command adds its own parser
+
+    html.add_parser(sub)
+    serve.add_parser(sub)
     return parser
 
 
