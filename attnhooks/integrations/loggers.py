@@ -14,7 +14,16 @@ import numpy as np
 
 from attnhooks.integrations.metrics import StepMetrics
 
-__all__ = ["AccelerateSink", "CallableSink", "MetricSink", "TensorBoardSink", "WandbSink", "grid_figure", "prefix"]
+__all__ = [
+    "AccelerateSink",
+    "CallableSink",
+    "MetricSink",
+    "TensorBoardSink",
+    "WandbSink",
+    "grid_figure",
+    "grid_image",
+    "prefix",
+]
 
 
 class MetricSink(Protocol):
@@ -54,8 +63,17 @@ def grid_figure(metrics: StepMetrics, name: str) -> Any:
     return fig
 
 
+def grid_image(metrics: StepMetrics, name: str) -> np.ndarray:
+    """:func:`grid_figure` rendered (Agg, no pyplot): uint8 ``[height, width, 3]``."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(grid_figure(metrics, name))
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
 class TensorBoardSink:
-    """``add_scalar`` per head and ``add_figure`` per metric on a ``SummaryWriter``."""
+    """``add_scalar`` per head and ``add_image`` (the rendered grid figure) per metric on a ``SummaryWriter``."""
 
     def __init__(self, writer: Any) -> None:
         self.writer = writer
@@ -66,7 +84,8 @@ class TensorBoardSink:
             self.writer.add_scalar(key, value, metrics.step)
         if figures:
             for name in metrics.values:
-                self.writer.add_figure(f"{tag}/{name}/grid", grid_figure(metrics, name), metrics.step, close=False)
+                image = grid_image(metrics, name)
+                self.writer.add_image(f"{tag}/{name}/grid", image, metrics.step, dataformats="HWC")
         self.writer.flush()
 
 
@@ -86,7 +105,7 @@ class WandbSink:
         payload: dict[str, Any] = metrics.scalars(tag)
         if figures:
             for name in metrics.values:
-                payload[f"{tag}/{name}/grid"] = wandb.Image(grid_figure(metrics, name))
+                payload[f"{tag}/{name}/grid"] = wandb.Image(grid_image(metrics, name))
         if self.step_key is None:
             self.run.log(payload, step=metrics.step)
         else:
