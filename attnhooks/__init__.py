@@ -29,6 +29,7 @@ from attnhooks.errors import (
     NotAStoreError,
     NotInStoreError,
     RecordOptionError,
+    StoreCorruptError,
     StoreError,
     StoreExistsError,
     StoreFullError,
@@ -46,6 +47,7 @@ if TYPE_CHECKING:
     from attnhooks.capturing.session import Capture
     from attnhooks.read.repair import RepairReport, repair
     from attnhooks.read.store import Store, open_store
+    from attnhooks.read.verify import VerifyReport, verify
 
 # Loaded on first use: ``import attnhooks`` (and ``import attnhooks.read``) import neither torch nor a
 # storage or plotting library; the capture side (torch) loads when one of its names is used.
@@ -57,6 +59,8 @@ _LAZY = {
     "Record": "attnhooks.capturing.record",
     "RepairReport": "attnhooks.read.repair",
     "repair": "attnhooks.read.repair",
+    "verify": "attnhooks.read.verify",
+    "VerifyReport": "attnhooks.read.verify",
     "Store": "attnhooks.read.store",
     "open_store": "attnhooks.read.store",
 }
@@ -93,6 +97,7 @@ __all__ = [
     "RecordOptionError",
     "RepairReport",
     "Store",
+    "StoreCorruptError",
     "StoreError",
     "StoreExistsError",
     "StoreFullError",
@@ -100,9 +105,11 @@ __all__ = [
     "StoreOptionError",
     "StoreStateError",
     "StoreWriteError",
+    "VerifyReport",
     "__version__",
     "capture",
     "emit",
     "open_store",
     "repair",
+    "verify",
 ]

@@ -7,6 +7,8 @@ given, what was expected, and how to fix it.
 
 from __future__ import annotations
 
+from typing import Any
+
 __all__ = [
     "AnalysisError",
     "AttnHooksError",
@@ -25,6 +27,7 @@ __all__ = [
     "RecordOptionError",
     "SelectionError",
     "ShapeError",
+    "StoreCorruptError",
     "StoreError",
     "StoreExistsError",
     "StoreFullError",
@@ -96,6 +99,41 @@ class StoreWriteError(StoreError, OSError):
 
 class StoreFullError(StoreWriteError):
     """The device holding the store is full (ENOSPC) or over quota."""
+
+
+class StoreCorruptError(StoreError, ValueError):
+    """Stored data is damaged: a chunk fails its checksum (or to decode), or a chunk of a committed
+    step is missing. Names the store, the array, the chunks and, when the reader knows it, the steps.
+
+    Attributes:
+        location: the store.
+        array: the array's path in the store (``modules/<module>/q``).
+        chunks: grid coordinates of the damaged chunks (axis 0 is the step position).
+        what: what is wrong with them ("missing", "fails to decode (...)").
+        steps: the user step ids those chunks belong to, when known.
+    """
+
+    def __init__(
+        self,
+        location: str,
+        array: str,
+        chunks: list[tuple[int, ...]],
+        what: str,
+        steps: tuple[int, ...] = (),
+        message: str | None = None,
+    ) -> None:
+        self.location, self.array, self.chunks, self.what, self.steps = location, array, tuple(chunks), what, steps
+        shown = ", ".join(str(c) for c in chunks[:4]) + (f" and {len(chunks) - 4} more" if len(chunks) > 4 else "")
+        at = f"step {', '.join(map(str, steps))}, " if steps else ""
+        super().__init__(
+            message
+            or f"{location}: array {array}, {at}chunk(s) {shown} {what}; the store is damaged there: "
+            "`attnhooks verify` lists every damaged step (the other steps read as before)"
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        args = (self.location, self.array, list(self.chunks), self.what, self.steps, str(self))
+        return (type(self), args)
 
 
 class AttnHooksWarning(UserWarning):

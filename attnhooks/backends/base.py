@@ -46,11 +46,13 @@ class Codec:
     ``"none"``; ``skip_empty``: a chunk holding only the fill value may be left unwritten (zarr
     checks every chunk for it, a pass over the data that doubles the CPU of an uncompressed write;
     the writer turns it off for arrays that are never empty, such as q and k). Backends without
-    such a check ignore it."""
+    such a check ignore it. ``checksum``: store a checksum with every chunk, verified on every read
+    (and keep every chunk written, so that a missing one is found missing); on by default."""
 
     name: str = "zstd"
     level: int = 1
     skip_empty: bool = True
+    checksum: bool = True
 
 
 @runtime_checkable

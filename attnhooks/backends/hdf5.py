@@ -43,6 +43,7 @@ except ImportError:  # pragma: no cover - hdf5plugin comes with attnhooks[hdf5]
     hdf5plugin = None  # type: ignore[assignment]
 
 from attnhooks.backends.base import Codec, Selection, check_mode, check_remove, refuse_existing
+from attnhooks.backends.integrity import MAX_CHUNKS_CHECKED, chunks_of, corrupt
 from attnhooks.errors import NotAStoreError, StoreOptionError
 
 __all__ = ["HDF5Backend"]
@@ -141,6 +142,7 @@ class HDF5Backend:
                 chunks=tuple(max(c, 1) for c in chunks),
                 dtype=np.dtype(dtype),
                 fillvalue=fill_value,
+                fletcher32=codec.checksum,  # a checksum per chunk, verified by HDF5 on every read
                 **_filter(codec),
             )
             if is_str:
@@ -208,13 +210,37 @@ class HDF5Backend:
     def read(self, path: str, selection: Selection = ()) -> np.ndarray:
         ds = self._dataset(path)
         if not self._is_str(ds):
-            return np.asarray(ds[selection])
+            try:
+                return np.asarray(ds[selection])
+            except OSError as err:  # "data error detected by fletcher32 checksum", a filter failing to decode
+                damaged = corrupt(path, ds.shape, ds.chunks, selection, ds.__getitem__, err, self.location)
+                if damaged is None:
+                    raise
+                raise damaged from err
         if ds.shape[-1] == 0:  # nothing written yet: every string is empty
             return np.full(np.empty(ds.shape[:-1], dtype=np.uint8)[selection].shape, "", dtype=object)
         raw = np.asarray(ds[(*selection, slice(None))])
         flat = raw.reshape(-1, raw.shape[-1])
         out = np.array([bytes(row).rstrip(b"\0").decode() for row in flat], dtype=object)
         return out.reshape(raw.shape[:-1])
+
+    def checksummed(self, path: str) -> bool:
+        """True when the array's chunks carry a checksum (a store written by attnhooks 0.2 on)."""
+        return bool(self._dataset(path).fletcher32)
+
+    def missing_chunks(self, path: str, selection: Selection = ()) -> list[tuple[int, ...]]:
+        """The chunks of ``selection`` never written to the file, for an array written with
+        checksums (``[]`` for an array of an older store)."""
+        ds = self._dataset(path)
+        if not self.checksummed(path) or self._is_str(ds):
+            return []
+        missing = []
+        for n, coords in enumerate(chunks_of(ds.shape, ds.chunks, selection)):
+            if n >= MAX_CHUNKS_CHECKED:
+                break
+            if ds.id.get_chunk_info_by_coord(tuple(c * k for c, k in zip(coords, ds.chunks))).byte_offset is None:
+                missing.append(coords)
+        return missing
 
     # -- attributes ---------------------------------------------------------------------------
     def attrs(self, path: str) -> dict[str, Any]:

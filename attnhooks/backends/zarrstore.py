@@ -32,9 +32,10 @@ from typing import Any, ClassVar
 import numpy as np
 import zarr
 import zarr.errors
-from zarr.codecs import BloscCodec, GzipCodec, ZstdCodec
+from zarr.codecs import BloscCodec, Crc32cCodec, GzipCodec, ZstdCodec
 
 from attnhooks.backends.base import Codec, Selection, check_mode, check_remove, refuse_existing, split
+from attnhooks.backends.integrity import MAX_CHUNKS_CHECKED, chunks_of, corrupt
 from attnhooks.errors import NotAStoreError, StoreOptionError
 
 __all__ = ["ZarrBackend"]
@@ -52,6 +53,7 @@ class ZarrBackend:
         self.location = location
         self.readonly = readonly
         self._root = group
+        self._place = _place(location)
         self._arrays: dict[str, zarr.Array[Any]] = {}
         self._groups: dict[str, zarr.Group] = {}
 
@@ -117,8 +119,10 @@ class ZarrBackend:
             dtype=str if dtype == "str" else dtype,
             chunks=chunks,
             fill_value="" if dtype == "str" else fill_value,
-            compressors=None if dtype == "str" else _compressor(codec),
-            config={"write_empty_chunks": not codec.skip_empty},
+            compressors=_compressors(Codec("none", 0, checksum=codec.checksum) if dtype == "str" else codec),
+            # with checksums every chunk written is kept, also one of fill values only: a chunk
+            # missing from a written region is then damage (missing_chunks), not an empty chunk
+            config={"write_empty_chunks": codec.checksum or not codec.skip_empty},
             overwrite=True,
         )
 
@@ -164,8 +168,34 @@ class ZarrBackend:
         self._array(path)[selection] = value
 
     def read(self, path: str, selection: Selection = ()) -> np.ndarray:
-        out = np.asarray(self._array(path)[selection])
+        arr = self._array(path)
+        try:
+            out = np.asarray(arr[selection])
+        except (ValueError, RuntimeError, OSError) as err:  # a chunk failing its checksum or to decompress
+            damaged = corrupt(path, arr.shape, arr.chunks, selection, arr.__getitem__, err, self.location)
+            if damaged is None:
+                raise
+            raise damaged from err
         return out.astype(object) if out.dtype.kind == "T" else out
+
+    def checksummed(self, path: str) -> bool:
+        """True when the array's chunks carry a checksum (a store written by attnhooks 0.2 on)."""
+        return any(isinstance(c, Crc32cCodec) for c in self._array(path).compressors)
+
+    def missing_chunks(self, path: str, selection: Selection = ()) -> list[tuple[int, ...]]:
+        """The chunks of ``selection`` that are not in the store, for an array written with
+        checksums (every chunk written is kept); ``[]`` for an array of an older store, where an
+        absent chunk may be one that held only the fill value."""
+        if not self.checksummed(path):
+            return []
+        arr = self._array(path)
+        missing = []
+        for n, coords in enumerate(chunks_of(arr.shape, arr.chunks, selection)):
+            if n >= MAX_CHUNKS_CHECKED:
+                break
+            if not self._place.has(f"{arr.path}/{arr.metadata.encode_chunk_key(coords)}"):
+                missing.append(coords)
+        return missing
 
     # -- attributes ---------------------------------------------------------------------------
     def attrs(self, path: str) -> dict[str, Any]:
@@ -237,6 +267,9 @@ class _LocalPlace:
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
 
+    def has(self, key: str) -> bool:
+        return os.path.exists(os.path.join(self.path, key))
+
     def cleanup(self) -> list[str]:
         root = Path(self.path)
         removed = []
@@ -270,6 +303,9 @@ class _UrlPlace:
         # exists only once that put has landed, so it never exists without its schema.
         return zarr.open_group(self.store(readonly=False), mode="w-", zarr_format=3, attributes=attrs)
 
+    def has(self, key: str) -> bool:
+        return bool(self.fs.exists(f"{self.path}/{key}"))
+
     def remove(self) -> None:
         if self.fs.exists(self.path):
             self.fs.rm(self.path, recursive=True)
@@ -301,6 +337,12 @@ def _url_fs(url: str) -> tuple[Any, str]:
             f"or a URL of an fsspec protocol (memory, s3, gs, az, ...)"
         ) from err
     return fs, str(path)
+
+
+def _compressors(codec: Codec) -> list[Any]:
+    """The bytes codecs of an array: its compression, then a crc32c checksum of the stored bytes."""
+    compressor = _compressor(codec)
+    return [*([compressor] if compressor is not None else []), *([Crc32cCodec()] if codec.checksum else [])]
 
 
 def _compressor(codec: Codec) -> Any:

@@ -187,7 +187,8 @@ class RecordBuilder:
             windows = self._windows(rec, int(attn.shape[2]))
             if windows is not None:
                 rec.attn_rows = windows
-                attn = torch.cat([attn[:, :, a:b] for a, b in windows], dim=2)
+                # (a decode row outside every window keeps no row: an empty block, not a failed cat)
+                attn = torch.cat([attn[:, :, a:b] for a, b in windows], dim=2) if windows else attn[:, :, :0]
         if shift:
             with isolated(attn.device):
                 return self.stager.stage(torch.nn.functional.pad(attn.float(), (shift, 0)), owned=True)

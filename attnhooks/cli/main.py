@@ -1,4 +1,4 @@
-"""The ``attnhooks`` command line: demo, capture, info, view, analyze, repair, html, serve.
+"""The ``attnhooks`` command line: demo, capture, info, view, analyze, verify, repair, html, serve.
 
 A thin layer over the public API: each command parses its arguments, calls the library, prints
 what it wrote. Exit codes: 0 success, 1 the command failed (the reason in one line on stderr),
@@ -139,9 +139,9 @@ def _build_parser() -> argparse.ArgumentParser:
     ana.add_argument("--top", type=int, default=3, help="heads printed per metric (default: %(default)s)")
     ana.set_defaults(run=_analyze)
 
-    rep = sub.add_parser("repair", help="make a store whose writer was killed readable again")
-    rep.add_argument("store")
-    rep.set_defaults(run=_repair)
+    from attnhooks.cli import integrity  # verify, repair
+
+    integrity.add_parsers(sub)
 
     from attnhooks.cli import html, serve  # interactive views (issue 21): each command adds its own parser
 
@@ -264,12 +264,6 @@ def _analyze(args: argparse.Namespace) -> None:
         return
     write_rows(rows, args.output)
     print(f"{args.output}: {len(rows)} heads")
-
-
-def _repair(args: argparse.Namespace) -> None:
-    from attnhooks.read.repair import repair
-
-    print(repair(args.store))
 
 
 def _open(location: str, rank: int | None = None) -> Any:

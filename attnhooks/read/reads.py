@@ -63,11 +63,12 @@ class ReaderCache:
 class TensorReads:
     """Attention tiles, q, k, lse, masks, summaries and tokens of single calls.
 
-    A base class: the class that inherits it sets :attr:`backend` and :attr:`catalog` (one rank's)
-    and says in :meth:`_at` which object reads a given rank.
+    A base class: the class that inherits it sets :attr:`backend`, :attr:`data` and :attr:`catalog`
+    (one rank's) and says in :meth:`_at` which object reads a given rank.
     """
 
     backend: Backend
+    data: Backend  # the backend with checked reads of the tensors (attnhooks.read.integrity)
     catalog: Catalog
 
     def __init__(self) -> None:
@@ -153,16 +154,16 @@ class TensorReads:
         for name in st.backend.children(f"{lay.base}/summary"):
             path = f"{lay.base}/summary/{name}"
             if name in ROWWISE:
-                out[name] = st.backend.read(path, (*lead, slice(None), slice(0, lay.info["q_len"])))
+                out[name] = st.data.read(path, (*lead, slice(None), slice(0, lay.info["q_len"])))
             elif name == "received":
-                out[name] = st.backend.read(path, (*lead, slice(None), slice(0, lay.info["k_len"])))
+                out[name] = st.data.read(path, (*lead, slice(None), slice(0, lay.info["k_len"])))
             elif name == "pooled_bins":
-                out[name] = st.backend.read(path, lead)
+                out[name] = st.data.read(path, lead)
         if "pooled_bins" in out:
             pq, pk = (int(x) for x in out["pooled_bins"][2:])
             for name in ("pooled_max", "pooled_mean"):
                 path = f"{lay.base}/summary/{name}"
-                out[name] = st.backend.read(path, (*lead, slice(None), slice(0, pq), slice(0, pk)))
+                out[name] = st.data.read(path, (*lead, slice(None), slice(0, pq), slice(0, pk)))
         return out
 
     def call_reader(
@@ -171,7 +172,7 @@ class TensorReads:
         """The :class:`~attnhooks.tiles.CallReader` of one call: masks, key counts, tiles."""
         st = self._at(rank)
         key = (module, st.catalog.position(step), sample, call)
-        return st._readers.get(key, lambda: CallReader(st.backend, st.catalog.layout(module, step, sample, call)))
+        return st._readers.get(key, lambda: CallReader(st.data, st.catalog.layout(module, step, sample, call)))
 
     def q(
         self, module: str, step: int | None = None, sample: int = 0, call: int = 0, *, rank: int | None = None
@@ -238,5 +239,5 @@ class TensorReads:
         """One sample's ``leaf`` (q, k or lse) of a call, its sequence axis cut to ``info()[length]``."""
         lay = self.catalog.layout(module, step, sample, call, leaf=leaf)
         sel = (lay.position, call, sample, slice(None), slice(0, lay.info[length]))
-        out = self.backend.read(f"{lay.base}/{leaf}", sel)
+        out = self.data.read(f"{lay.base}/{leaf}", sel)
         return widen_bits(out) if leaf != "lse" and lay.bits else out

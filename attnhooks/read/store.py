@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 from attnhooks.backends.base import Backend, backend_for
 from attnhooks.backends.subtree import LAYOUT
 from attnhooks.errors import AttnHooksError, NotAStoreError, NotInStoreError
 from attnhooks.read.catalog import Catalog
+from attnhooks.read.integrity import CheckedBackend
 from attnhooks.read.ranksets import RankSet
 from attnhooks.read.reads import TensorReads
 from attnhooks.schema import SUPPORTED
@@ -84,6 +85,8 @@ class Store(TensorReads):
                 attrs = {**attrs, "rank": 0}  # no rank has started writing yet: an empty store
         self.metadata: dict[str, Any] = attrs
         self.committed = int(attrs.get("committed", 0))
+        # reads of a damaged or missing chunk of a call's tensors raise, naming the step
+        self.data = cast(Backend, CheckedBackend(self.backend, lambda: self.catalog.steps))
         self.catalog = Catalog(self.backend, self.location, self.committed)  # what this store (rank) holds
         self._readers.clear()
 

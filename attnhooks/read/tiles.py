@@ -173,15 +173,15 @@ class CallReader:
         if flags.all():
             return self.stored(heads, rows, cols)
         if method == "stored" or not (self.has("q") and self.has("k")):
-            runs = ", ".join(f"{a}..{b - 1}" for a, b in _runs(self.stored_rows)) or "none"
+            spans = ", ".join(f"{a}..{b - 1}" for a, b in runs(self.stored_rows)) or "none"
             raise NotInStoreError(
-                f"{self.layout.base}: attn is stored for rows {runs} only (row windows); rows {rows.start}.."
+                f"{self.layout.base}: attn is stored for rows {spans} only (row windows); rows {rows.start}.."
                 f"{rows.stop - 1} need method='reconstructed' (or 'auto'), which needs q and k"
             )
         out = np.empty((heads.size, rows.stop - rows.start, cols.stop - cols.start), dtype=np.float32)
         start = rows.start
         for value in (True, False):
-            for a, b in _runs(flags if value else ~flags):
+            for a, b in runs(flags if value else ~flags):
                 part = slice(start + a, start + b)
                 out[:, a:b] = self.stored(heads, part, cols) if value else self.reconstructed(heads, part, cols)
         return out
@@ -223,8 +223,24 @@ class CallReader:
     def stored(self, heads: np.ndarray, rows: slice, cols: slice) -> np.ndarray:
         """Stored probabilities ``[h, r, c]`` float32, zero beyond the keys each row attended."""
         attn = self._take("attn", heads, rows, cols).astype(np.float32, copy=False)
+        self._require_attn(heads, rows, cols)
         beyond = np.arange(cols.start, cols.stop)[None, :] >= self.rowkeys[rows][:, None]
         return np.where(beyond[None], np.float32(0.0), attn) if beyond.any() else attn
+
+    def _require_attn(self, heads: np.ndarray, rows: slice, cols: slice) -> None:
+        """Every chunk the writer wrote under this read must exist: each row was written over the
+        keys it attended, so in each band of rows, the keys every row of the band attended."""
+        require = getattr(self.backend, "require", None)  # (attnhooks.read.integrity.CheckedBackend)
+        if require is None or heads.size == 0:
+            return
+        lay = self.layout
+        rowkeys = self.rowkeys
+        for start in range(rows.start, rows.stop, _REQUIRE_BAND):
+            band = slice(start, min(start + _REQUIRE_BAND, rows.stop))
+            keys = min(cols.stop, int(rowkeys[band].min()))
+            if keys > cols.start:
+                sel = (lay.position, lay.call, lay.sample, slice(int(heads.min()), int(heads.max()) + 1))
+                require(f"{lay.base}/attn", (*sel, band, slice(cols.start, keys)))
 
     def reconstructed(self, heads: np.ndarray, rows: slice, cols: slice) -> np.ndarray:
         """Probabilities ``[h, r, c]`` float32 rebuilt from q, k and lse (computed when not stored)."""
@@ -310,12 +326,15 @@ class CallReader:
         return taken
 
 
+_REQUIRE_BAND = 128  # rows checked together for missing attn chunks (the smallest chunk height is 16)
+
+
 def widen_bits(bits: np.ndarray) -> np.ndarray:
     """Raw bfloat16 bits (uint16) as float32, exactly."""
     return (bits.astype(np.uint32) << 16).view(np.float32)
 
 
-def _runs(flags: np.ndarray) -> list[tuple[int, int]]:
+def runs(flags: np.ndarray) -> list[tuple[int, int]]:
     """``(start, stop)`` of each run of True in a bool vector."""
     edges = np.diff(np.concatenate([[0], flags.astype(np.int8), [0]]))
     return list(zip(np.flatnonzero(edges == 1).tolist(), np.flatnonzero(edges == -1).tolist()))

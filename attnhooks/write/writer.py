@@ -63,9 +63,7 @@ class StoreWriter:
         discard: Callable[[], None] | None = None,
     ) -> None:
         self.backend = backend
-        # removes the store this writer created, when a failed capture leaves it holding nothing
-        self._discard = discard
-        self._abandoned = False
+        self._discard, self._abandoned = discard, False  # discard(): remove the store this writer created
         self.options = options
         self.budget = Budget(options.buffer)
         self.layout = ArrayLayout(backend, options)
@@ -191,9 +189,7 @@ class StoreWriter:
         self._queue.put(_STOP)
         self._thread.join()
         if self._discard is not None and self._abandoned and self._commits.committed == 0:
-            # a capture that created the store and failed before committing a step: the store holds
-            # nothing, and leaving it would refuse the retry as existing (issue 18, case 1)
-            self._discard()
+            self._discard()  # a failed capture left the store it created empty: the retry must not find it
         self.check()
 
     # -- writer thread --------------------------------------------------------------------------

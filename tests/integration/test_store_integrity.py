@@ -1,0 +1,128 @@
+"""Integrity (issue 18, cases 4 and 5): every chunk carries a checksum the reader verifies (Zarr's
+crc32c codec, HDF5's fletcher32 filter), a chunk missing from a committed step is found missing, and
+either is a StoreCorruptError naming the array, the step and the chunk, while the other steps read as
+before. ``attnhooks verify`` lists the damaged steps without changing anything."""
+
+from __future__ import annotations
+
+import os
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+import attnhooks
+from attnhooks.backends.base import Codec
+from attnhooks.cli import main
+from tests.models import llama
+
+
+@pytest.fixture(scope="module")
+def layer():
+    torch.manual_seed(0)
+    return torch.nn.TransformerEncoderLayer(16, 2, dim_feedforward=16, dropout=0.0, batch_first=True).eval()
+
+
+def _write(layer, path, steps=3, **kw):
+    torch.manual_seed(1)
+    with torch.no_grad(), attnhooks.capture(layer, store=path, every=1, **kw):
+        for _ in range(steps):
+            layer(torch.randn(1, 5, 16))
+    return attnhooks.open_store(path)
+
+
+def _zarr_chunk(path, array, position):
+    folder = os.path.join(path, array, "c", str(position))
+    found = [os.path.join(d, f) for d, _, files in os.walk(folder) for f in files]
+    assert len(found) == 1, found
+    return found[0]
+
+
+def _scribble_hdf5_chunk(path, array, position):
+    """Overwrite the bytes of the chunk at ``position`` (axis 0) of ``array`` with random bytes."""
+    with h5py.File(path, "r") as f:
+        ds = f[array]
+        info = ds.id.get_chunk_info_by_coord((position,) + (0,) * (ds.ndim - 1))
+    with open(path, "r+b") as raw:
+        raw.seek(info.byte_offset)
+        raw.write(np.random.default_rng(0).integers(0, 256, info.size, dtype=np.uint8).tobytes())
+
+
+@pytest.mark.parametrize("suffix", [".zarr", ".h5"])
+def test_a_scribbled_q_chunk_is_refused_naming_array_step_and_chunk(tmp_path, layer, suffix):
+    path = str(tmp_path / f"run{suffix}")
+    st = _write(layer, path, record=("q", "k", "lse"), compression="none")
+    module = st.modules[0]
+    before = {step: st.attention(module, step, method="reconstructed") for step in st.steps}
+    st.close()
+    array = f"modules/{module}/q"
+    if suffix == ".zarr":
+        chunk = _zarr_chunk(path, array, 1)
+        size = os.path.getsize(chunk)
+        with open(chunk, "wb") as f:
+            f.write(np.random.default_rng(0).integers(0, 256, size, dtype=np.uint8).tobytes())
+    else:
+        _scribble_hdf5_chunk(path, array, 1)
+    st = attnhooks.open_store(path)
+    with pytest.raises(attnhooks.StoreCorruptError, match=r"array modules/self_attn/q, step 1, chunk\(s\) \(1,") as err:
+        st.attention(module, 1, method="reconstructed")
+    assert err.value.steps == (1,) and err.value.array == array
+    for step in (0, 2):  # the other steps read exactly as before
+        np.testing.assert_array_equal(st.attention(module, step, method="reconstructed"), before[step])
+    report = attnhooks.verify(path)
+    assert not report.ok and report.damaged_steps == [1], str(report)
+
+
+def test_a_deleted_attn_chunk_is_missing_not_zeros(tmp_path, layer):
+    path = str(tmp_path / "run.zarr")
+    st = _write(layer, path, record="attn")
+    module = st.modules[0]
+    os.remove(_zarr_chunk(path, f"modules/{module}/attn", 2))
+    st = attnhooks.open_store(path)
+    with pytest.raises(attnhooks.StoreCorruptError, match=r"step 2, .*missing"):
+        st.attention(module, 2)
+    assert st.attention(module, 0).sum(-1) == pytest.approx(1.0)
+    report = attnhooks.verify(path)
+    assert report.damaged_steps == [2] and report.steps == 3 and "DAMAGED" in str(report)
+
+
+def test_verify_on_the_cli_lists_damaged_steps_and_exits_1(tmp_path, layer, capsys):
+    path = str(tmp_path / "run.zarr")
+    _write(layer, path, record=("q", "k"))
+    assert main(["verify", path]) == 0
+    assert "no damage" in capsys.readouterr().out
+    os.remove(_zarr_chunk(path, "modules/self_attn/k", 0))
+    assert main(["repair", "--check", path]) == 1
+    out, err = capsys.readouterr()
+    assert "step 0" in out and "modules/self_attn/k missing" in out
+    assert err.count("\n") == 1 and "damaged: step(s) [0]" in err
+    assert os.path.exists(_zarr_chunk(path, "modules/self_attn/q", 0)), "--check changes nothing"
+
+
+@pytest.mark.parametrize("suffix", [".zarr", ".h5"])
+def test_a_store_without_checksums_still_reads_and_says_so(tmp_path, layer, suffix):
+    path = str(tmp_path / f"old{suffix}")
+    st = _write(layer, path, record="attn", compression=Codec("none", 0, checksum=False))
+    assert st.attention(st.modules[0], 1).shape == (2, 5, 5)
+    report = attnhooks.verify(path)
+    assert report.ok and not report.checksummed and "without checksums" in str(report)
+
+
+@pytest.mark.parametrize("suffix", [".zarr", ".h5"])
+def test_generation_with_row_windows_reads_back_whole(tmp_path, suffix):
+    """Decode rows are written over their own keys only: the missing-chunk check must not take the
+    keys a row never attended (and rows a window left out) for missing chunks."""
+    torch.manual_seed(0)
+    model = llama(impl="eager")
+    x = torch.randint(1, 128, (1, 20))
+    path = str(tmp_path / f"gen{suffix}")
+    rows = [slice(0, 4), slice(30, 35)]
+    with torch.no_grad(), attnhooks.capture(model, store=path, record=("attn", "q", "k", "lse"), rows=rows):
+        model.generate(input_ids=x, max_new_tokens=20, do_sample=False, pad_token_id=0)
+    report = attnhooks.verify(path)
+    assert report.ok and report.checksummed and report.calls > 0, str(report)
+    st = attnhooks.open_store(path)
+    module = st.modules[0]
+    p = st.attention(module, 0)
+    assert p.shape[1] == 39 and np.allclose(p.sum(-1), 1.0, atol=1e-5)
