@@ -52,7 +52,7 @@ class AttnHooksCallback(TrainerCallback):
         mode: the store's mode at the first captured step: ``"create"`` (refused at once when the
             path exists), ``"overwrite"`` or ``"append"``; later steps append.
         samples: sequences of each forward used for the metrics (None: all).
-        figures: also log a layer x head figure per metric and step.
+        figures: also log a figure per captured step (``attnhooks/grid``): a layer x head panel per metric.
         loggers: ``"auto"`` (the trainer's ``report_to``: TensorBoard in ``$TENSORBOARD_LOGGING_DIR``
             or ``<output_dir>/runs``, under ``attnhooks/``; the active W&B run), or a list of
             ``SummaryWriter`` / wandb run / ``Accelerator`` / functions taking the step's metrics.

@@ -1,8 +1,8 @@
 """Where a captured step's metrics go: TensorBoard, Weights & Biases, accelerate's trackers.
 
 Every sink logs the per-head scalars (``attnhooks/<metric>/L<layer>H<head>``, ``attnhooks_eval/...``
-for evaluation steps) at the trainer's global step and, unless disabled, one figure per metric: the
-layer x head grid (:func:`grid_figure`).
+for evaluation steps) at the trainer's global step and, unless disabled, one figure per step
+(``attnhooks/grid``): a layer x head panel per metric (:func:`grid_figure`).
 """
 
 from __future__ import annotations
@@ -37,43 +37,46 @@ def prefix(metrics: StepMetrics) -> str:
     return "attnhooks" if metrics.phase == "train" else f"attnhooks_{metrics.phase}"
 
 
-def grid_figure(metrics: StepMetrics, name: str) -> Any:
-    """A matplotlib figure of one metric's ``[layers, heads]`` grid, each cell annotated.
+def grid_figure(metrics: StepMetrics) -> Any:
+    """One matplotlib figure of a step: a ``[layers, heads]`` panel per metric, each cell annotated.
 
     Returns:
-        A ``matplotlib.figure.Figure`` (not attached to pyplot: close nothing, let it be collected).
+        A ``matplotlib.figure.Figure`` (not attached to pyplot).
     """
     from matplotlib.figure import Figure
 
-    grid = metrics.values[name]
-    layers, heads = grid.shape
-    fig = Figure(figsize=(1.0 + 0.55 * max(heads, 1), 0.8 + 0.45 * max(layers, 1)), dpi=80)
-    ax = fig.add_subplot()
-    image = ax.imshow(grid, cmap="viridis", aspect="auto")
-    fig.colorbar(image, ax=ax)
-    if layers * heads <= 256:
-        for (row, col), value in np.ndenumerate(grid):
-            if np.isfinite(value):
-                ax.text(col, row, f"{value:.2f}", ha="center", va="center", fontsize=7, color="white")
-    ax.set_xlabel("head")
-    ax.set_ylabel("layer")
-    ax.set_yticks(range(layers))
-    ax.set_title(f"{name}, {metrics.phase} step {metrics.step}", fontsize=9)
-    fig.tight_layout()
+    names = list(metrics.values)
+    layers, heads = next(iter(metrics.values.values())).shape if names else (0, 0)
+    width, height = 0.6 + 0.4 * max(heads, 1), 0.9 + 0.3 * max(layers, 1)
+    fig = Figure(figsize=(width * max(len(names), 1), height), dpi=72)
+    fig.subplots_adjust(left=0.5 / fig.get_figwidth() + 0.02, right=0.99, bottom=0.45 / height, top=1 - 0.35 / height)
+    for i, name in enumerate(names):
+        grid = metrics.values[name]
+        ax = fig.add_subplot(1, len(names), i + 1)
+        ax.imshow(grid, cmap="viridis", aspect="auto")
+        if layers * heads <= 64:
+            for (row, col), value in np.ndenumerate(grid):
+                if np.isfinite(value):
+                    ax.text(col, row, f"{value:.2f}", ha="center", va="center", fontsize=6, color="white")
+        ax.set_title(name, fontsize=8)
+        ax.set_xticks(range(heads))
+        ax.set_yticks(range(layers) if i == 0 else [])
+        ax.tick_params(labelsize=6)
+    fig.suptitle(f"{metrics.phase} step {metrics.step}  (rows: layers, columns: heads)", fontsize=8)
     return fig
 
 
-def grid_image(metrics: StepMetrics, name: str) -> np.ndarray:
+def grid_image(metrics: StepMetrics) -> np.ndarray:
     """:func:`grid_figure` rendered (Agg, no pyplot): uint8 ``[height, width, 3]``."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-    canvas = FigureCanvasAgg(grid_figure(metrics, name))
-    canvas.draw()
-    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+    canvas = FigureCanvasAgg(grid_figure(metrics))
+    canvas.draw()  # type: ignore[no-untyped-call]
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()  # type: ignore[no-untyped-call]
 
 
 class TensorBoardSink:
-    """``add_scalar`` per head and ``add_image`` (the rendered grid figure) per metric on a ``SummaryWriter``."""
+    """``add_scalar`` per head and ``add_image`` of the step's grid figure on a ``SummaryWriter``."""
 
     def __init__(self, writer: Any) -> None:
         self.writer = writer
@@ -82,15 +85,13 @@ class TensorBoardSink:
         tag = prefix(metrics)
         for key, value in metrics.scalars(tag).items():
             self.writer.add_scalar(key, value, metrics.step)
-        if figures:
-            for name in metrics.values:
-                image = grid_image(metrics, name)
-                self.writer.add_image(f"{tag}/{name}/grid", image, metrics.step, dataformats="HWC")
+        if figures and metrics.values:
+            self.writer.add_image(f"{tag}/grid", grid_image(metrics), metrics.step, dataformats="HWC")
         self.writer.flush()
 
 
 class WandbSink:
-    """One ``run.log`` per captured step: the scalars, a ``wandb.Image`` per metric and the step
+    """One ``run.log`` per captured step: the scalars, the grid figure as a ``wandb.Image`` and the step
     under ``step_key`` (the trainer's step metric: ``train/global_step`` for Hugging Face,
     ``trainer/global_step`` for Lightning), or as W&B's own ``step=`` when ``step_key`` is None."""
 
@@ -103,9 +104,8 @@ class WandbSink:
 
         tag = prefix(metrics)
         payload: dict[str, Any] = metrics.scalars(tag)
-        if figures:
-            for name in metrics.values:
-                payload[f"{tag}/{name}/grid"] = wandb.Image(grid_image(metrics, name))
+        if figures and metrics.values:
+            payload[f"{tag}/grid"] = wandb.Image(grid_image(metrics))
         if self.step_key is None:
             self.run.log(payload, step=metrics.step)
         else:
