@@ -25,7 +25,8 @@ def bundled_text() -> str:
 def run(out: str | Path, *, text: str | None = None, quiet: bool = False) -> list[Path]:
     """Capture MiniLM on ``text`` (default :func:`bundled_text`) into ``out`` and draw the views.
 
-    Returns the paths written: two stores, ``metrics.csv``, ``metrics.txt`` and the figures.
+    Returns the paths written: two stores, ``metrics.csv``, ``metrics.txt``, the figures and
+    ``minilm.html`` (the interactive views in one self-contained file).
     """
     import torch
 
@@ -65,6 +66,8 @@ def run(out: str | Path, *, text: str | None = None, quiet: bool = False) -> lis
     say("drawing the figures ...")
     for name, view, options in _figures(rows, baseline, n=int(inputs["input_ids"].shape[1])):
         written.append(_save(st, view, out / name, options))
+    say("writing the interactive views (minilm.html: head, model and query-key views, one file) ...")
+    written.append(_interactive(st, out / "minilm.html"))
     return written
 
 
@@ -97,3 +100,10 @@ def _save(st: Any, view: str, path: Path, options: dict[str, Any]) -> Path:
     fig = render(st, view, **options)
     fig.savefig(path, dpi=120)
     return path
+
+
+def _interactive(st: Any, path: Path) -> Path:
+    """The self-contained HTML export of the demo's step: every layer, head, q and k (opens offline)."""
+    from attnhooks.viewer.html import store_html
+
+    return store_html(st, views=("model", "head", "qk"), title="all-MiniLM-L6-v2 · Pride and Prejudice").save(path)
