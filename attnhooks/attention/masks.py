@@ -7,6 +7,7 @@ itself (bool: True means "may attend"; float: added to the scores, as T5's posit
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -184,8 +185,17 @@ class MaskSpec:
 
     def apply_(self, scores: torch.Tensor, q_len: int, rows: slice) -> torch.Tensor:
         """Mask a block of scores in place: ``scores [batch, heads, len(rows), n]`` over keys ``[0, n)``;
-        a float ``dense`` mask is added, hidden keys become ``-inf`` (see :meth:`hide_block_`)."""
+        a float ``dense`` mask is added, hidden keys become ``-inf`` (see :meth:`hide_block_`).
+
+        A causal / window mask is added as a cached ``0 / -inf`` bias ``[len(rows), n]`` (one pass, no
+        boolean mask built per call): a finite score is kept exactly where visible and becomes ``-inf``
+        where hidden, as a fill would make it."""
         keys = slice(0, scores.shape[-1])
+        if self.dense is None and self.key_valid is None:  # causal / window only: one cached 0 / -inf bias
+            start = rows.start or 0
+            stop = min(q_len if rows.stop is None else rows.stop, q_len)
+            edge = _edge_bias(start, stop, keys.stop, self.offset, self.causal, self.window, str(scores.device))
+            return scores if edge is None else scores.add_(edge)
         bias = self.bias_block(rows, keys, slice(None), scores.device)
         if bias is not None:
             return scores.add_(bias)
@@ -213,6 +223,23 @@ class MaskSpec:
             keys = self.key_valid.to(device)[:, None, None, :]
             allowed = keys if allowed is None else allowed & keys
         return allowed
+
+
+@functools.lru_cache(maxsize=256)
+def _edge_bias(
+    start: int, stop: int, n_keys: int, offset: int, causal: bool, window: int | None, device: str
+) -> torch.Tensor | None:
+    """``[stop - start, n_keys]`` float32: ``-inf`` where a causal / window mask hides key ``j`` from
+    query row ``i`` (``j > i + offset``; ``i + offset - j >= window``), else 0; None when it hides
+    nothing. Cached: a model's calls repeat a few shapes; never written to."""
+    i = torch.arange(start, stop, device=device)[:, None] + offset
+    j = torch.arange(n_keys, device=device)
+    hidden = (j > i) if causal else torch.zeros(i.shape[0], n_keys, dtype=torch.bool, device=device)
+    if window is not None:
+        hidden = hidden | (i - j >= window)
+    if not bool(hidden.any()):
+        return None
+    return torch.zeros(hidden.shape, dtype=torch.float32, device=device).masked_fill_(hidden, float("-inf"))
 
 
 def _as_allowed(mask: torch.Tensor) -> torch.Tensor | None:

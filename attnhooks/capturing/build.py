@@ -115,13 +115,13 @@ class RecordBuilder:
             if windows is None:
                 with_lse = bool({"lse", "summary"} & want) and event.lse is None
                 attn, lse = attention_probs(q, k, rec.scale, rec.mask, softcap=event.softcap, with_lse=with_lse)
-                rec.attn = self._stage_attn(attn, shift)
+                rec.attn = self._stage_attn(attn, shift, ours=True)
             elif windows:  # only the chosen rows: never the whole matrix
                 parts = [
                     attention_probs(q, k, rec.scale, rec.mask, slice(a, b), event.softcap, with_lse=False)[0]
                     for a, b in windows
                 ]
-                rec.attn, rec.attn_rows = self._stage_attn(torch.cat(parts, dim=2), shift), windows
+                rec.attn, rec.attn_rows = self._stage_attn(torch.cat(parts, dim=2), shift, ours=True), windows
         if {"lse", "summary"} & want and q is not None and k is not None:
             if lse is None:  # the kernel's, or computed block by block (no n x n matrix)
                 lse = event.lse.detach() if event.lse is not None else row_lse(q, k, rec.scale, rec.mask, event.softcap)
@@ -180,9 +180,12 @@ class RecordBuilder:
                 merged.append((a, b))
         return tuple(merged)
 
-    def _stage_attn(self, attn: torch.Tensor, shift: int, rec: Record | None = None) -> torch.Tensor:
+    def _stage_attn(
+        self, attn: torch.Tensor, shift: int, rec: Record | None = None, ours: bool = False
+    ) -> torch.Tensor:
         """Stage probabilities over the kernel's keys, with ``shift`` zero columns before them; with
-        ``rec`` and row windows, only the chosen rows (``rec.attn_rows`` set)."""
+        ``rec`` and row windows, only the chosen rows (``rec.attn_rows`` set). ``ours``: attnhooks
+        computed ``attn`` (nobody else holds it), so on the CPU it is kept without a copy."""
         if rec is not None:
             windows = self._windows(rec, int(attn.shape[2]))
             if windows is not None:
@@ -192,7 +195,7 @@ class RecordBuilder:
         if shift:
             with isolated(attn.device):
                 return self.stager.stage(torch.nn.functional.pad(attn.float(), (shift, 0)), owned=True)
-        return self.stager.stage(attn.float(), owned=attn.dtype != torch.float32)
+        return self.stager.stage(attn.float(), owned=ours or attn.dtype != torch.float32)
 
     def _from_eager(self, rec: Record, event: AttentionEvent, shift: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Probabilities the model materialised and, when wanted, their lse; scale and mask

@@ -151,6 +151,8 @@ class Passes:
         self.capturing = True
         self.captured.add(self.cap._recorder.step)
         self.cap._stack.clear()
+        if self.cap._registry.narrow:
+            return  # the registry wrapper pushes the mode around each call it wraps (plan.py)
         self._fastpath = torch.backends.mha.get_fastpath_enabled()
         torch.backends.mha.set_fastpath_enabled(False)
         self.cap._mode.__enter__()  # type: ignore[no-untyped-call]
@@ -168,8 +170,10 @@ class Passes:
             else:
                 self.cap.writer.end_step()
         self.cap._mode.forget()
+        self.cap._plan.learn(failed)
         try:
-            self.cap._mode.__exit__(None, None, None)  # type: ignore[no-untyped-call]
+            if not self.cap._registry.narrow:
+                self.cap._mode.__exit__(None, None, None)  # type: ignore[no-untyped-call]
         finally:
             if self._fastpath is not None:
                 torch.backends.mha.set_fastpath_enabled(self._fastpath)

@@ -45,10 +45,30 @@ def unwrap(model: nn.Module) -> list[nn.Module]:
 
 def named_modules(model: nn.Module) -> dict[str, nn.Module]:
     """``{name: module}`` with wrapper segments left out of the names; where a wrapper and the
-    module it wraps get the same name, the name is the wrapped module's (the one that computes)."""
-    named = {}
-    for name, module in model.named_modules():
-        named[".".join(p for p in name.split(".") if p not in WRAPPER_SEGMENTS)] = module
+    module it wraps get the same name, the name is the wrapped module's (the one that computes).
+
+    The names and their order are those of ``model.named_modules()`` (pre-order, a module met twice
+    named once, by its first name), walked without a generator per module: a capture is made per
+    step in a training loop, so this runs once per step.
+    """
+    named: dict[str, nn.Module] = {}
+    seen: set[int] = set()
+    todo: list[tuple[str, nn.Module]] = [("", model)]
+    pop, push = todo.pop, todo.append
+    while todo:
+        name, module = pop()
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        named[name] = module
+        children = module._modules
+        if not children:
+            continue
+        prefix = name + "." if name else ""
+        for key in reversed(children):
+            child = children[key]
+            if child is not None:
+                push((name if key in WRAPPER_SEGMENTS else prefix + key, child))
     return named
 
 
@@ -67,7 +87,7 @@ class Selection:
         return self.names.get(id(module))
 
 
-def select(model: nn.Module, modules: Modules) -> Selection:
+def select(model: nn.Module, modules: Modules, named: dict[str, nn.Module] | None = None) -> Selection:
     """Resolve a ``modules=`` argument on ``model`` (already unwrapped).
 
     Args:
@@ -75,12 +95,13 @@ def select(model: nn.Module, modules: Modules) -> Selection:
         modules: None for all; a glob (``"model.layers.*.self_attn"``, see :func:`glob_regex`);
             a list of names or globs;
             or a predicate ``(name, module) -> bool``.
+        named: ``named_modules(model)`` when the caller has it already.
 
     Raises:
         ModuleSelectionError: a name or glob matches no module (the message lists near matches),
             or a predicate selects nothing.
     """
-    named = named_modules(model)
+    named = named_modules(model) if named is None else named
     by_name = {name: id(m) for name, m in named.items()}
     if modules is None:
         return Selection({mid: name for name, mid in by_name.items()}, everything=True)

@@ -22,6 +22,7 @@ from attnhooks.capturing.intercept.hf import RegistryPatch
 from attnhooks.capturing.intercept.mode import AttentionMode
 from attnhooks.capturing.options import CaptureOptions
 from attnhooks.capturing.passes import Passes
+from attnhooks.capturing.plan import REGISTRY, Plan
 from attnhooks.capturing.record import Record
 from attnhooks.capturing.recorder import Recorder
 from attnhooks.capturing.select import named_modules, select, unwrap, warn_silent
@@ -56,8 +57,8 @@ class Capture:
         self.model = model
         self.options = options
         self._chain = unwrap(model)
-        self._selection = select(self._chain[-1], options.modules)
         self._modules_by_name = named_modules(self._chain[-1])
+        self._selection = select(self._chain[-1], options.modules, self._modules_by_name)
         self.every = options.every
         self._recorder = Recorder(options.record)
         self._progress = _progress_bar if options.progress else None
@@ -69,9 +70,10 @@ class Capture:
         self.tokenizer = options.tokenizer
         self.writer: StepSink | None = None
         self._mode = AttentionMode(self)
-        self._registry = RegistryPatch(self, lambda: self._recorder.events, self._mode)
         self._exit: ExitStack | None = None
         self._stack: list[str] = []  # the selected modules running now, innermost last
+        self._registry = RegistryPatch(self, lambda: self._recorder.events, self._mode, self._stack)
+        self._plan = Plan(self._chain, self._modules_by_name, self._selection.names.values())
         self._checked_silent = False
         self._passes = Passes(self)
 
@@ -184,19 +186,20 @@ class Capture:
             stack.callback(self._bar.close)
         if self._open_store_with is not None:
             self._open_store(stack)
+        narrow = self._plan.choose() == REGISTRY  # only the registry wrapper runs Python (see plan.py)
         for root in self._chain:
             stack.callback(root.register_forward_pre_hook(self._passes.root_pre, with_kwargs=True).remove)
             # prepend: when captures nest on one model, the last one opened closes first (LIFO)
             post = root.register_forward_hook(self._passes.root_post, prepend=True, always_call=True)
             stack.callback(post.remove)
-        for name, module in self._modules_by_name.items():
+        for name, module in self._modules_by_name.items() if not narrow else ():
             if self._selection.names.get(id(module)) != name:
                 continue
             if self._selection.everything and name and not _may_own_attention(module):
                 continue  # torch's own leaf layers (Linear, norms, dropout...) never compute attention
             stack.callback(module.register_forward_pre_hook(self._push).remove)
             stack.callback(module.register_forward_hook(self._pop, always_call=True).remove)
-        self._registry.install()
+        self._registry.install(narrow)
         stack.callback(self._registry.remove)
         stack.callback(self._passes.watch.close)
         for obj in self._chain:
@@ -238,6 +241,8 @@ class Capture:
             return None
         if module is not None:
             name = self._selection.name_of(module)
+            if name is None and self._registry.narrow:
+                name = self._plan.owner_of(module, self._selection.names)
             if name is not None:
                 return name
         return self._stack[-1] if self._stack else None
@@ -251,6 +256,7 @@ class Capture:
         return None
 
     def on_attention(self, owner: str, event: AttentionEvent) -> None:
+        self._plan.saw(through_registry=self._registry.depth > 0)
         module = self._modules_by_name.get(owner)
         cross = getattr(module, "is_cross_attention", None)
         self._recorder.take(owner, event, cross if isinstance(cross, bool) else None)

@@ -35,14 +35,20 @@ class RegistryPatch:
     A no-op when transformers has not been imported (then no model of it can be running).
     """
 
-    def __init__(self, sink: Sink, counter: Callable[[], int], mode: Any) -> None:
+    def __init__(self, sink: Sink, counter: Callable[[], int], mode: Any, running: list[str]) -> None:
         self._sink = sink
         self._count = counter
         self._mode = mode
+        self._running = running  # the capture's stack of running owners
         self._installed: list[tuple[MutableMapping[str, Any], str, Any, Any]] = []
         self.active = False
+        self.narrow = False  # the "registry" plan: the mode is pushed only around a wrapped call
+        self.depth = 0  # wrapped calls running now
 
-    def install(self) -> None:
+    def install(self, narrow: bool = False) -> None:
+        """Wrap the registry's entries; ``narrow``: also push the mode (and name the owner) around each
+        wrapped call, for a capture that pushes it nowhere else (:mod:`attnhooks.capturing.plan`)."""
+        self.narrow = narrow
         module = sys.modules.get("transformers.modeling_utils")
         interface = getattr(module, "AttentionInterface", None)
         mapping = getattr(interface, "_global_mapping", None)
@@ -69,7 +75,7 @@ class RegistryPatch:
         self.active = True
 
     def remove(self) -> None:
-        self.active = False
+        self.active = self.narrow = False
         for table, name, fn, wrapped in reversed(self._installed):
             if table.get(name) is wrapped:
                 table[name] = fn
@@ -83,16 +89,28 @@ class RegistryPatch:
             owner = self._sink.owner(module) if self.active else None
             if owner is None:
                 return fn(module, query, key, value, attention_mask, *args, **kwargs)
-            seen, outer = self._count(), self._mode.registry_shapes
-            self._mode.registry_shapes = (query.shape, key.shape)
+            seen, outer, mode = self._count(), self._mode.registry_shapes, self._mode
+            mode.registry_shapes = (query.shape, key.shape)
+            self.depth += 1
             try:
-                out = fn(module, query, key, value, attention_mask, *args, **kwargs)
+                if self.narrow:
+                    self._running.append(owner)
+                    mode.__enter__()
+                    try:
+                        out = fn(module, query, key, value, attention_mask, *args, **kwargs)
+                    finally:
+                        mode.__exit__(None, None, None)
+                        self._running.pop()
+                else:
+                    out = fn(module, query, key, value, attention_mask, *args, **kwargs)
+                mode.registry_shapes = outer
+                if self._count() == seen:
+                    event = _event(name, module, query, key, value, attention_mask, out, kwargs)
+                    if event is not None:
+                        self._sink.on_attention(owner, event)
             finally:
-                self._mode.registry_shapes = outer
-            if self._count() == seen:
-                event = _event(name, module, query, key, value, attention_mask, out, kwargs)
-                if event is not None:
-                    self._sink.on_attention(owner, event)
+                self.depth -= 1
+                mode.registry_shapes = outer
             return out
 
         wrapper.__attnhooks_original__ = fn  # type: ignore[attr-defined]

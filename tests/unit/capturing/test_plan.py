@@ -1,0 +1,127 @@
+"""The interception plan: a Hugging Face model whose calls all come through the attention registry is
+captured through the registry alone from its second capture on, with records identical to the full
+torch-function mode's; anything else keeps the mode."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import attnhooks
+from attnhooks.capturing import plan
+from attnhooks.capturing.select import WRAPPER_SEGMENTS, named_modules
+from tests import models
+
+
+def _run(model, fn, **kw):
+    with torch.no_grad(), attnhooks.capture(model, **kw) as cap:
+        out = fn()
+    return cap, out
+
+
+def _same_records(a, b):
+    assert [(r.module, r.call, r.step, r.q_offset, r.k_offset, r.k_len, r.source) for r in a] == [
+        (r.module, r.call, r.step, r.q_offset, r.k_offset, r.k_len, r.source) for r in b
+    ]
+    for x, y in zip(a, b):
+        for name in ("q", "k", "attn", "lse"):
+            tx, ty = getattr(x, name), getattr(y, name)
+            assert (tx is None) == (ty is None), name
+            assert tx is None or torch.equal(tx, ty), f"{x.module} {name} differs between the plans"
+        assert x.scale == y.scale and x.mask.causal == y.mask.causal and x.mask.offset == y.mask.offset
+        assert (x.mask.dense is None) == (y.mask.dense is None)
+        assert x.mask.key_valid is None or torch.equal(x.mask.key_valid, y.mask.key_valid)
+
+
+@pytest.mark.parametrize(
+    "record, modules",
+    [(("q", "k", "lse"), None), (("attn", "q", "k"), "model.layers.*"), (("summary",), "model.layers.*.self_attn")],
+)
+def test_registry_plan_records_exactly_what_the_mode_records(record, modules):
+    model = models.llama()
+    x, mask = models.ids(batch=2, length=6, pad_last=2)
+
+    def gen():
+        return model.generate(input_ids=x, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
+
+    first, out1 = _run(model, gen, record=record, modules=modules)
+    second, out2 = _run(model, gen, record=record, modules=modules)
+    assert first._plan.kind == plan.MODE and second._plan.kind == plan.REGISTRY
+    assert torch.equal(out1, out2)
+    assert len(first.records) == 2 * 4 and {r.call for r in first.records} == {0}
+    _same_records(first.records, second.records)
+    forward1, _ = _run(model, lambda: model(x, attention_mask=mask), record=record, modules=modules)
+    forward2, _ = _run(model, lambda: model(x, attention_mask=mask), record=record, modules=modules)
+    assert forward2._plan.kind == plan.REGISTRY
+    _same_records(forward1.records, forward2.records)
+    plan.forget(model)
+    third, _ = _run(model, gen, record=record, modules=modules)
+    assert third._plan.kind == plan.MODE
+
+
+def test_the_plan_is_learned_per_selection_and_only_from_captured_units():
+    model = models.llama()
+    x, _ = models.ids(batch=1, length=5)
+    with torch.no_grad(), attnhooks.capture(model, record=("q",), every=2) as cap:
+        model(x)
+        model(x)  # step 1: not captured
+    assert cap._plan.kind == plan.MODE
+    other, _ = _run(model, lambda: model(x), record=("q",), modules="model.layers.0.self_attn")
+    assert other._plan.kind == plan.MODE, "learned for another selection"
+    again, _ = _run(model, lambda: model(x), record=("q",))
+    assert again._plan.kind == plan.REGISTRY, "every=2 captured step 0 under the mode"
+
+
+def test_eager_models_and_models_of_other_modules_keep_the_mode():
+    eager = models.llama("eager")
+    x, _ = models.ids(batch=1, length=5)
+    for _ in range(2):
+        cap, _ = _run(eager, lambda: eager(x), record=("q", "k"))
+        assert cap._plan.kind == plan.MODE and len(cap.records) == 2
+    wrapped = nn.Sequential(models.llama())
+    for _ in range(2):
+        cap, _ = _run(wrapped, lambda: wrapped(x), record=("q",))
+        assert cap._plan.kind == plan.MODE and len(cap.records) == 2
+
+
+def test_a_call_outside_the_registry_keeps_the_mode():
+    model = models.llama()
+    attn = model.model.layers[1].self_attn
+
+    def own_sdpa(hidden_states, position_embeddings=None, attention_mask=None, **kw):
+        b, n, _ = hidden_states.shape
+        q = attn.q_proj(hidden_states).view(b, n, -1, 16).transpose(1, 2)
+        k = attn.k_proj(hidden_states).view(b, n, -1, 16).transpose(1, 2)
+        v = attn.v_proj(hidden_states).view(b, n, -1, 16).transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        return attn.o_proj(y.transpose(1, 2).reshape(b, n, -1)), None
+
+    attn.forward = own_sdpa  # a transformers class whose instance computes attention itself
+    x, _ = models.ids(batch=1, length=5)
+    for _ in range(2):
+        cap, _ = _run(model, lambda: model(x, use_cache=False), record=("q",))
+        assert cap._plan.kind == plan.MODE
+        assert [r.source for r in cap.records] == ["sdpa", "sdpa"]
+
+
+def _reference_names(model):
+    named = {}
+    for name, module in model.named_modules():
+        named[".".join(p for p in name.split(".") if p not in WRAPPER_SEGMENTS)] = module
+    return named
+
+
+def test_named_modules_match_torch_names_with_wrapper_segments_left_out():
+    shared = nn.Linear(2, 2)
+    inner = nn.Sequential(nn.Linear(2, 2), shared)
+    model = nn.Module()
+    model.add_module("_orig_mod", nn.Sequential(inner, shared))
+    model.add_module("head", nn.ModuleDict({"_checkpoint_wrapped_module": nn.Linear(2, 2), "b": None, "c": inner}))
+    model.add_module("tail", shared)
+    ours = named_modules(model)
+    assert list(ours) == list(_reference_names(model))
+    assert all(ours[n] is m for n, m in _reference_names(model).items())
+    llama = models.llama()
+    assert list(named_modules(llama)) == [n for n, _ in llama.named_modules()]
