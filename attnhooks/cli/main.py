@@ -33,6 +33,8 @@ VIEW_NAMES = (
     "patch",
     "cross",
 )
+# views across steps (attnhooks.viewer.dynamics): a metric per head over training, from a store or TensorBoard logs
+STEP_VIEWS = ("dynamics",)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -116,7 +118,8 @@ def _build_parser() -> argparse.ArgumentParser:
 
     view = sub.add_parser("view", help="draw a view of a store into an image file")
     view.add_argument("store")
-    view.add_argument("view", choices=VIEW_NAMES, metavar="VIEW", help=f"one of: {', '.join(VIEW_NAMES)}")
+    views = VIEW_NAMES + STEP_VIEWS
+    view.add_argument("view", choices=views, metavar="VIEW", help=f"one of: {', '.join(views)}")
     view.add_argument("-o", "--output", required=True, type=Path, help="FILE.png, FILE.svg or FILE.pdf")
     _add_where(view)
     view.add_argument("--head", type=int, default=0, help="head (heatmap, qk, compare; default 0)")
@@ -129,6 +132,7 @@ def _build_parser() -> argparse.ArgumentParser:
     view.add_argument("--against-step", type=int, help="a second step of the same store to compare with")
     view.add_argument("--token", type=_ints, help="text token index(es) of the cross view, e.g. 2 or 2,3")
     view.add_argument("--image", type=Path, help="an image to draw the patch / cross map over")
+    view.add_argument("--metric", default="induction", help="dynamics: the head metric drawn (default induction)")
     view.add_argument("--dpi", type=int, default=150)
     view.set_defaults(run=_view)
 
@@ -226,6 +230,12 @@ def _view(args: argparse.Namespace) -> None:
 
     if args.output.suffix.lower() not in FIGURE_SUFFIXES:
         raise ViewError(f"-o {args.output}: the file must end in {', '.join(FIGURE_SUFFIXES)}")
+    if args.view == "dynamics":
+        from attnhooks.viewer.dynamics import render_dynamics
+
+        modules = args.modules or ([args.module] if args.module else None)
+        _save(render_dynamics(args.store, args.metric, modules=modules, rank=args.rank), args)
+        return
 
     options: dict[str, Any] = {"method": args.method}
     for name in ("head", "heads", "rows", "cols", "topk", "token", "modules", "against_step"):
@@ -249,6 +259,10 @@ def _view(args: argparse.Namespace) -> None:
         call=args.call,
         **options,
     )
+    _save(fig, args)
+
+
+def _save(fig: Any, args: argparse.Namespace) -> None:
     args.output.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.output, dpi=args.dpi)
     print(args.output)

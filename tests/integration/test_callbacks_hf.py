@@ -49,13 +49,17 @@ def tiny_gpt2() -> GPT2LMHeadModel:
 
 def train(out: Path, callbacks: list[Any], report: list[str], **extra: Any) -> tuple[Trainer, GPT2LMHeadModel]:
     model = tiny_gpt2()
-    settings: dict[str, Any] = {"eval_strategy": "steps", "eval_steps": 2, **extra}
+    settings: dict[str, Any] = {
+        "eval_strategy": "steps",
+        "eval_steps": 2,
+        "gradient_accumulation_steps": 2,
+        "max_steps": 5,
+        **extra,
+    }
     args = TrainingArguments(
         output_dir=str(out),
         per_device_train_batch_size=4,
         per_device_eval_batch_size=4,
-        gradient_accumulation_steps=2,
-        max_steps=5,
         logging_steps=1,
         report_to=report,
         seed=0,
