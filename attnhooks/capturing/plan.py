@@ -73,6 +73,7 @@ class Plan:
         self._signature: tuple[object, ...] | None = _signature(chain, modules)
         self._key = (self._signature, frozenset(selected)) if self._signature is not None else None
         self.kind = MODE
+        self.learned = False  # a unit of this capture showed the registry sees every call
         self.events = 0  # attention events seen in the current captured unit
         self.outside = 0  # of those, events that did not come through the registry
         self._owners: dict[int, str | None] = {}
@@ -97,8 +98,9 @@ class Plan:
         events, outside, self.events, self.outside = self.events, self.outside, 0, 0
         if self.kind != MODE or self._key is None or failed or events == 0:
             return
+        self.learned = outside == 0
         with _LOCK:
-            _LEARNED.setdefault(self._root, {})[self._key] = outside == 0
+            _LEARNED.setdefault(self._root, {})[self._key] = self.learned
 
     def owner_of(self, module: nn.Module, named: dict[int, str]) -> str | None:
         """Under the ``"registry"`` plan: the innermost selected module among ``module`` and its

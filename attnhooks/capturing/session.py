@@ -74,6 +74,7 @@ class Capture:
         self._stack: list[str] = []  # the selected modules running now, innermost last
         self._registry = RegistryPatch(self, lambda: self._recorder.events, self._mode, self._stack)
         self._plan = Plan(self._chain, self._modules_by_name, self._selection.names.values())
+        self._module_hooks: list[Any] = []  # the selected modules' pre/post hooks (the "mode" plan)
         self._checked_silent = False
         self._passes = Passes(self)
 
@@ -174,6 +175,7 @@ class Capture:
                 stack.close()
             self._passes.reset()
             self._stack.clear()
+            self._module_hooks.clear()
 
     def _install(self, stack: ExitStack) -> None:
         process = current(require=self.options.distributed is True)
@@ -197,8 +199,12 @@ class Capture:
                 continue
             if self._selection.everything and name and not _may_own_attention(module):
                 continue  # torch's own leaf layers (Linear, norms, dropout...) never compute attention
-            stack.callback(module.register_forward_pre_hook(self._push).remove)
-            stack.callback(module.register_forward_hook(self._pop, always_call=True).remove)
+            for handle in (
+                module.register_forward_pre_hook(self._push),
+                module.register_forward_hook(self._pop, always_call=True),
+            ):
+                stack.callback(handle.remove)
+                self._module_hooks.append(handle)
         self._registry.install(narrow)
         stack.callback(self._registry.remove)
         stack.callback(self._passes.watch.close)
@@ -225,6 +231,15 @@ class Capture:
         self._recorder.listener = self._recorder.admit = None
         if writer is not None:
             writer.close()
+
+    def narrow(self) -> None:
+        """Between captured units: switch to the ``"registry"`` plan once a unit of this capture showed
+        that the registry sees every call (:mod:`attnhooks.capturing.plan`); the module hooks go."""
+        for handle in self._module_hooks:
+            handle.remove()
+        self._module_hooks.clear()
+        self._registry.narrow = True
+        self._plan.kind = REGISTRY
 
     # -- hooks ----------------------------------------------------------------------------------
     def _push(self, module: nn.Module, args: Any) -> None:

@@ -125,3 +125,17 @@ def test_named_modules_match_torch_names_with_wrapper_segments_left_out():
     assert all(ours[n] is m for n, m in _reference_names(model).items())
     llama = models.llama()
     assert list(named_modules(llama)) == [n for n, _ in llama.named_modules()]
+
+
+def test_a_capture_held_open_switches_to_the_registry_plan_after_its_first_unit():
+    model = models.llama()
+    x, mask = models.ids(batch=2, length=6, pad_last=2)
+    with torch.no_grad(), attnhooks.capture(model, record=("q", "k", "attn")) as cap:
+        model(x, attention_mask=mask)
+        assert cap._plan.kind == plan.MODE and cap._module_hooks
+        model(x, attention_mask=mask)
+        assert cap._plan.kind == plan.REGISTRY and not cap._module_hooks
+    steps = [[r for r in cap.records if r.step == s] for s in (0, 1)]
+    for r in steps[1]:
+        r.step = 0
+    _same_records(steps[0], steps[1])
