@@ -101,3 +101,15 @@ def test_the_query_key_view_recomputes_the_stored_row(watched, exported):
     assert stored.get_attribute("data-col") == "7"
     assert float(stored.get_attribute("data-value")) == float(st.attention(st.modules[0], heads=1, rows=4, cols=7))
     assert not watched.errors
+
+
+def test_the_notebook_display_renders_inline(watched, exported):
+    st, _ = exported
+    page = watched.page
+    page.set_content(f"<div class='output'>{store_html(st, views=('model', 'head'))._repr_html_()}</div>")
+    frame = page.frame_locator("iframe")
+    frame.locator("body[data-ready='1']").wait_for(timeout=30_000)
+    assert frame.locator("#ah-grid canvas").count() == 2 * 4
+    watched.screenshot_is_not_blank()
+    assert not [r for r in watched.requests if not r.startswith(("about:", "data:"))]
+    assert not watched.errors
