@@ -51,21 +51,28 @@ class RecordBuilder:
     options: RecordOptions
     stager: Stager
 
+    def __post_init__(self) -> None:
+        want = self.options.record
+        self._q, self._k, self._attn, self._lse = "q" in want, "k" in want, "attn" in want, "lse" in want
+        self._summary = "summary" in want
+        self._rows_lse = self._lse or self._summary  # the row log-sum-exp is needed
+
     def nbytes(self, event: AttentionEvent, k_new: int, shift: int) -> int:
         """Host bytes the record of ``event`` will hold (what a store's budget must admit); its new
         keys start at the kernel's key ``k_new``."""
-        want = self.options.record
         b, h, q_len, k_len = event.shape
         total = 0
-        if "q" in want and event.q is not None:
-            total += event.q.numel() * event.q.element_size()
-        if "k" in want and event.k is not None:
-            total += event.k[:, :, k_new:].numel() * event.k.element_size()
-        if "attn" in want:
+        q, k = event.q, event.k
+        if self._q and q is not None:
+            total += q.numel() * q.element_size()
+        if self._k and k is not None:
+            kb, kh, kn, kd = k.shape
+            total += kb * kh * max(0, kn - k_new if k_new >= 0 else min(kn, -k_new)) * kd * k.element_size()
+        if self._attn:
             total += b * h * q_len * (k_len + shift) * 4
-        if "lse" in want:
+        if self._lse:
             total += b * h * q_len * 4
-        if "summary" in want:
+        if self._summary:
             s = self.options.summary
             total += b * h * (q_len * (2 + 2 * s.topk + s.band) + k_len + shift + 2 * s.pooled**2) * 4
         return total
@@ -83,7 +90,6 @@ class RecordBuilder:
     ) -> Record:
         """The record of one call. Its attn, lse and mask are computed over the kernel's keys, then
         moved ``shift`` positions right when a rolling cache dropped that many keys."""
-        want = self.options.record
         q, k = event.q, event.k
         rec = Record(
             module=owner,
@@ -98,9 +104,9 @@ class RecordBuilder:
             mask=event.mask or MaskSpec(),
             softcap=event.softcap or None,
         )
-        if "q" in want and q is not None:
+        if self._q and q is not None:
             rec.q = self.stager.stage(q)
-        if "k" in want and k is not None:
+        if self._k and k is not None:
             rec.k = self.stager.stage(k[:, :, k_offset - shift :])
         attn = None
         lse = None
@@ -108,12 +114,12 @@ class RecordBuilder:
             attn, lse = self._from_eager(rec, event, shift)
         elif event.attn is not None:  # probabilities given without scores (attnhooks.emit)
             attn = event.attn.detach()
-            if "attn" in want:
+            if self._attn:
                 rec.attn = self._stage_attn(attn, shift, rec)
-        elif "attn" in want and q is not None and k is not None:
+        elif self._attn and q is not None and k is not None:
             windows = self._windows(rec, event.shape[2])
             if windows is None:
-                with_lse = bool({"lse", "summary"} & want) and event.lse is None
+                with_lse = self._rows_lse and event.lse is None
                 attn, lse = attention_probs(q, k, rec.scale, rec.mask, softcap=event.softcap, with_lse=with_lse)
                 rec.attn = self._stage_attn(attn, shift, ours=True)
             elif windows:  # only the chosen rows: never the whole matrix
@@ -122,20 +128,20 @@ class RecordBuilder:
                     for a, b in windows
                 ]
                 rec.attn, rec.attn_rows = self._stage_attn(torch.cat(parts, dim=2), shift, ours=True), windows
-        if {"lse", "summary"} & want and q is not None and k is not None:
+        if self._rows_lse and q is not None and k is not None:
             if lse is None:  # the kernel's, or computed block by block (no n x n matrix)
                 lse = event.lse.detach() if event.lse is not None else row_lse(q, k, rec.scale, rec.mask, event.softcap)
-            if "lse" in want and rec.lse is None:
+            if self._lse and rec.lse is None:
                 rec.lse = self.stager.stage(lse, owned=True)
-            if "summary" in want:
-                rec.summary = self._summary(rec, event, lse, shift)
+            if self._summary:
+                rec.summary = self._summary_of(rec, event, lse, shift)
         if self.options.verify and event.v is not None and event.out is not None and q is not None and k is not None:
-            self._verify(rec, event, attn if "attn" in want else None)
+            self._verify(rec, event, attn if self._attn else None)
         if shift:
             rec.mask = shifted(rec.mask, shift, event.shape)
         return rec
 
-    def _summary(self, rec: Record, event: AttentionEvent, lse: torch.Tensor, shift: int) -> dict[str, torch.Tensor]:
+    def _summary_of(self, rec: Record, event: AttentionEvent, lse: torch.Tensor, shift: int) -> dict[str, torch.Tensor]:
         """The call's reductions, staged; in stream positions when a rolling cache dropped keys.
         A continuation adds its rows (and its column sums); the overview map is the first call's."""
         assert event.q is not None and event.k is not None

@@ -112,7 +112,8 @@ class Recorder:
         if cross is None:
             cross = stream.cross if stream else looks_cross(event, self._past.length)
         event, q_offset, k_offset, shift = self._place(owner, call, stream, event, cross)
-        nbytes = self.builder.nbytes(event, k_offset - shift, shift)
+        counted = self.admit is not None or self.listener is not None  # in memory, nothing counts the bytes
+        nbytes = self.builder.nbytes(event, k_offset - shift, shift) if counted else 0
         if self.admit is not None and not self.admit(nbytes):
             self.dropping = True
             return None
@@ -120,10 +121,14 @@ class Recorder:
         parents = self._past.parents if stream and not cross else None
         if parents is not None and rec.k is not None:
             rec.parents = key_parents(parents, int(rec.k.shape[2]))
-        self._streams[(owner, call)] = _Stream(q_offset + event.shape[2], event.shape[3] + shift, cross)
+        _, _, q_len, k_len = event.shape
+        if stream is None:
+            stream = self._streams[(owner, call)] = _Stream(q_offset + q_len, k_len + shift, cross)
+        else:
+            stream.rows, stream.keys, stream.cross, stream.tail = q_offset + q_len, k_len + shift, cross, None
         if not cross and event.k is not None and (self._continuing or self._past.length is not None):
             with torch._C.DisableTorchFunction():  # a forward with a KV cache: the next one is checked against these
-                self._streams[(owner, call)].tail = event.k.detach()[:, :, -_TAIL:].clone()
+                stream.tail = event.k.detach()[:, :, -_TAIL:].clone()
         if event.dropout > 0:
             self.dropout(owner, event.dropout, rec)
         ready = self.stager.seal()

@@ -75,6 +75,7 @@ class Capture:
         self._registry = RegistryPatch(self, lambda: self._recorder.events, self._mode, self._stack)
         self._plan = Plan(self._chain, self._modules_by_name, self._selection.names.values())
         self._module_hooks: list[Any] = []  # the selected modules' pre/post hooks (the "mode" plan)
+        self._cross: dict[str, bool | None] = {}  # a module's own is_cross_attention, if it says
         self._checked_silent = False
         self._passes = Passes(self)
 
@@ -272,9 +273,11 @@ class Capture:
 
     def on_attention(self, owner: str, event: AttentionEvent) -> None:
         self._plan.saw(through_registry=self._registry.depth > 0)
-        module = self._modules_by_name.get(owner)
-        cross = getattr(module, "is_cross_attention", None)
-        self._recorder.take(owner, event, cross if isinstance(cross, bool) else None)
+        cross = self._cross.get(owner, 0)
+        if cross == 0:  # looked up once per module: nn.Module's __getattr__ is slow for a missing name
+            flag = getattr(self._modules_by_name.get(owner), "is_cross_attention", None)
+            cross = self._cross[owner] = flag if isinstance(flag, bool) else None
+        self._recorder.take(owner, event, cross)
         if self._bar is not None:
             written = f", {self.writer.bytes_written / 2**20:.0f} MiB written" if self.writer is not None else ""
             self._bar.set_postfix_str(f"step {self._recorder.step} {owner}{written}", refresh=False)
@@ -284,7 +287,7 @@ class Capture:
         self._recorder.dropout(owner, p)
 
     def wants_lse(self) -> bool:
-        return bool({"lse", "summary"} & self._recorder.options.record)
+        return self._recorder.builder._rows_lse
 
     # -- tokens -------------------------------------------------------------------------------------
     def _auto_tokens(self, args: Any, kwargs: dict[str, Any]) -> None:

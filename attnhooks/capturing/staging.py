@@ -33,8 +33,11 @@ class Stager:
             owned: ``t`` was made by attnhooks and nobody else holds it: on the CPU no copy is made.
         """
         t = t.detach()
-        if t.device.type != "cuda":
-            return t if owned and t.device.type == "cpu" else t.to("cpu", copy=True)
+        kind = t.device.type
+        if kind == "cpu":
+            return t if owned else t.clone()
+        if kind != "cuda":
+            return t.to("cpu", copy=True)
         stream = self._stream(t.device)
         host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
         stream.wait_stream(torch.cuda.current_stream(t.device))

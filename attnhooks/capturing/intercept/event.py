@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -50,16 +50,21 @@ class AttentionEvent:
     module: torch.nn.Module | None = None
     lse: torch.Tensor | None = None
     project: Callable[[torch.Tensor], torch.Tensor] | None = None
+    _shape: tuple[int, int, int, int] | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
-        """``(batch, heads, q_len, k_len)`` of the call."""
-        if self.attn is not None:
-            b, h, lq, lk = self.attn.shape
-            return int(b), int(h), int(lq), int(lk)
-        assert self.q is not None and self.k is not None  # every mechanism sets attn or q and k
-        b, h, lq, _ = self.q.shape
-        return int(b), int(h), int(lq), int(self.k.shape[2])
+        """``(batch, heads, q_len, k_len)`` of the call (read once: an event's tensors are not replaced;
+        ``dataclasses.replace`` makes a new event)."""
+        if self._shape is None:
+            if self.attn is not None:
+                b, h, lq, lk = self.attn.shape
+                self._shape = int(b), int(h), int(lq), int(lk)
+            else:
+                assert self.q is not None and self.k is not None  # every mechanism sets attn or q and k
+                b, h, lq, _ = self.q.shape
+                self._shape = int(b), int(h), int(lq), int(self.k.shape[2])
+        return self._shape
 
 
 class Sink(Protocol):
