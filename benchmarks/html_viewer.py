@@ -251,7 +251,7 @@ def screenshot(browser: Any, st: Any, path: Path) -> None:
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         url = proc.stdout.readline().strip() if proc.stdout else ""
-        page = browser.new_page(viewport={"width": 1140, "height": 900})
+        page = browser.new_page(viewport={"width": 1140, "height": 900}, bypass_csp=True)  # for wait_for_function
         page.goto(url)
         page.wait_for_selector("body[data-ready='1']", timeout=120_000)
         row = int(st.info("attn")["q_len"] * 0.62)

@@ -62,7 +62,9 @@ class Watched:
 
 @pytest.fixture
 def watched(browser):
-    context = browser.new_context(viewport={"width": 1200, "height": 900})
+    # Playwright's polling wait_for_function evaluates strings, which the pages' CSP forbids (no unsafe-eval);
+    # requests are checked by recording them, not by the CSP
+    context = browser.new_context(viewport={"width": 1200, "height": 900}, bypass_csp=True)
     page = context.new_page()
     w = Watched(page)
     page.on("request", lambda r: w.requests.append(r.url))
