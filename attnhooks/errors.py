@@ -27,6 +27,7 @@ __all__ = [
     "RecordOptionError",
     "SelectionError",
     "ShapeError",
+    "StoreBusyError",
     "StoreCorruptError",
     "StoreError",
     "StoreExistsError",
@@ -91,6 +92,10 @@ class StoreMismatchError(StoreError, ValueError):
 
 class StoreStateError(StoreError):
     """A store is in a state that does not allow the operation (e.g. left open by a killed writer)."""
+
+
+class StoreBusyError(StoreStateError):
+    """Another live writer holds the store's lease (one writer per store): names its host and pid."""
 
 
 class StoreWriteError(StoreError, OSError):

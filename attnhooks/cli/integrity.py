@@ -24,6 +24,11 @@ def add_parsers(sub: Any) -> None:
     rep.add_argument(
         "--check", action="store_true", help="change nothing: only verify the store (the same as attnhooks verify)"
     )
+    rep.add_argument(
+        "--force",
+        action="store_true",
+        help="repair even while a writer's lease looks live (only for a writer you know is gone)",
+    )
     rep.set_defaults(run=_repair)
 
 
@@ -53,7 +58,7 @@ def _repair(args: argparse.Namespace) -> None:
         return
     from attnhooks.read.repair import repair
 
-    print(repair(args.store))
+    print(repair(args.store, force=args.force))
 
 
 class _progress:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 from attnhooks.backends.base import Backend, backend_for
+from attnhooks.backends.lease import Lease, live_holders, stale_leases
 from attnhooks.backends.subtree import LAYOUT, group, present, subtree
-from attnhooks.errors import AttnHooksError, NotAStoreError, StoreWriteError
+from attnhooks.errors import AttnHooksError, NotAStoreError, StoreBusyError, StoreWriteError
 from attnhooks.read.store import Store
 from attnhooks.schema import STATUS_COMPLETE, STATUS_RECOVERED, STATUS_WRITING, trim
 
@@ -37,15 +39,44 @@ class RepairReport:
         return "\n".join(lines)
 
 
-def repair(location: str | os.PathLike[str], *, backend: str | None = None) -> RepairReport:
+def repair(location: str | os.PathLike[str], *, backend: str | None = None, force: bool = False) -> RepairReport:
     """Make a store left by a killed writer whole again: remove the engine's leftovers, cut every
-    array to the committed steps, and mark it ``recovered``. No writer may still be running.
+    array to the committed steps, and mark it ``recovered``.
 
     A complete store is left as it is (its leftovers, if any, are still removed). In a rank set
-    (written under ``torch.distributed``) every rank is repaired on its own.
+    (written under ``torch.distributed``) every rank is repaired on its own. A writer's lease
+    (:mod:`attnhooks.backends.lease`) left by a killed writer is removed; repair holds the lease itself
+    while it works, so no writer starts meanwhile.
+
+    Raises:
+        StoreBusyError: a live writer holds the store (repairing would cut what it is writing); with
+            ``force=True`` its lease is removed and the store repaired anyway: only for a writer you
+            know is gone (on another host, before its heartbeat timed out).
     """
     text = os.fspath(location)
     cls = backend_for(text, backend)
+    live = live_holders(text)
+    if live and not force:
+        raise StoreBusyError(
+            f"cannot repair {text} while a writer holds it: {'; '.join(map(str, live))}. Repair cuts the store to "
+            "its committed steps, under a running writer it would destroy what it writes; wait for it to finish, "
+            "or pass force=True (CLI: --force) if you know it is gone"
+        )
+    leases = [h.path for h in (live + stale_leases(text))]
+    for path in leases:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+    own = Lease.take(text, what="repair")
+    try:
+        report = _repair_store(text, cls)
+    finally:
+        if own is not None:
+            own.release()
+    report.removed[:0] = [f"lease {os.path.basename(path)}" for path in leases]
+    return report
+
+
+def _repair_store(text: str, cls: type[Backend]) -> RepairReport:
     try:
         removed = cls.cleanup(text)
         be = cls.open(text, "r+")

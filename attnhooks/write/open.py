@@ -9,9 +9,10 @@ from collections.abc import Callable
 from typing import Any
 
 from attnhooks.backends.base import Backend, Codec, backend_for
+from attnhooks.backends.lease import Lease
 from attnhooks.backends.subtree import LAYOUT
 from attnhooks.capturing.distributed import RankInfo
-from attnhooks.errors import AttnHooksError, StoreExistsError, StoreOptionError, StoreWriteError
+from attnhooks.errors import AttnHooksError, StoreBusyError, StoreExistsError, StoreOptionError, StoreWriteError
 from attnhooks.schema import SUPPORTED
 from attnhooks.write.ranks import open_rank
 from attnhooks.write.writer import StoreOptions, StoreWriter, dumps_options, parse_bytes, root_attrs
@@ -30,15 +31,45 @@ def opener(
 
     def open_writer(meta: dict[str, Any], rank: RankInfo | None) -> StoreWriter:
         meta = {**meta, "options": dumps_options(described)}
-        backend = open_backend(store, options, meta, rank)
+        lease = _lease(store, options.mode, rank)
         try:
-            discard = _discarder(store) if options.mode != "r+" and rank is None else None
-            return StoreWriter(backend, options, meta, appending=options.mode == "r+", discard=discard)
+            backend = open_backend(store, options, meta, rank)
+        except BaseException:
+            if lease is not None:
+                lease.release()
+            raise
+        discard = _discarder(store) if options.mode != "r+" and rank is None else None
+
+        def on_close(empty: bool) -> None:
+            try:
+                if empty and discard is not None:
+                    discard()  # a failed capture left the store it created empty: a retry must not find it
+            finally:
+                if lease is not None:
+                    lease.release()
+
+        try:
+            return StoreWriter(backend, options, meta, appending=options.mode == "r+", on_close=on_close)
         except BaseException:
             backend.close()
+            on_close(False)
             raise
 
     return open_writer
+
+
+def _lease(store: Location, mode: str, rank: RankInfo | None) -> Lease | None:
+    """The store's lease (one writer per store, :mod:`attnhooks.backends.lease`), taken before the store
+    is created or opened (a backend instance: before it is written); None for a store that takes none
+    (a URL, a memory store)."""
+    location = store.location if isinstance(store, Backend) else os.fspath(store)
+    what = {"w-": "create", "w": "overwrite", "r+": "append to"}[mode]
+    try:
+        return Lease.take(location, rank=None if rank is None else rank.rank, what=what)
+    except StoreBusyError as err:
+        if mode == "w-":  # two captures creating one store at once: the one that came second finds it existing
+            raise StoreExistsError(f"{location} is being created by another capture: {err}") from err
+        raise
 
 
 def _discarder(store: Location) -> Callable[[], None] | None:

@@ -60,10 +60,11 @@ class StoreWriter:
         options: StoreOptions,
         meta: dict[str, Any],
         appending: bool = False,
-        discard: Callable[[], None] | None = None,
+        on_close: Callable[[bool], None] | None = None,
     ) -> None:
         self.backend = backend
-        self._discard, self._abandoned = discard, False  # discard(): remove the store this writer created
+        # on_close(empty): called last at close; empty: a failed capture committed nothing
+        self._on_close, self._abandoned = on_close, False
         self.options = options
         self.budget = Budget(options.buffer)
         self.layout = ArrayLayout(backend, options)
@@ -188,8 +189,8 @@ class StoreWriter:
         self._closed = True
         self._queue.put(_STOP)
         self._thread.join()
-        if self._discard is not None and self._abandoned and self._commits.committed == 0:
-            self._discard()  # a failed capture left the store it created empty: the retry must not find it
+        if self._on_close is not None:
+            self._on_close(self._abandoned and self._commits.committed == 0)
         self.check()
 
     # -- writer thread --------------------------------------------------------------------------
