@@ -90,6 +90,12 @@
     for (let r = r0; r < r1; r++) for (let k = c0; k < c1; k++) out.push([r, k]);
     return out;
   }
+  function paintTile(tile) {
+    const h = tile.rows[1] - tile.rows[0], w = tile.cols[1] - tile.cols[0], canvas = document.createElement("canvas");
+    canvas.width = w; canvas.height = h;
+    AH.paint(canvas, h, w, (i, j) => AH.magma(Math.sqrt(tile.values[i * w + j] / S.tileMax)), 1);
+    tile.canvas = canvas;
+  }
   function loadTile(r, k) {
     const key = `${S.sel.module}|${S.sel.step}|${S.sel.sample}|${S.sel.head}|${S.sel.rank}|${r}|${k}`;
     if (S.tiles.has(key)) return S.tiles.get(key);
@@ -101,10 +107,13 @@
       .then((resp) => (resp.ok ? resp.arrayBuffer() : resp.json().then((b) => Promise.reject(new Error(b.error)))))
       .then((buf) => {
         tile.values = new Float32Array(buf);
-        const h = rows[1] - rows[0], w = cols[1] - cols[0], canvas = document.createElement("canvas");
-        canvas.width = w; canvas.height = h;
-        AH.paint(canvas, h, w, (i, j) => color(tile.values[i * w + j]), 1);
-        tile.canvas = canvas;
+        // exact tiles share their own scale: the 99.9th percentile of the tiles loaded for this head
+        const top = Float32Array.from(tile.values).sort()[Math.floor(0.999 * (tile.values.length - 1))];
+        if (top > S.tileMax) {
+          S.tileMax = top;
+          for (const t of S.tiles.values()) if (t.values && t !== tile) paintTile(t);
+        }
+        paintTile(tile);
         draw();
       })
       .catch((err) => { status.textContent = `tile ${rows}/${cols}: ${err.message}`; S.tiles.delete(key); });
@@ -140,7 +149,7 @@
     ctx.restore();
     labels(ctx);
     const shown = `rows ${Math.max(0, Math.floor(v.y0))}–${Math.min(c.q_len, Math.ceil(v.y0 + MH * v.cpp))}, keys ${Math.max(0, Math.floor(v.x0))}–${Math.min(c.k_len, Math.ceil(v.x0 + MW * v.cpp))}`;
-    status.textContent = `${c.q_len} x ${c.k_len} · ${shown} · ${v.cpp <= 1 ? `exact tiles (${exact} shown)` : `overview (${ov.source}, ${bq} x ${bk} cells per pixel block)`}`;
+    status.textContent = `${c.q_len} x ${c.k_len} · ${shown} · ${v.cpp <= 1 ? `exact tiles (${exact} shown; colour: square root up to ${AH.fmt(S.tileMax)})` : `overview (${ov.source}, ${bq} x ${bk} cells per pixel block)`}`;
     map.dataset.exactTiles = String(exact);
     sides();
   }
@@ -242,7 +251,7 @@
   }
 
   async function open() {
-    S.tiles.clear(); S.row = null; rowPanel.replaceChildren();
+    S.tiles.clear(); S.row = null; S.tileMax = 1e-12; rowPanel.replaceChildren();
     try {
       S.call = await getJSON(api("call"));
       const [ov, sm] = await Promise.all([getJSON(api("overview", { size: 256 })), getJSON(api("summary", { points: 320 }))]);
