@@ -259,9 +259,19 @@ class HDF5Backend:
 
     def close(self) -> None:
         self._datasets.clear()
+        raw = getattr(self._file, "_attnhooks_raw", None)
         if self._file.id.valid:
             with _io():
                 self._file.close()
+        if raw is not None:
+            raw.close()
+
+    def refresh(self) -> None:
+        """A reader: open the file again, to see what was committed since it was opened (HDF5 reads
+        its metadata once per open)."""
+        if self.readonly:
+            self.close()
+            self._file = _open_for_reading(self._path)
 
     @classmethod
     def discard(cls, location: str) -> None:
@@ -319,12 +329,21 @@ def _left_open(path: str) -> bool:
 
 
 def _open_for_reading(path: str) -> h5py.File:
+    """A reader's handle of ``path``. A file no writer holds is opened through a Python file object:
+    HDF5 shares one open file (and its metadata cache) among all handles of a path in a process, so
+    a second reader (or a refresh) opened the usual way would see what the first one read, not what
+    the file holds now. A file open for writing (SWMR, which needs HDF5's own file driver) is read in
+    SWMR mode."""
+    raw = open(path, "rb")  # noqa: SIM115 - h5py reads it until the handle closes (closed with it)
     try:
-        return h5py.File(path, "r")
+        file = h5py.File(raw, "r")
     except OSError as err:
+        raw.close()
         if "already open for write" not in str(err):
             raise NotAStoreError(f"{path} cannot be opened as HDF5: {err}") from err
-    return h5py.File(path, "r", swmr=True)  # a live writer, or one that was killed
+        return h5py.File(path, "r", swmr=True)  # a live writer, or one that was killed
+    file._attnhooks_raw = raw  # type: ignore[attr-defined]  # closed with the file (HDF5Backend.close)
+    return file
 
 
 def _open_or_explain(path: str) -> h5py.File:

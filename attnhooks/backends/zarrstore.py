@@ -213,6 +213,12 @@ class ZarrBackend:
         self._arrays.clear()
         self._groups.clear()
 
+    def refresh(self) -> None:
+        """Read the metadata again (zarr keeps each node's metadata from when it was opened)."""
+        self.close()
+        store = self._place.store(self.readonly)
+        self._root = zarr.open_group(store, mode="r" if self.readonly else "r+", zarr_format=3)
+
     @classmethod
     def cleanup(cls, location: str) -> list[str]:
         return _place(location).cleanup()

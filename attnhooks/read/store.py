@@ -70,7 +70,10 @@ class Store(TensorReads):
 
     def refresh(self) -> None:
         """Re-read the root metadata (a store still being written may have committed more steps;
-        a rank set may have gained ranks)."""
+        a rank set may have gained ranks): afterwards the store shows what is committed now."""
+        reopen = getattr(self._root, "refresh", None)  # optional: a backend that caches metadata
+        if reopen is not None and hasattr(self, "metadata"):
+            reopen()
         attrs = _checked(self._root.attrs(""), self.location)
         if attrs.get("layout") == LAYOUT:
             if self._set is None or self._set.head is not self:
