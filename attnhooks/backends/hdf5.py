@@ -342,7 +342,7 @@ def _open_for_reading(path: str) -> h5py.File:
         if "already open for write" not in str(err):
             raise NotAStoreError(f"{path} cannot be opened as HDF5: {err}") from err
         return h5py.File(path, "r", swmr=True)  # a live writer, or one that was killed
-    file._attnhooks_raw = raw  # type: ignore[attr-defined]  # closed with the file (HDF5Backend.close)
+    file._attnhooks_raw = raw  # closed with the file (HDF5Backend.close)
     return file
 
 
