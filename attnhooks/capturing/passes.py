@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 from attnhooks.capturing.kvcache import CacheWatch, Past, find_cache, past_length
+from attnhooks.capturing.plan import MODE
 from attnhooks.errors import CacheMismatchError, CaptureStateError, RecordOptionError
 
 if TYPE_CHECKING:
@@ -34,6 +35,7 @@ class Passes:
         self._gen_depth = 0
         self._step_used = False
         self._fastpath: bool | None = None
+        self._mode_pushed = False
         self._continuing: Past | None = None
 
     def take_step(self, step: int) -> None:
@@ -157,7 +159,9 @@ class Passes:
             return  # the registry wrapper pushes the mode around each call it wraps (plan.py)
         self._fastpath = torch.backends.mha.get_fastpath_enabled()
         torch.backends.mha.set_fastpath_enabled(False)
-        self.cap._mode.__enter__()  # type: ignore[no-untyped-call]
+        if self.cap._plan.kind == MODE:  # under the "torch" plan, each nn.MultiheadAttention pushes it
+            self.cap._mode.__enter__()  # type: ignore[no-untyped-call]
+            self._mode_pushed = True
 
     def close_unit(self, failed: bool = False) -> None:
         """The captured forward (or generate) ended; ``failed`` when it raised: the store then
@@ -174,7 +178,8 @@ class Passes:
         self.cap._mode.forget()
         self.cap._plan.learn(failed)
         try:
-            if not self.cap._registry.narrow:
+            if self._mode_pushed:
+                self._mode_pushed = False
                 self.cap._mode.__exit__(None, None, None)  # type: ignore[no-untyped-call]
         finally:
             if self._fastpath is not None:

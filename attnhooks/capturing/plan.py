@@ -17,6 +17,13 @@ Two plans:
     through Python. The owner of a call is the innermost selected module among the module the
     registry is given and its ancestors (what the module hooks would name).
 
+``"torch"``
+    For a model made only of ``torch.nn``'s own modules (``nn.TransformerEncoder`` and its kind),
+    whose attention can only be computed inside ``nn.MultiheadAttention``: the mode is pushed by
+    pre/post hooks of the ``nn.MultiheadAttention`` modules alone, around their own forward (which
+    is where the ``"mode"`` plan sees the call too), and the MHA fast path is switched off for the
+    captured unit as under the ``"mode"`` plan. Decided by construction, nothing learned.
+
 The ``"registry"`` plan is taken only when both hold:
 
 1. the model is eligible by construction: an unwrapped ``transformers.PreTrainedModel`` (no
@@ -40,10 +47,11 @@ from collections.abc import Iterable
 
 import torch.nn as nn
 
-__all__ = ["MODE", "REGISTRY", "Plan", "forget"]
+__all__ = ["MODE", "REGISTRY", "TORCH", "Plan", "forget"]
 
 MODE = "mode"
 REGISTRY = "registry"
+TORCH = "torch"
 
 # model -> {(signature, selection): True when a unit showed every call coming through the registry}
 _LEARNED: weakref.WeakKeyDictionary[nn.Module, dict[tuple[object, ...], bool]] = weakref.WeakKeyDictionary()
@@ -77,10 +85,14 @@ class Plan:
         self.events = 0  # attention events seen in the current captured unit
         self.outside = 0  # of those, events that did not come through the registry
         self._owners: dict[int, str | None] = {}
+        self._torch_only = len(chain) == 1 and all(
+            type(m).__module__.startswith("torch.nn.modules.") for m in modules.values()
+        )
 
     def choose(self) -> str:
-        """The plan for this capture (at ``__enter__``): ``"registry"`` when it was learned, else ``"mode"``."""
-        self.kind = MODE
+        """The plan for this capture (at ``__enter__``): ``"torch"`` for a model of torch.nn's own modules,
+        ``"registry"`` when it was learned, else ``"mode"``."""
+        self.kind = TORCH if self._torch_only else MODE
         if self._key is not None:
             with _LOCK:
                 if _LEARNED.get(self._root, {}).get(self._key):

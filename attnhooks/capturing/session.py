@@ -17,6 +17,7 @@ from typing import Any
 import torch.nn as nn
 
 from attnhooks.capturing.distributed import RankInfo, current
+from attnhooks.capturing.hooks import ModuleHooks
 from attnhooks.capturing.intercept.event import AttentionEvent
 from attnhooks.capturing.intercept.hf import RegistryPatch
 from attnhooks.capturing.intercept.mode import AttentionMode
@@ -74,7 +75,7 @@ class Capture:
         self._stack: list[str] = []  # the selected modules running now, innermost last
         self._registry = RegistryPatch(self, lambda: self._recorder.events, self._mode, self._stack)
         self._plan = Plan(self._chain, self._modules_by_name, self._selection.names.values())
-        self._module_hooks: list[Any] = []  # the selected modules' pre/post hooks (the "mode" plan)
+        self._hooks = ModuleHooks(self)
         self._cross: dict[str, bool | None] = {}  # a module's own is_cross_attention, if it says
         self._checked_silent = False
         self._passes = Passes(self)
@@ -176,7 +177,7 @@ class Capture:
                 stack.close()
             self._passes.reset()
             self._stack.clear()
-            self._module_hooks.clear()
+            self._hooks.clear()
 
     def _install(self, stack: ExitStack) -> None:
         process = current(require=self.options.distributed is True)
@@ -189,24 +190,14 @@ class Capture:
             stack.callback(self._bar.close)
         if self._open_store_with is not None:
             self._open_store(stack)
-        narrow = self._plan.choose() == REGISTRY  # only the registry wrapper runs Python (see plan.py)
+        kind = self._plan.choose()  # how narrowly calls are intercepted (see plan.py)
         for root in self._chain:
             stack.callback(root.register_forward_pre_hook(self._passes.root_pre, with_kwargs=True).remove)
             # prepend: when captures nest on one model, the last one opened closes first (LIFO)
             post = root.register_forward_hook(self._passes.root_post, prepend=True, always_call=True)
             stack.callback(post.remove)
-        for name, module in self._modules_by_name.items() if not narrow else ():
-            if self._selection.names.get(id(module)) != name:
-                continue
-            if self._selection.everything and name and not _may_own_attention(module):
-                continue  # torch's own leaf layers (Linear, norms, dropout...) never compute attention
-            for handle in (
-                module.register_forward_pre_hook(self._push),
-                module.register_forward_hook(self._pop, always_call=True),
-            ):
-                stack.callback(handle.remove)
-                self._module_hooks.append(handle)
-        self._registry.install(narrow)
+        self._hooks.install(stack, kind)
+        self._registry.install(kind == REGISTRY)
         stack.callback(self._registry.remove)
         stack.callback(self._passes.watch.close)
         for obj in self._chain:
@@ -236,20 +227,9 @@ class Capture:
     def narrow(self) -> None:
         """Between captured units: switch to the ``"registry"`` plan once a unit of this capture showed
         that the registry sees every call (:mod:`attnhooks.capturing.plan`); the module hooks go."""
-        for handle in self._module_hooks:
-            handle.remove()
-        self._module_hooks.clear()
+        self._hooks.remove()
         self._registry.narrow = True
         self._plan.kind = REGISTRY
-
-    # -- hooks ----------------------------------------------------------------------------------
-    def _push(self, module: nn.Module, args: Any) -> None:
-        if self._passes.capturing:
-            self._stack.append(self._selection.names[id(module)])
-
-    def _pop(self, module: nn.Module, args: Any, output: Any) -> None:
-        if self._passes.capturing and self._stack:
-            self._stack.pop()
 
     # -- Sink protocol (called by the interception layer) -------------------------------------
     def owner(self, module: nn.Module | None = None) -> str | None:
@@ -273,11 +253,10 @@ class Capture:
 
     def on_attention(self, owner: str, event: AttentionEvent) -> None:
         self._plan.saw(through_registry=self._registry.depth > 0)
-        cross = self._cross.get(owner, 0)
-        if cross == 0:  # looked up once per module: nn.Module's __getattr__ is slow for a missing name
+        if owner not in self._cross:  # looked up once per module: nn.Module's __getattr__ is slow for a missing name
             flag = getattr(self._modules_by_name.get(owner), "is_cross_attention", None)
-            cross = self._cross[owner] = flag if isinstance(flag, bool) else None
-        self._recorder.take(owner, event, cross)
+            self._cross[owner] = flag if isinstance(flag, bool) else None
+        self._recorder.take(owner, event, self._cross[owner])
         if self._bar is not None:
             written = f", {self.writer.bytes_written / 2**20:.0f} MiB written" if self.writer is not None else ""
             self._bar.set_postfix_str(f"step {self._recorder.step} {owner}{written}", refresh=False)
@@ -310,14 +289,6 @@ def _progress_bar() -> Any:
     except ImportError as err:
         raise RecordOptionError("capture(progress=True) needs tqdm: pip install 'attnhooks[progress]'") from err
     return tqdm(desc="attnhooks", unit=" call", dynamic_ncols=True)
-
-
-def _may_own_attention(module: nn.Module) -> bool:
-    """False for torch.nn's built-in leaf layers: a softmax or SDPA inside one is not attention of
-    its own, and skipping their hooks keeps the per-module cost off most module calls."""
-    if module._modules or isinstance(module, nn.MultiheadAttention):
-        return True
-    return not type(module).__module__.startswith("torch.nn.modules.")
 
 
 def _patch_generate(stack: ExitStack, obj: nn.Module, scope: Callable[..., Any]) -> None:

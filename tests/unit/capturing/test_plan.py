@@ -132,10 +132,40 @@ def test_a_capture_held_open_switches_to_the_registry_plan_after_its_first_unit(
     x, mask = models.ids(batch=2, length=6, pad_last=2)
     with torch.no_grad(), attnhooks.capture(model, record=("q", "k", "attn")) as cap:
         model(x, attention_mask=mask)
-        assert cap._plan.kind == plan.MODE and cap._module_hooks
+        assert cap._plan.kind == plan.MODE and cap._hooks.handles
         model(x, attention_mask=mask)
-        assert cap._plan.kind == plan.REGISTRY and not cap._module_hooks
+        assert cap._plan.kind == plan.REGISTRY and not cap._hooks.handles
     steps = [[r for r in cap.records if r.step == s] for s in (0, 1)]
     for r in steps[1]:
         r.step = 0
     _same_records(steps[0], steps[1])
+
+
+def _encoder(layers=3):
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True)
+    return nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+
+
+@pytest.mark.parametrize("modules", [None, "layers.*"])
+@pytest.mark.parametrize("training", [True, False])
+def test_torch_plan_records_exactly_what_the_mode_records(modules, training):
+    model = _encoder().train(training)
+    x = torch.randn(2, 5, 16)
+    mask = torch.zeros(2, 5, dtype=torch.bool)
+    mask[1, -2:] = True
+    runs = []
+    for torch_plan in (True, False):
+        cap = attnhooks.capture(model, record=("q", "k", "attn", "lse"), modules=modules)
+        cap._plan._torch_only = torch_plan  # False: the full mode, for comparison
+        with torch.set_grad_enabled(training), cap:
+            out = model(x, src_key_padding_mask=mask)
+            if training:
+                out.sum().backward()
+        assert cap._plan.kind == (plan.TORCH if torch_plan else plan.MODE)
+        runs.append((cap.records, out))
+    assert torch.equal(runs[0][1], runs[1][1])
+    assert len(runs[0][0]) == 3 and {r.source for r in runs[0][0]} == {"mha"}
+    assert runs[0][0][0].module == ("layers.0.self_attn" if modules is None else "layers.0")
+    _same_records(runs[0][0], runs[1][0])
+    assert all(r.mask.key_valid is not None and not r.mask.key_valid[1, -1] for r in runs[0][0])  # the padding
