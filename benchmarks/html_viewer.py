@@ -267,7 +267,7 @@ def screenshot(browser: Any, st: Any, path: Path) -> None:
         page.close()
         from PIL import Image
 
-        Image.open(path).convert("RGB").quantize(colors=128).save(path, optimize=True)  # a palette PNG: ~3x smaller
+        Image.open(path).convert("RGB").quantize(colors=64).save(path, optimize=True)  # a palette PNG: ~3x smaller
     finally:
         proc.terminate()
         proc.wait(timeout=30)
