@@ -29,9 +29,24 @@ EXP_FLOOR = -87.0
 
 @contextlib.contextmanager
 def isolated(device: torch.device) -> Iterator[None]:
-    """No grad, no torch-function modes, no autocast: our own math, invisible to captures."""
-    with torch.no_grad(), torch._C.DisableTorchFunction(), torch.autocast(device.type, enabled=False):
+    """No grad, no torch-function modes, no autocast: our own math, invisible to captures.
+
+    Grad and autocast are switched off only when they are on (entering their contexts costs more
+    than the small per-call math of a decode step)."""
+    with contextlib.ExitStack() if _any_on(device) else _NOTHING as stack, torch._C.DisableTorchFunction():
+        if stack is not None:
+            if torch.is_grad_enabled():
+                stack.enter_context(torch.no_grad())
+            if torch.is_autocast_enabled(device.type):
+                stack.enter_context(torch.autocast(device.type, enabled=False))
         yield
+
+
+_NOTHING = contextlib.nullcontext()
+
+
+def _any_on(device: torch.device) -> bool:
+    return torch.is_grad_enabled() or torch.is_autocast_enabled(device.type)
 
 
 def scores(
@@ -140,7 +155,8 @@ def attention_probs(
             if lse is not None:
                 lse[:, :, part.start - rows.start : part.stop - rows.start] = logsumexp(s)
             torch.softmax(s, dim=-1, out=out[..., :n_keys]) if n_keys else None
-            out[..., n_keys:] = 0.0
+            if n_keys < k_len:
+                out[..., n_keys:] = 0.0
             if hide_rows:
                 out.nan_to_num_(nan=0.0)
     return attn, lse
