@@ -113,3 +113,32 @@ def test_the_notebook_display_renders_inline(watched, exported):
     watched.screenshot_is_not_blank()
     assert not [r for r in watched.requests if not r.startswith(("about:", "data:"))]
     assert not watched.errors
+
+
+def test_the_query_key_view_follows_gqa_and_padding(watched, tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    model = LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(1, 64, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # sample 1 is left-padded by 3
+    with torch.no_grad(), attnhooks.capture(model, store=tmp_path / "llama.zarr"):
+        model(input_ids=ids, attention_mask=mask)
+    st = attnhooks.open_store(tmp_path / "llama.zarr")
+    path = store_html(st, sample=1, views=("qk",)).save(tmp_path / "llama.html")
+    open_page(watched, path)
+    page = watched.page
+    for head in ("1", "3"):  # query heads of both KV heads
+        page.select_option("#ah-qk-head", head)
+        page.select_option("#ah-qk-query", "6")
+        assert float(page.get_attribute("#ah-qk-summary", "data-diff")) < 1e-5
+    assert not watched.errors
