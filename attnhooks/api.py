@@ -4,6 +4,7 @@ neither imports the other's internals."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from typing import Any
 
@@ -13,6 +14,7 @@ from attnhooks.backends.base import Codec
 from attnhooks.capturing.options import DEFAULT_RECORD, capture_options
 from attnhooks.capturing.select import Modules
 from attnhooks.capturing.session import Capture
+from attnhooks.errors import ModuleSelectionError, RecordOptionError, StoreOptionError
 from attnhooks.reduce.summary import SummaryOptions
 from attnhooks.write.open import Location, opener, store_options
 
@@ -114,6 +116,21 @@ def capture(
         >>> rec.module, tuple(rec.attn.shape)
         ('self_attn', (2, 4, 5, 5))
     """
+    _refuse_what_would_be_ignored(modules, tokenizer, rows)
+    if store is None:
+        given = {
+            "mode": (mode, "create"),
+            "buffer": (buffer, "1GiB"),
+            "when_full": (when_full, "block"),
+            "dtype": (dtype, None),
+            "compression": (compression, None),
+        }
+        for name, (value, default) in given.items():
+            if value != default:
+                raise StoreOptionError(
+                    f"{name}={value!r} is an option of a store, and no store= was given: pass store='run.zarr' "
+                    f"(or .h5) to stream the capture to one, or drop {name}= (records stay in cap.records)"
+                )
     options = capture_options(
         modules=modules,
         record=record,
@@ -140,3 +157,24 @@ def capture(
         "compression": compression if isinstance(compression, (str, type(None))) else repr(compression),
     }
     return Capture(model, options, opener(store, checked, described))
+
+
+def _refuse_what_would_be_ignored(modules: Any, tokenizer: Any, rows: Any) -> None:
+    """Options that would otherwise be taken without effect (issue 18: refuse them with a reason)."""
+    if modules is not None and not (isinstance(modules, (str, Iterable)) or callable(modules)):
+        raise ModuleSelectionError(
+            f"modules={modules!r}: give a module name or glob ('model.layers.*.self_attn'), a list of them, "
+            "a predicate (name, module) -> bool, or None for every attention call"
+        )
+    if isinstance(tokenizer, (str, os.PathLike)):
+        raise RecordOptionError(
+            f"tokenizer={tokenizer!r} is a name, not a tokenizer: pass the object, "
+            f"transformers.AutoTokenizer.from_pretrained({os.fspath(tokenizer)!r})"
+        )
+    for window in [rows] if isinstance(rows, slice) else []:
+        start, stop = window.start, window.stop
+        if start is not None and stop is not None and (start < 0) == (stop < 0) and stop <= start:
+            raise RecordOptionError(
+                f"rows={window} selects no row (stop <= start): give slice(start, stop) with start < stop, "
+                "negative bounds counting from the end of each call"
+            )

@@ -94,14 +94,23 @@ class HDF5Backend:
             file = _open_or_explain(path)
         else:  # create aside with the root attributes, in SWMR mode, then rename into place
             tmp = f"{path}.creating-{uuid.uuid4().hex[:8]}"
-            with _io():
-                # no chunk cache: the writer writes each chunk whole, once, and a cache would only
-                # hold a chunk per dataset in memory, outside the capture's budget
-                file = h5py.File(tmp, "w", libver="latest", rdcc_nbytes=0)
-                for key, value in (attrs or {}).items():
-                    file.attrs[key] = _encode(value)
-                file.flush()
-            os.replace(tmp, path)
+            file = None
+            try:
+                with _io():
+                    # no chunk cache: the writer writes each chunk whole, once, and a cache would only
+                    # hold a chunk per dataset in memory, outside the capture's budget
+                    file = h5py.File(tmp, "w", libver="latest", rdcc_nbytes=0)
+                    for key, value in (attrs or {}).items():
+                        file.attrs[key] = _encode(value)
+                    file.flush()
+                os.replace(tmp, path)
+            except BaseException:  # a full disk, say: nothing of the attempt is left behind
+                if file is not None and file.id.valid:
+                    with contextlib.suppress(Exception):
+                        file.close()
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(tmp)
+                raise
         try:
             with _io():
                 file.swmr_mode = True  # from here on the file on disk is always consistent

@@ -260,7 +260,11 @@ class _LocalPlace:
         path = self.path
         parent = os.path.dirname(os.path.abspath(path))
         tmp = os.path.join(parent, f".{os.path.basename(path)}.creating-{uuid.uuid4().hex[:8]}")
-        zarr.open_group(tmp, mode="w-", zarr_format=3, attributes=attrs)
+        try:
+            zarr.open_group(tmp, mode="w-", zarr_format=3, attributes=attrs)
+        except BaseException:  # a full disk, say: nothing of the attempt is left behind
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         try:
             if replace:
                 shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)

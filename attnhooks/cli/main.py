@@ -200,22 +200,34 @@ def _demo(args: argparse.Namespace) -> None:
 
 def _capture(args: argparse.Namespace) -> None:
     from attnhooks.cli.models import capture_text
+    from attnhooks.errors import StoreExistsError
 
     texts = [p.read_text() for p in args.text] if args.text else list(args.prompt)
     record = tuple(r.strip() for r in args.record.split(",") if r.strip())
-    summary = capture_text(
-        args.model,
-        texts,
-        args.out,
-        record=record,
-        modules=args.modules,
-        generate=args.generate,
-        max_length=args.max_length,
-        attn_implementation=args.attn_implementation,
-        overwrite=args.overwrite,
-        progress=not args.no_progress,
-    )
+    try:
+        summary = _capture_text(capture_text, args, texts, record)
+    except StoreExistsError as err:
+        if "already exists" not in str(err):
+            raise
+        raise StoreExistsError(f"{args.out} already exists: pass --overwrite to replace it") from err
     print(summary)
+
+
+def _capture_text(capture_text: Any, args: argparse.Namespace, texts: list[str], record: tuple[str, ...]) -> str:
+    return str(
+        capture_text(
+            args.model,
+            texts,
+            args.out,
+            record=record,
+            modules=args.modules,
+            generate=args.generate,
+            max_length=args.max_length,
+            attn_implementation=args.attn_implementation,
+            overwrite=args.overwrite,
+            progress=not args.no_progress,
+        )
+    )
 
 
 def _info(args: argparse.Namespace) -> None:
@@ -237,6 +249,8 @@ def _view(args: argparse.Namespace) -> None:
         _save(render_dynamics(args.store, args.metric, modules=modules, rank=args.rank), args)
         return
 
+    if args.view in ("compare", "divergence") and not args.against and args.against_step is None:
+        raise ViewError(f"view {args.view} compares two captures: give --against STORE or --against-step STEP")
     options: dict[str, Any] = {"method": args.method}
     for name in ("head", "heads", "rows", "cols", "topk", "token", "modules", "against_step"):
         value = getattr(args, name)

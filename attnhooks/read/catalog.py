@@ -154,6 +154,13 @@ class Catalog:
 
     def select(self, modules: str | Sequence[str] | None = None, *, kind: str = "self") -> list[str]:
         """See :meth:`attnhooks.read.store.Store.select`."""
+        if modules is not None and (
+            not isinstance(modules, (str, Sequence)) or not all(isinstance(m, str) for m in modules)
+        ):
+            raise NotInStoreError(
+                f"modules={modules!r}: give a module name or glob, a list of them, or None; "
+                f"{self.location} holds {_listing(self.modules)}"
+            )
         names = (self.of_kind(kind) or self.modules) if modules is None else match_names(self.modules, modules)
         if not names:
             raise NotInStoreError(f"modules={modules!r} matches no module of {self.location}: {_listing(self.modules)}")

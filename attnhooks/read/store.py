@@ -18,7 +18,7 @@ from typing import Any, cast
 
 from attnhooks.backends.base import Backend, backend_for
 from attnhooks.backends.subtree import LAYOUT
-from attnhooks.errors import AttnHooksError, NotAStoreError, NotInStoreError
+from attnhooks.errors import AttnHooksError, NotAStoreError, NotInStoreError, StoreOptionError
 from attnhooks.read.catalog import Catalog
 from attnhooks.read.integrity import CheckedBackend
 from attnhooks.read.ranksets import RankSet
@@ -42,6 +42,11 @@ def open_store(location: str | os.PathLike[str], mode: str = "r", *, backend: st
     """
     if mode not in ("r", "r+"):
         raise NotAStoreError(f"open_store(mode={mode!r}): use 'r' or 'r+'; capture(..., store=) writes stores")
+    if not isinstance(location, (str, os.PathLike)):
+        raise StoreOptionError(
+            f"open_store({location!r}): give the store's location, a path ending in .zarr, .h5 or .hdf5 or a URL "
+            "(s3://bucket/run.zarr, memory://run)"
+        )
     text = os.fspath(location)
     try:
         be = backend_for(text, backend).open(text, mode)

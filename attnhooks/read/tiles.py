@@ -40,10 +40,17 @@ def span(value: slice | int | None, size: int, what: str) -> slice:
         if not 0 <= index < size:
             raise SelectionError(f"{what}={value} is out of range for {size} {what}")
         return slice(index, index + 1)
+    if not isinstance(value, slice):
+        raise SelectionError(
+            f"{what}={value!r}: use an int, a contiguous slice such as slice(0, {min(size, 8)}), or None for all "
+            f"{size} {what} (valid: 0..{size - 1})"
+        )
     start, stop, step = value.indices(size)
     if step != 1:
         raise SelectionError(f"{what}={value}: only contiguous ranges (step 1) are supported")
-    return slice(start, max(start, stop))
+    if stop < start:
+        raise SelectionError(f"{what}={value} runs backwards: give slice(start, stop) with start <= stop in 0..{size}")
+    return slice(start, stop)
 
 
 def head_index(heads: HeadSelection, n_heads: int) -> np.ndarray:
@@ -52,10 +59,17 @@ def head_index(heads: HeadSelection, n_heads: int) -> np.ndarray:
         return np.arange(n_heads)
     if isinstance(heads, slice):
         return np.arange(n_heads)[heads]
-    index = np.atleast_1d(np.asarray(heads, dtype=np.int64))
+    try:
+        index = np.atleast_1d(np.asarray(heads, dtype=np.int64))
+    except (TypeError, ValueError):
+        raise SelectionError(
+            f"heads={heads!r}: use None for all {n_heads} heads, an int, a slice or a list of ints in 0..{n_heads - 1}"
+        ) from None
+    if index.ndim != 1:
+        raise SelectionError(f"heads={heads!r}: give a flat list of head indices in 0..{n_heads - 1}")
     index = np.where(index < 0, index + n_heads, index)
     if index.size and (index.min() < 0 or index.max() >= n_heads):
-        raise SelectionError(f"heads={heads} is out of range: the call has {n_heads} heads")
+        raise SelectionError(f"heads={heads} is out of range: the call has {n_heads} heads (valid: 0..{n_heads - 1})")
     return index
 
 

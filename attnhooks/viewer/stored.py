@@ -153,6 +153,11 @@ def _qk(where: Where, *, head: int = 0, query: int = -1, method: str = "auto", *
 
     st, name = where.store, where.name
     reader = where.reader()
+    if not -reader.q_len <= query < reader.q_len:
+        raise ViewError(
+            f"query={query} is out of range: the call has {reader.q_len} query rows (valid: 0..{reader.q_len - 1}, "
+            "or negative from the last)"
+        )
     row = range(reader.q_len)[query]
     keys = slice(reader.k_offset, reader.k_offset + reader.k_stored)
     index, one = head_index(head, reader.layout.heads), slice(row, row + 1)

@@ -3,6 +3,7 @@ opened with typed errors, and the writer that the capture hands its steps to."""
 
 from __future__ import annotations
 
+import errno
 import inspect
 import os
 from collections.abc import Callable
@@ -12,7 +13,14 @@ from attnhooks.backends.base import Backend, Codec, backend_for
 from attnhooks.backends.lease import Lease
 from attnhooks.backends.subtree import LAYOUT
 from attnhooks.capturing.distributed import RankInfo
-from attnhooks.errors import AttnHooksError, StoreBusyError, StoreExistsError, StoreOptionError, StoreWriteError
+from attnhooks.errors import (
+    AttnHooksError,
+    StoreBusyError,
+    StoreExistsError,
+    StoreFullError,
+    StoreOptionError,
+    StoreWriteError,
+)
 from attnhooks.schema import SUPPORTED
 from attnhooks.write.ranks import open_rank
 from attnhooks.write.writer import StoreOptions, StoreWriter, dumps_options, parse_bytes, root_attrs
@@ -130,6 +138,11 @@ def open_backend(
     except PermissionError as err:
         raise StoreWriteError(f"cannot write the store at {location}: {err.strerror or err}") from err
     except OSError as err:
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise StoreFullError(
+                f"cannot create the store at {location}: the device is full or over quota ({err}); "
+                "free space or write elsewhere (nothing was left behind)"
+            ) from err
         raise StoreWriteError(f"cannot open the store at {location}: {err}") from err
 
 
