@@ -90,27 +90,8 @@ class HDF5Backend:
             raise NotAStoreError(f"{location} is not an HDF5 file")
         if mode == "r":
             return cls(location, _open_for_reading(path), readonly=True)
-        if mode == "r+":
-            file = _open_or_explain(path)
-        else:  # create aside with the root attributes, in SWMR mode, then rename into place
-            tmp = f"{path}.creating-{uuid.uuid4().hex[:8]}"
-            file = None
-            try:
-                with _io():
-                    # no chunk cache: the writer writes each chunk whole, once, and a cache would only
-                    # hold a chunk per dataset in memory, outside the capture's budget
-                    file = h5py.File(tmp, "w", libver="latest", rdcc_nbytes=0)
-                    for key, value in (attrs or {}).items():
-                        file.attrs[key] = _encode(value)
-                    file.flush()
-                os.replace(tmp, path)
-            except BaseException:  # a full disk, say: nothing of the attempt is left behind
-                if file is not None and file.id.valid:
-                    with contextlib.suppress(Exception):
-                        file.close()
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(tmp)
-                raise
+        # append: open as it is; create: aside with the root attributes, then renamed into place
+        file = _open_or_explain(path) if mode == "r+" else _create(path, attrs or {})
         try:
             with _io():
                 file.swmr_mode = True  # from here on the file on disk is always consistent
@@ -335,6 +316,30 @@ def _left_open(path: str) -> bool:
             return True
         raise
     return False
+
+
+def _create(path: str, attrs: dict[str, Any]) -> h5py.File:
+    """A new file at ``path`` with its root attributes, built aside and renamed into place (it never
+    exists without its schema); a failure (a full disk) leaves nothing behind."""
+    tmp = f"{path}.creating-{uuid.uuid4().hex[:8]}"
+    file = None
+    try:
+        with _io():
+            # no chunk cache: the writer writes each chunk whole, once, and a cache would only
+            # hold a chunk per dataset in memory, outside the capture's budget
+            file = h5py.File(tmp, "w", libver="latest", rdcc_nbytes=0)
+            for key, value in attrs.items():
+                file.attrs[key] = _encode(value)
+            file.flush()
+        os.replace(tmp, path)
+    except BaseException:
+        if file is not None and file.id.valid:
+            with contextlib.suppress(Exception):
+                file.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+    return file
 
 
 def _open_for_reading(path: str) -> h5py.File:
