@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch.overrides import TorchFunctionMode
 
+from attnhooks.attention.masks import MaskSpec
 from attnhooks.capturing.intercept import eager, mha, sdpa
 from attnhooks.capturing.intercept.emit import emit, handle_emit
 from attnhooks.capturing.intercept.event import Sink
@@ -54,6 +55,7 @@ class AttentionMode(TorchFunctionMode):
         self.last_attention: tuple[str, tuple[int, ...]] | None = None
         # set by the HF registry wrapper while an implementation runs: the q and k shapes it was given
         self.registry_shapes: tuple[torch.Size, torch.Size] | None = None
+        self._masks: dict[tuple[int, bool, int, int], tuple[torch.Tensor, int, MaskSpec]] = {}
 
     def __torch_function__(
         self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
@@ -64,6 +66,25 @@ class AttentionMode(TorchFunctionMode):
         return handler(self, func, args, kwargs or {})
 
     def forget(self) -> None:
-        """Drop per-forward state (the pending score product) so nothing leaks across steps."""
+        """Drop per-forward state (the pending score product, the masks seen) so nothing leaks across steps."""
         self.last_product = None
         self.last_attention = None
+        self._masks.clear()
+
+    def mask_spec(self, mask: torch.Tensor | None, is_causal: bool, q_len: int, k_len: int) -> MaskSpec:
+        """:meth:`MaskSpec.from_kernel`, once per mask tensor and forward: a model hands every layer the
+        same mask tensor, and describing it (compact form, copies to the host) is the costly part of a
+        padded batch's call (and a host synchronisation on a GPU). The same tensor, unchanged since
+        (its version counter), gives the same description; inference tensors, which keep no version
+        counter, are described every time."""
+        if mask is None:
+            return MaskSpec(causal=is_causal)
+        if mask.is_inference():
+            return MaskSpec.from_kernel(mask, is_causal, q_len, k_len)
+        key = (id(mask), is_causal, q_len, k_len)
+        seen = self._masks.get(key)
+        if seen is not None and seen[0] is mask and seen[1] == mask._version:
+            return seen[2]
+        spec = MaskSpec.from_kernel(mask, is_causal, q_len, k_len)
+        self._masks[key] = (mask, mask._version, spec)
+        return spec

@@ -8,7 +8,6 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend
 
-from attnhooks.attention.masks import MaskSpec
 from attnhooks.capturing.intercept.event import AttentionEvent, to_4d
 
 __all__ = ["FUNCTIONS", "handle_sdpa"]
@@ -52,7 +51,7 @@ def handle_sdpa(mode: Any, func: Any, args: tuple[Any, ...], kwargs: dict[str, A
             kernel_lse = None if kernel_lse is None else kernel_lse.reshape(q_shape[:3])
         if k_shape[1] < k.shape[1] and k.shape[1] % k_shape[1] == 0:
             k, v = _dedupe_kv(k, k_shape[1]), _dedupe_kv(v, k_shape[1])
-    mask = MaskSpec.from_kernel(attn_mask, bool(a["is_causal"]), q.shape[-2], k.shape[-2])
+    mask = mode.mask_spec(attn_mask, bool(a["is_causal"]), q.shape[-2], k.shape[-2])
     event = AttentionEvent(
         q=q,
         k=k,

@@ -169,3 +169,15 @@ def test_torch_plan_records_exactly_what_the_mode_records(modules, training):
     assert runs[0][0][0].module == ("layers.0.self_attn" if modules is None else "layers.0")
     _same_records(runs[0][0], runs[1][0])
     assert all(r.mask.key_valid is not None and not r.mask.key_valid[1, -1] for r in runs[0][0])  # the padding
+
+
+def test_a_forward_describes_its_mask_tensor_once_and_a_new_forward_again():
+    model = models.llama(layers=3)
+    x, mask = models.ids(batch=2, length=6, pad_last=2)
+    with torch.no_grad(), attnhooks.capture(model, record=("q",)) as cap:
+        model(x, attention_mask=mask)
+        model(x, attention_mask=mask)
+    first, second = cap.records[:3], cap.records[3:]
+    assert all(r.mask.key_valid is not None for r in cap.records)
+    assert first[0].mask is first[1].mask is first[2].mask, "one description per mask tensor and forward"
+    assert second[0].mask is not first[0].mask and torch.equal(second[0].mask.key_valid, first[0].mask.key_valid)
