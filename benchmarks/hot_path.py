@@ -21,7 +21,8 @@ of a store gets the other core), random weights, float32:
               4 x 64): ``bare``, and one capture of ``record=("q", "k", "lse")`` held across the steps
               to Zarr and to HDF5 (every step captured), timed up to the end of the ``with`` block.
 
-The configurations of a part run interleaved (``--repeats`` rounds, the order rotated each round);
+The configurations of a part run interleaved (``--repeats`` rounds, the order rotated each round,
+after one warm-up run of each; the train part has no warm-up run);
 medians and the spread (lowest to highest) are printed, with each one's ratio to ``bare`` and the
 capture's cost per attention call: (CPU time of the configuration - CPU time of ``bare``) / calls
 (process CPU time, so a store's writer thread counts). Store runs also print the close time (the
@@ -71,10 +72,11 @@ class Config:
     extra: dict[str, list[float]] = field(default_factory=dict)
 
 
-def interleaved(configs: dict[str, Config], repeats: int) -> None:
-    """One warm-up run of each, then ``repeats`` rounds, the order rotated each round."""
+def interleaved(configs: dict[str, Config], repeats: int, warm_up: bool = True) -> None:
+    """One warm-up run of each (unless ``warm_up`` is False), then ``repeats`` rounds, the order
+    rotated each round."""
     names = list(configs)
-    for config in configs.values():
+    for config in configs.values() if warm_up else ():
         config.run()
         config.after()
     for round_ in range(repeats):
@@ -328,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
         for layers in args.layers:
             if "train" in parts:
                 configs = train_part(layers, args.steps, where)
-                interleaved(configs, args.train_repeats)
+                interleaved(configs, args.train_repeats, warm_up=False)  # 200 steps warm themselves up
                 rows += summarize("train", layers, configs, args.steps)
     finally:
         shutil.rmtree(where, ignore_errors=True)
