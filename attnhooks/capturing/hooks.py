@@ -33,6 +33,8 @@ class ModuleHooks:
 
     def install(self, stack: ExitStack, kind: str) -> None:
         """The hooks of plan ``kind``, each removed by ``stack``."""
+        if kind not in (MODE, TORCH):
+            return  # the "registry" plan: no module hook
         cap = self.cap
         names = cap._selection.names
         for name, module in cap._modules_by_name.items():
