@@ -151,7 +151,7 @@ class Passes:
         if self.cap.writer is not None:  # may raise the writer's error: before anything is entered
             self.cap.writer.begin_step(self.cap._recorder.step)
         if self.cap._plan.learned and not self.cap._registry.narrow:
-            self.cap.narrow()  # a capture held open across steps: its first unit showed the registry suffices
+            self.cap._narrow()  # a capture held open across steps: its first unit showed the registry suffices
         self.capturing = True
         self.captured.add(self.cap._recorder.step)
         self.cap._stack.clear()

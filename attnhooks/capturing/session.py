@@ -224,7 +224,7 @@ class Capture:
         if writer is not None:
             writer.close()
 
-    def narrow(self) -> None:
+    def _narrow(self) -> None:
         """Between captured units: switch to the ``"registry"`` plan once a unit of this capture showed
         that the registry sees every call (:mod:`attnhooks.capturing.plan`); the module hooks go."""
         self._hooks.remove()
