@@ -46,16 +46,17 @@ def check_metrics(metrics: Iterable[str] | str) -> tuple[str, ...]:
 def sequence_metrics(
     attn: Array, metrics: Sequence[str], tokens: npt.ArrayLike | None = None, *, q_start: int | None = None
 ) -> dict[str, npt.NDArray[np.float64]]:
-    """Each metric of one sequence's self-attention, per head.
+    """Each metric of the self-attention of one sequence (or of a batch of equally long ones), per head.
 
     Args:
-        attn: ``[heads, q, k]`` attention probabilities (numpy).
+        attn: ``[heads, q, k]``, or ``[batch, heads, q, k]``, attention probabilities (numpy).
         metrics: names from :data:`HEAD_METRICS` (checked with :func:`check_metrics`).
-        tokens: ``[k]`` token ids (or strings) of the keys; needed by ``induction`` (NaN without them).
+        tokens: ``[k]`` (or ``[batch, k]``) token ids or strings of the keys; needed by ``induction``
+            (NaN without them).
         q_start: position of query row 0 among the keys; default ``k - q`` (the last rows).
 
     Returns:
-        name -> float64 ``[heads]``.
+        name -> float64 ``[heads]`` (or ``[batch, heads]``).
 
     Example:
         >>> import numpy as np
@@ -64,7 +65,9 @@ def sequence_metrics(
         >>> out["induction"], out["previous"], out["sink"]
         (array([1.]), array([1.]), array([0.5]))
     """
-    check_attn(attn, ndim=-3, layout="[heads, q, k]")
+    check_attn(attn, ndim=3, layout="[heads, q, k] or [batch, heads, q, k]")
+    if attn.ndim > 4:
+        raise AnalysisError(f"attn must be [heads, q, k] or [batch, heads, q, k]; got shape {tuple(attn.shape)}.")
     q, k = attn.shape[-2:]
     start = k - q if q_start is None else q_start
     out: dict[str, npt.NDArray[np.float64]] = {}
@@ -77,9 +80,22 @@ def sequence_metrics(
             out[name] = previous_token_score(attn, q_start=start)
         elif name == "distance":
             out[name] = attention_distance(attn, q_start=start).mean(axis=-1)
-        elif tokens is None:
-            out[name] = np.full(attn.shape[0], np.nan)
         else:
-            with np.errstate(invalid="ignore", divide="ignore"):
-                out[name] = np.asarray(induction_score(attn, np.asarray(tokens), q_start=start), dtype=np.float64)
+            out[name] = _induction(attn, tokens, start)
     return out
+
+
+def _induction(attn: Array, tokens: npt.ArrayLike | None, start: int) -> npt.NDArray[np.float64]:
+    if tokens is None:
+        return np.full(attn.shape[:-2], np.nan)
+    ids = np.asarray(tokens)
+    if attn.ndim == 3:
+        ids = ids[None]
+    if ids.ndim != 2 or ids.shape[0] != (1 if attn.ndim == 3 else attn.shape[0]):
+        raise AnalysisError(
+            f"tokens shaped {np.shape(tokens)} do not match attn {tuple(attn.shape)}: give [k] or [batch, k]."
+        )
+    batch = attn[None] if attn.ndim == 3 else attn
+    with np.errstate(invalid="ignore", divide="ignore"):
+        scores = np.stack([np.asarray(induction_score(batch[b], ids[b], q_start=start)) for b in range(ids.shape[0])])
+    return np.asarray(scores[0] if attn.ndim == 3 else scores, dtype=np.float64)

@@ -42,7 +42,7 @@ class CallbackCore:
         eval_store: Location | None = None,
         mode: str = "create",
         samples: int | None = None,
-        figures: bool = True,
+        figures: bool | int = 10,
         loggers: str | Sequence[Any] = "auto",
         capture: dict[str, Any] | None = None,
     ) -> None:
@@ -67,6 +67,7 @@ class CallbackCore:
         self.history: list[StepMetrics] = []
         self.sinks: list[MetricSink] = []
         self.log_here = True  # False on the ranks that do not log (all but the main process)
+        self._logged: dict[str, int] = {}  # captured steps logged so far, per phase
 
     def check(self, model: nn.Module) -> None:
         """Refuse before the first step what the model makes wrong (an unknown module name)."""
@@ -81,9 +82,12 @@ class CallbackCore:
         if metrics is None:
             return
         self.history.append(metrics)
+        count = self._logged.get(metrics.phase, 0)
+        self._logged[metrics.phase] = count + 1
+        figure = self.options.figures > 0 and count % self.options.figures == 0
         if self.log_here:
             for sink in self.sinks:
-                sink.log(metrics, self.options.figures)
+                sink.log(metrics, figure)
 
     def finish(self, failed: bool = False) -> None:
         """Close what is open (the end of training)."""

@@ -64,7 +64,7 @@ class AttnHooksCallback(pl.Callback):
         eval_store: Location | None = None,
         mode: str = "create",
         samples: int | None = None,
-        figures: bool = True,
+        figures: bool | int = 10,
         loggers: str | Sequence[Any] = "auto",
         attribute: str | None = None,
         **capture: Any,

@@ -87,7 +87,6 @@ class TensorBoardSink:
             self.writer.add_scalar(key, value, metrics.step)
         if figures and metrics.values:
             self.writer.add_image(f"{tag}/grid", grid_image(metrics), metrics.step, dataformats="HWC")
-        self.writer.flush()
 
 
 class WandbSink:

@@ -92,7 +92,14 @@ def step_metrics(
         forward = forwards[slot] if slot >= 0 else Forward(0)
         sink = per_module.setdefault(rec.module, {m: [] for m in metrics})
         attn = rec.attn.numpy()
-        for b in range(attn.shape[0] if samples is None else min(samples, attn.shape[0])):
+        n = attn.shape[0] if samples is None else min(samples, attn.shape[0])
+        whole = [b for b in range(n) if not _padded(forward, b, attn.shape[-1])]
+        if whole:  # the sequences without padding, in one batched call
+            batch = attn[:n] if len(whole) == n else attn[whole]
+            ids = _ids(forward, whole, attn.shape[-1])
+            for name, value in sequence_metrics(batch, metrics, ids).items():
+                sink[name].extend(value)
+        for b in sorted(set(range(n)) - set(whole)):
             seq, tokens = _sequence(attn[b], forward, b)
             if seq.shape[-1] == 0 or seq.shape[-2] == 0:
                 continue
@@ -115,17 +122,26 @@ def step_metrics(
     return StepMetrics(step, phase, modules, values)
 
 
+def _padded(forward: Forward, b: int, k: int) -> bool:
+    """True when sequence ``b`` of the forward has padding (its ``attention_mask`` row holds a 0)."""
+    mask = forward.mask
+    return mask is not None and mask.shape[-1] == k and b < mask.shape[0] and not bool(mask[b].all())
+
+
+def _ids(forward: Forward, rows: list[int], k: int) -> npt.NDArray[np.int64] | None:
+    """The token ids ``[len(rows), k]`` of those sequences, or None when the forward got none of length ``k``."""
+    if forward.ids is None or forward.ids.shape[-1] != k or max(rows) >= forward.ids.shape[0]:
+        return None
+    return forward.ids[rows].numpy()
+
+
 def _sequence(
     attn: npt.NDArray[np.float32], forward: Forward, b: int
 ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64] | None]:
-    """Sequence ``b`` of a call ``[heads, q, k]`` cropped to its real tokens, and those tokens' ids."""
+    """Sequence ``b`` of a call ``[heads, q, k]`` cropped to its real tokens (``attention_mask``), and their ids."""
     k = attn.shape[-1]
-    ids = None
-    if forward.ids is not None and forward.ids.shape[-1] == k and b < forward.ids.shape[0]:
-        ids = forward.ids[b].numpy()
-    if forward.mask is None or forward.mask.shape[-1] != k or attn.shape[-2] != k or b >= forward.mask.shape[0]:
-        return attn, ids
-    keep = np.flatnonzero(forward.mask[b].numpy() != 0)
-    if keep.shape[0] == k:
-        return attn, ids
-    return attn[:, keep][:, :, keep], None if ids is None else ids[keep]
+    ids = _ids(forward, [b], k)
+    keep = np.flatnonzero(forward.mask[b].numpy() != 0) if forward.mask is not None else np.arange(k)
+    if attn.shape[-2] != k:  # rows that are not the keys' positions: nothing to crop them by
+        return attn, None if ids is None else ids[0]
+    return attn[:, keep][:, :, keep], None if ids is None else ids[0][keep]

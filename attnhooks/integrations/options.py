@@ -33,7 +33,8 @@ class CallbackOptions:
         eval_store: where evaluation steps go (None: metrics only).
         mode: the store's mode at the first captured step (later ones append).
         samples: sequences per forward used for the metrics (None: all).
-        figures: log the layer x head figure of each metric with the scalars.
+        figures: log the grid figure every ``figures`` captured steps of a phase (the first one
+            included; 0: never).
         capture: further keywords of :func:`attnhooks.capture` (``buffer``, ``dtype``, ``ranks``...).
     """
 
@@ -46,7 +47,7 @@ class CallbackOptions:
     eval_store: Location | None = None
     mode: str = "create"
     samples: int | None = None
-    figures: bool = True
+    figures: int = 10
     capture: dict[str, Any] = field(default_factory=dict)
 
 
@@ -61,7 +62,7 @@ def callback_options(
     eval_store: Location | None,
     mode: str,
     samples: int | None,
-    figures: bool,
+    figures: bool | int,
     capture: dict[str, Any],
 ) -> CallbackOptions:
     """Check what needs no model (``every``, ``metrics``, ``record``, the stores); the module selection
@@ -75,6 +76,8 @@ def callback_options(
     wanted = _record(record, store, names)
     if samples is not None and (not isinstance(samples, int) or isinstance(samples, bool) or samples < 1):
         raise RecordOptionError(f"samples={samples!r}: use None (every sequence) or a positive int")
+    if not isinstance(figures, int) or figures < 0:
+        raise RecordOptionError(f"figures={figures!r}: use True (every captured step), False, or every how many")
     if eval_store is not None and not evaluation:
         raise RecordOptionError("eval_store= is given but evaluation=False: pass evaluation=True to capture them")
     for location, name in ((store, "store"), (eval_store, "eval_store")):
@@ -98,7 +101,7 @@ def callback_options(
         eval_store=eval_store,
         mode=mode,
         samples=samples,
-        figures=bool(figures),
+        figures=int(figures),
         capture=dict(capture),
     )
 

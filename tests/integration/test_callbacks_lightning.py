@@ -76,7 +76,9 @@ def fit(root: Path, name: str, callbacks: list[pl.Callback]) -> tuple[TinyLM, Te
 
 
 def test_lightning_callback_steps_calls_eval_apart_bit_equal_and_tensorboard(tmp_path: Path) -> None:
-    cb = AttnHooksCallback(every=2, store=tmp_path / "t.zarr", evaluation=True, eval_store=tmp_path / "e.zarr")
+    cb = AttnHooksCallback(
+        every=2, store=tmp_path / "t.zarr", evaluation=True, eval_store=tmp_path / "e.zarr", figures=1
+    )
     model_cb, logger = fit(tmp_path, "with", [cb])
     model_bare, _ = fit(tmp_path, "bare", [])
     assert model_cb.losses == model_bare.losses and len(model_bare.losses) == 10

@@ -76,6 +76,7 @@ def test_step_metrics_samples_limit_and_nan_for_nothing_to_score() -> None:
         ({"record": ("q", "k"), "store": "memory://x"}, RecordOptionError, "add 'attn'"),
         ({"eval_store": "memory://e"}, RecordOptionError, "evaluation=True"),
         ({"samples": 0}, RecordOptionError, "samples=0"),
+        ({"figures": -1}, RecordOptionError, "figures=-1"),
         ({"loggers": "tensorboard"}, RecordOptionError, "loggers="),
         ({"loggers": [3]}, RecordOptionError, "SummaryWriter"),
         ({"capture": {"store": "x"}}, RecordOptionError, "callback's own"),
