@@ -248,7 +248,7 @@ def print_rows(rows: list[dict[str, Any]]) -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         close = f"{r['close_ms']:.0f}" if "close_ms" in r else ""
-        files = f"{r['files_per_step']:.0f}" if "files_per_step" in r else ""
+        files = f"{r['files_per_step']:.3g}" if "files_per_step" in r else ""
         per_call = f"{r['per_call_us']:+.0f}" if r["config"] != "bare" else ""
         spread = f"{r['min_ms']:.1f}-{r['max_ms']:.1f}"
         print(
