@@ -215,3 +215,15 @@ def whisper(impl: str = "sdpa"):
         attn_implementation=impl,
     )
     return WhisperForConditionalGeneration(cfg).eval()
+
+
+def tiny_encoder():
+    """One small encoder layer (d=8, 2 heads, seed 0) for store tests that need a model, not its size."""
+    torch.manual_seed(0)
+    return torch.nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0, batch_first=True).eval()
+
+
+def encoder_step(layer) -> None:
+    """One forward of ``tiny_encoder()`` on a random ``[1, 3, 8]`` input."""
+    with torch.no_grad():
+        layer(torch.randn(1, 3, 8))

@@ -21,26 +21,21 @@ import attnhooks
 from attnhooks.backends.lease import lease_path, read_holder
 from attnhooks.cli import main
 from tests.integration import store_worker as worker
+from tests.models import encoder_step, tiny_encoder
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def layer():
-    torch.manual_seed(0)
-    return torch.nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0, batch_first=True).eval()
-
-
-def _step(layer):
-    with torch.no_grad():
-        layer(torch.randn(1, 3, 8))
+    return tiny_encoder()
 
 
 @pytest.mark.parametrize("suffix", [".zarr", ".h5"])
 def test_a_second_writer_is_refused_while_the_first_is_open(tmp_path, layer, suffix):
     path = tmp_path / f"run{suffix}"
     with attnhooks.capture(layer, store=path):
-        _step(layer)
+        encoder_step(layer)
         assert read_holder(lease_path(str(path))).pid == os.getpid()
         with pytest.raises(attnhooks.StoreBusyError, match=f"pid {os.getpid()} on {socket.gethostname()}"):
             with attnhooks.capture(layer, store=path, mode="append"):
@@ -49,7 +44,7 @@ def test_a_second_writer_is_refused_while_the_first_is_open(tmp_path, layer, suf
             attnhooks.repair(path)
     assert not os.path.exists(lease_path(str(path))), "released at close"
     with attnhooks.capture(layer, store=path, mode="append"):
-        _step(layer)
+        encoder_step(layer)
     assert attnhooks.open_store(path).steps == [0, 1]
 
 
@@ -128,7 +123,7 @@ def test_a_lease_of_another_host_is_taken_over_only_after_its_heartbeat_timed_ou
     monkeypatch.setenv("ATTNHOOKS_LEASE_TIMEOUT", "30")
     path = tmp_path / "run.zarr"
     with attnhooks.capture(layer, store=path):
-        _step(layer)
+        encoder_step(layer)
     lease = lease_path(str(path))
     Path(lease).write_text(json.dumps({"host": "elsewhere", "pid": 1, "started": time.time(), "token": "x"}))
     with pytest.raises(attnhooks.StoreBusyError, match="pid 1 on elsewhere"):
@@ -136,7 +131,7 @@ def test_a_lease_of_another_host_is_taken_over_only_after_its_heartbeat_timed_ou
             pass
     os.utime(lease, (time.time() - 31, time.time() - 31))  # its last heartbeat: 31 s ago
     with attnhooks.capture(layer, store=path, mode="append"):
-        _step(layer)
+        encoder_step(layer)
     assert attnhooks.open_store(path).steps == [0, 1] and not os.path.exists(lease)
 
 
@@ -144,7 +139,7 @@ def test_the_holder_keeps_its_lease_fresh(tmp_path, layer, monkeypatch):
     monkeypatch.setenv("ATTNHOOKS_LEASE_TIMEOUT", "0.4")  # a heartbeat every 0.1 s
     path = tmp_path / "run.h5"
     with attnhooks.capture(layer, store=path):
-        _step(layer)
+        encoder_step(layer)
         first = read_holder(lease_path(str(path))).heartbeat
         time.sleep(0.6)
         holder = read_holder(lease_path(str(path)))

@@ -5,31 +5,25 @@ a second ``open_store`` of the same HDF5 file in one process is not held to what
 from __future__ import annotations
 
 import pytest
-import torch
 
 import attnhooks
+from tests.models import encoder_step, tiny_encoder
 
 
 @pytest.fixture(scope="module")
 def layer():
-    torch.manual_seed(0)
-    return torch.nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0, batch_first=True).eval()
-
-
-def _step(layer):
-    with torch.no_grad():
-        layer(torch.randn(1, 3, 8))
+    return tiny_encoder()
 
 
 @pytest.mark.parametrize("suffix", [".zarr", ".h5"])
 def test_refresh_shows_what_is_committed_now(tmp_path, layer, suffix):
     path = tmp_path / f"run{suffix}"
     with attnhooks.capture(layer, store=path, every=1) as cap:
-        _step(layer)
+        encoder_step(layer)
         cap.flush()
         first = attnhooks.open_store(path)
         assert first.steps == [0] and first.status == "writing"
-        _step(layer)
+        encoder_step(layer)
         cap.flush()
         first.refresh()
         assert first.steps == [0, 1] and first.status == "writing"
@@ -47,11 +41,11 @@ def test_refresh_shows_what_is_committed_now(tmp_path, layer, suffix):
 def test_a_reader_opened_before_an_append_sees_it_after_refresh(tmp_path, layer, suffix):
     path = tmp_path / f"run{suffix}"
     with attnhooks.capture(layer, store=path):
-        _step(layer)
+        encoder_step(layer)
     reader = attnhooks.open_store(path)
     assert reader.steps == [0]
     with attnhooks.capture(layer, store=path, mode="append"):
-        _step(layer)
+        encoder_step(layer)
     assert attnhooks.open_store(path).steps == [0, 1]
     reader.refresh()
     assert reader.steps == [0, 1] and reader.status == "complete"

@@ -47,7 +47,7 @@ def test_reader_arguments_out_of_range_are_typed(store, kwargs, error, says):
 
 @pytest.mark.parametrize("location", [None, 42, 3.5])
 def test_open_store_of_no_location_is_typed(location):
-    with pytest.raises(attnhooks.StoreOptionError, match="path ending in .zarr"):
+    with pytest.raises(attnhooks.StoreOptionError, match=r"path ending in \.zarr"):
         attnhooks.open_store(location)
 
 
