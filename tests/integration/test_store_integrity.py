@@ -126,3 +126,15 @@ def test_generation_with_row_windows_reads_back_whole(tmp_path, suffix):
     module = st.modules[0]
     p = st.attention(module, 0)
     assert p.shape[1] == 39 and np.allclose(p.sum(-1), 1.0, atol=1e-5)
+
+
+def test_info_on_a_store_with_a_damaged_table_prints_one_line(tmp_path, layer, capsys):
+    path = str(tmp_path / "run.zarr")
+    _write(layer, path, steps=1)
+    folder = os.path.join(path, "modules", "self_attn", "info", "c")
+    chunk = next(os.path.join(d, f) for d, _, files in os.walk(folder) for f in files)
+    with open(chunk, "r+b") as f:
+        f.write(b"\0" * 8)
+    assert main(["info", path]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "modules/self_attn/info" in err and "Traceback" not in err
