@@ -295,6 +295,7 @@ class _UrlPlace:
     def __init__(self, url: str) -> None:
         self.url = url
         self.fs, self.path = _url_fs(url)
+        self._listed: dict[str, set[str]] = {}  # chunk keys found per array (has())
 
     def exists(self) -> bool:
         return bool(self.fs.exists(self.path))
@@ -314,7 +315,24 @@ class _UrlPlace:
         return zarr.open_group(self.store(readonly=False), mode="w-", zarr_format=3, attributes=attrs)
 
     def has(self, key: str) -> bool:
-        return bool(self.fs.exists(f"{self.path}/{key}"))
+        """Whether the chunk ``key`` exists: one listing per array (an object store answers an
+        existence check with a request each), a request only for a chunk the listing lacks (a chunk
+        written since, or damage)."""
+        array = key.partition("/c/")[0]
+        known = self._listed.get(array)
+        if known is None:
+            prefix = f"{self.path}/{array}/c"
+            try:
+                found = self.fs.find(prefix)
+            except FileNotFoundError:
+                found = []
+            known = self._listed[array] = {f"{array}/c{name[len(prefix) :]}" for name in found}
+        if key in known:
+            return True
+        if self.fs.exists(f"{self.path}/{key}"):
+            known.add(key)
+            return True
+        return False
 
     def remove(self) -> None:
         if self.fs.exists(self.path):

@@ -138,3 +138,22 @@ def test_info_on_a_store_with_a_damaged_table_prints_one_line(tmp_path, layer, c
     assert main(["info", path]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "modules/self_attn/info" in err and "Traceback" not in err
+
+
+def test_a_chunk_deleted_from_a_url_store_is_missing(layer):
+    """On fsspec URLs (here its memory file system) the chunks of an array are listed once, and a
+    chunk the listing lacks is asked for on its own before it is called missing."""
+    fsspec = pytest.importorskip("fsspec")
+    url = "memory://integrity/run.zarr"
+    st = _write(layer, url, record=("q", "k", "lse"))
+    module = st.modules[0]
+    fs = fsspec.filesystem("memory")
+    chunks = sorted(fs.find("/integrity/run.zarr/modules/self_attn/q/c"))
+    assert len(chunks) == 3
+    fs.rm(chunks[1])
+    st = attnhooks.open_store(url)
+    with pytest.raises(attnhooks.StoreCorruptError, match="step 1"):
+        st.q(module, 1)
+    assert st.q(module, 2).shape == (2, 5, 8)
+    assert attnhooks.verify(url).damaged_steps == [1]
+    fs.rm("/integrity", recursive=True)
