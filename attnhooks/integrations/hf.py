@@ -141,6 +141,16 @@ class AttnHooksCallback(TrainerCallback):
                 self._writer.close()
                 self._writer = None
 
+    def close(self) -> None:
+        """Remove what an open captured step installed, without committing it: for a training that raised
+        (the ``Trainer`` calls no callback then; ``on_train_end`` does this after a normal run)."""
+        try:
+            self.core.finish(failed=True)
+        finally:
+            if self._writer is not None:
+                self._writer.close()
+                self._writer = None
+
     def _auto_sinks(self, args: TrainingArguments) -> list[MetricSink]:
         report = [args.report_to] if isinstance(args.report_to, str) else list(args.report_to or [])
         if "all" in report:

@@ -25,7 +25,6 @@ import torch.nn as nn
 from attnhooks.api import capture
 from attnhooks.capturing.select import unwrap
 from attnhooks.capturing.session import Capture
-from attnhooks.errors import CaptureStateError
 from attnhooks.integrations.metrics import Forward, StepMetrics, step_metrics
 from attnhooks.integrations.options import CallbackOptions
 from attnhooks.write.open import Location
@@ -65,9 +64,10 @@ class Windows:
             capture(model, **self._arguments(mode=self.options.mode))
 
     def open(self, model: nn.Module, step: int) -> None:
-        """Open the window of ``step`` (closing one left open)."""
+        """Open the window of ``step``. A window left open (the training raised in its step and is run
+        again) is closed first as failed: its step is not committed."""
         if self._cap is not None:
-            raise CaptureStateError(f"a {self.phase} window is open at step {self.step}; close it before step {step}")
+            self.close(failed=True)
         if not self.wanted:
             return
         cap = capture(model, **self._arguments(mode="append" if self._created else self.options.mode))
