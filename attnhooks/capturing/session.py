@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
-from typing import Any
+from typing import Any, cast
 
 import torch.nn as nn
 
@@ -70,15 +71,20 @@ class Capture:
         self._process: RankInfo | None = None
         self.tokenizer = options.tokenizer
         self.writer: StepSink | None = None
-        self._mode = AttentionMode(self)
+        # the helpers hold this capture weakly: no reference cycle, so a capture made per step is freed,
+        # with its records, as soon as it is dropped (not at the next garbage collection)
+        me = cast("Capture", weakref.proxy(self))
+        self._mode = AttentionMode(me)
         self._exit: ExitStack | None = None
         self._stack: list[str] = []  # the selected modules running now, innermost last
-        self._registry = RegistryPatch(self, lambda: self._recorder.events, self._mode, self._stack)
+        self._registry = RegistryPatch(
+            me, functools.partial(getattr, self._recorder, "events"), self._mode, self._stack
+        )
         self._plan = Plan(self._chain, self._modules_by_name, self._selection.names.values())
-        self._hooks = ModuleHooks(self)
+        self._hooks = ModuleHooks(me)
         self._cross: dict[str, bool | None] = {}  # a module's own is_cross_attention, if it says
         self._checked_silent = False
-        self._passes = Passes(self)
+        self._passes = Passes(me)
 
     # -- public API -------------------------------------------------------------------------
     @property

@@ -181,3 +181,22 @@ def test_a_forward_describes_its_mask_tensor_once_and_a_new_forward_again():
     assert all(r.mask.key_valid is not None for r in cap.records)
     assert first[0].mask is first[1].mask is first[2].mask, "one description per mask tensor and forward"
     assert second[0].mask is not first[0].mask and torch.equal(second[0].mask.key_valid, first[0].mask.key_valid)
+
+
+@pytest.mark.parametrize("make", [models.llama, _encoder])
+def test_a_capture_and_its_records_are_freed_when_dropped_without_a_garbage_collection(make):
+    import gc
+    import weakref
+
+    model = make()
+    x = models.ids(batch=1, length=5)[0] if make is models.llama else torch.randn(1, 5, 16)
+    gc.disable()
+    try:
+        for _ in range(2):  # the second one under the learned plan, for the llama
+            with torch.no_grad(), attnhooks.capture(model, record=("q", "k")) as cap:
+                model(x)
+            alive, kept = weakref.ref(cap), weakref.ref(cap.records[0].q)
+            del cap
+            assert alive() is None and kept() is None, "a reference cycle keeps the capture until a collection"
+    finally:
+        gc.enable()
