@@ -6,6 +6,10 @@ for the model's stream; the source tensor is marked as used by the side stream s
 allocator does not reuse it early, and an event marks when the host buffer is complete. The
 writer thread waits on that event before reading the buffer; an in-memory capture waits at the
 end of each captured forward (:meth:`Stager.synchronize`).
+
+Nothing here synchronises the host with the device: the copies are queued, and the pinned buffers come
+from torch's caching host allocator, which hands a freed buffer out again once the copies that used it
+have completed (so a capture streaming to a store reuses its staging memory step after step).
 """
 
 from __future__ import annotations
