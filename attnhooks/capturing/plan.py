@@ -28,8 +28,9 @@ The ``"registry"`` plan is taken only when both hold:
 
 1. the model is eligible by construction: an unwrapped ``transformers.PreTrainedModel`` (no
    ``torch.compile`` / PEFT / FSDP / checkpoint wrapper), made only of transformers' and
-   ``torch.nn``'s own modules, no ``nn.MultiheadAttention``, and every module with a config runs a
-   registered, non-eager attention implementation;
+   ``torch.nn``'s own modules running their own ``forward`` (none replaced on the instance), no
+   ``nn.MultiheadAttention``, and every module with a config runs a registered, non-eager attention
+   implementation;
 2. a captured unit of this model, with the same selection, ran under the ``"mode"`` plan and every
    attention call it saw came through the registry (and it saw at least one).
 
@@ -156,6 +157,8 @@ def _signature(chain: list[nn.Module], modules: dict[str, nn.Module]) -> tuple[o
             if issubclass(cls, nn.MultiheadAttention) or not cls.__module__.startswith(_OWN_PACKAGES):
                 return None
             _OWN_CLASSES.add(cls)
+        if "forward" in module.__dict__:
+            return None  # a forward replaced on the instance (accelerate's hooks, a patch): not transformers' own
         config = module.__dict__.get("config")
         if config is None or id(config) in configs:
             continue

@@ -98,12 +98,27 @@ def test_a_call_outside_the_registry_keeps_the_mode():
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         return attn.o_proj(y.transpose(1, 2).reshape(b, n, -1)), None
 
-    attn.forward = own_sdpa  # a transformers class whose instance computes attention itself
+    attn.forward = own_sdpa  # a forward replaced on the instance: not eligible by construction
     x, _ = models.ids(batch=1, length=5)
     for _ in range(2):
         cap, _ = _run(model, lambda: model(x, use_cache=False), record=("q",))
         assert cap._plan.kind == plan.MODE
         assert [r.source for r in cap.records] == ["sdpa", "sdpa"]
+    del attn.forward
+    hooked = models.llama()
+
+    def extra_attention(module, args, output):  # a hook computing attention outside the registry
+        h = output.view(*output.shape[:2], 4, 16).transpose(1, 2)
+        F.scaled_dot_product_attention(h, h, h)
+
+    handle = hooked.model.layers[0].mlp.register_forward_hook(extra_attention)
+    try:
+        for _ in range(2):
+            cap, _ = _run(hooked, lambda: hooked(x, use_cache=False), record=("q",))
+            assert cap._plan.kind == plan.MODE, "learned: a call came from outside the registry"
+            assert sorted(r.module for r in cap.records)[0] == "model.layers.0.mlp" and len(cap.records) == 3
+    finally:
+        handle.remove()
 
 
 def _reference_names(model):
