@@ -126,8 +126,15 @@ class Lease:
                 if holder is not None:
                     _take_over(holder)
                 continue
-            with os.fdopen(fd, "w") as f:
-                json.dump({"host": socket.gethostname(), "pid": os.getpid(), "started": time.time(), "token": token}, f)
+            try:
+                with os.fdopen(fd, "w") as f:
+                    json.dump(
+                        {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time(), "token": token}, f
+                    )
+            except BaseException:  # a full disk, say: no half-written lease is left to block the next writer
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(path)
+                raise
             return cls(path, token, timeout() / 4)
         raise StoreBusyError(f"cannot {what} {location}: its lease {path} keeps changing hands; try again")
 

@@ -78,6 +78,9 @@ def _lease(store: Location, mode: str, rank: RankInfo | None) -> Lease | None:
         if mode == "w-":  # two captures creating one store at once: the one that came second finds it existing
             raise StoreExistsError(f"{location} is being created by another capture: {err}") from err
         raise
+    except OSError as err:  # the lease cannot be written where the store was to be: neither can the store
+        kind = StoreFullError if err.errno in (errno.ENOSPC, errno.EDQUOT) else StoreWriteError
+        raise kind(f"cannot write the store at {location}: {err.strerror or err}") from err
 
 
 def _discarder(store: Location) -> Callable[[], None] | None:
