@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
-import torch
 
 from attnhooks.analysis.heads import sequence_metrics
 from attnhooks.capturing.record import Record
@@ -32,8 +31,8 @@ class Forward:
     """
 
     first: int
-    ids: torch.Tensor | None = None
-    mask: torch.Tensor | None = None
+    ids: npt.NDArray[np.int64] | None = None
+    mask: npt.NDArray[np.int64] | None = None
 
 
 @dataclass
@@ -132,7 +131,7 @@ def _ids(forward: Forward, rows: list[int], k: int) -> npt.NDArray[np.int64] | N
     """The token ids ``[len(rows), k]`` of those sequences, or None when the forward got none of length ``k``."""
     if forward.ids is None or forward.ids.shape[-1] != k or max(rows) >= forward.ids.shape[0]:
         return None
-    return forward.ids[rows].numpy()
+    return forward.ids[: len(rows)] if rows == list(range(len(rows))) else forward.ids[rows]
 
 
 def _sequence(
@@ -141,7 +140,7 @@ def _sequence(
     """Sequence ``b`` of a call ``[heads, q, k]`` cropped to its real tokens (``attention_mask``), and their ids."""
     k = attn.shape[-1]
     ids = _ids(forward, [b], k)
-    keep = np.flatnonzero(forward.mask[b].numpy() != 0) if forward.mask is not None else np.arange(k)
+    keep = np.flatnonzero(forward.mask[b] != 0) if forward.mask is not None else np.arange(k)
     if attn.shape[-2] != k:  # rows that are not the keys' positions: nothing to crop them by
         return attn, None if ids is None else ids[0]
     return attn[:, keep][:, :, keep], None if ids is None else ids[0][keep]

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -130,8 +131,8 @@ class Windows:
         self._forwards.append(Forward(len(cap.records), _host(ids), _host(mask)))
 
 
-def _host(value: Any) -> torch.Tensor | None:
-    """A 2-D integer tensor (ids or a mask) copied to the CPU, else None."""
+def _host(value: Any) -> np.ndarray | None:
+    """A 2-D integer tensor (ids or a mask) copied to the CPU as int64 numpy, else None."""
     if not isinstance(value, torch.Tensor) or value.ndim != 2 or value.is_floating_point():
         return None
-    return value.detach().to("cpu", copy=True)
+    return value.detach().to("cpu", torch.int64).numpy()

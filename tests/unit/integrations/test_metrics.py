@@ -44,7 +44,7 @@ def test_step_metrics_average_sequences_and_calls_and_crop_padding() -> None:
         Record("layer.0", 1, 4, attn=a1),
         Record("layer.1", 1, 4, attn=a1.flip(1)),
     ]
-    forwards = [Forward(0, ids, None), Forward(2, ids, mask)]
+    forwards = [Forward(0, ids.numpy(), None), Forward(2, ids.numpy(), mask.numpy())]
     out = step_metrics(records, forwards, ("induction", "entropy"), step=4, phase="train")
     assert out.modules == ["layer.0", "layer.1"] and out.values["entropy"].shape == (2, 2)
     crop = a1[1, :, :5, :5].numpy()
@@ -60,9 +60,9 @@ def test_step_metrics_average_sequences_and_calls_and_crop_padding() -> None:
 def test_step_metrics_samples_limit_and_nan_for_nothing_to_score() -> None:
     a = _causal(3, 2, 4, 3)
     ids = torch.tensor([[1, 2, 3, 4], [1, 2, 1, 2], [5, 6, 7, 8]])
-    out = step_metrics([Record("m", 0, 0, attn=a)], [Forward(0, ids)], ("induction",), 0, "train", samples=1)
+    out = step_metrics([Record("m", 0, 0, attn=a)], [Forward(0, ids.numpy())], ("induction",), 0, "train", samples=1)
     assert np.isnan(out.values["induction"]).all()  # sequence 0 repeats no token
-    out = step_metrics([Record("m", 0, 0, attn=a)], [Forward(0, ids)], ("induction",), 0, "train")
+    out = step_metrics([Record("m", 0, 0, attn=a)], [Forward(0, ids.numpy())], ("induction",), 0, "train")
     np.testing.assert_allclose(out.values["induction"][0], analysis.induction_score(a[1].numpy(), ids[1].numpy()))
     assert StepMetrics(0, "train", [], {}).scalars("x") == {}
 
