@@ -34,7 +34,9 @@ class AttnHooksCallback(TrainerCallback):
     (call 0, 1, ... of each module). Capturing changes no loss, gradient or optimizer state: the
     capture only reads. Evaluation passes run during training are captured when
     ``evaluation=True``, as their own steps (the global step at which they run) in ``eval_store`` and
-    under ``attnhooks_eval/...`` metric names, never mixed with the training steps.
+    under ``attnhooks_eval/...`` metric names, never mixed with the training steps (a
+    ``trainer.evaluate()`` called outside ``train()`` is not captured: the Trainer announces no
+    evaluation before it runs, only after).
 
     Args:
         every: capture one optimizer step in ``every`` (a positive int).

@@ -107,3 +107,36 @@ def test_lightning_callback_refuses_an_unknown_attribute_and_module_before_step_
         with pytest.raises(ModuleSelectionError, match=error):
             fit(tmp_path, "bad", [cb])
         assert cb.history == []
+
+
+def test_lightning_callback_wandb_logger_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    wandb = pytest.importorskip("wandb", reason="the W&B test needs wandb (attnhooks[wandb])")
+    from pytorch_lightning.loggers import WandbLogger
+
+    from tests.integration.test_callbacks_hf import wandb_history
+
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    torch.manual_seed(0)
+    data = torch.randint(0, VOCAB, (16, SEQ + 1), generator=torch.Generator().manual_seed(0))
+    cb = AttnHooksCallback(every=2, metrics=("previous",), figures=True)
+    logger = WandbLogger(project="attnhooks-test", save_dir=str(tmp_path), offline=True)
+    trainer = pl.Trainer(
+        max_steps=4,
+        callbacks=[cb],
+        logger=logger,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        limit_val_batches=0,
+    )
+    try:
+        trainer.fit(TinyLM(), torch.utils.data.DataLoader(data, batch_size=4))
+    finally:
+        wandb.finish()
+    rows = [r for r in wandb_history(tmp_path) if "attnhooks/previous/L0H0" in r]
+    assert [r["trainer/global_step"] for r in rows] == [0, 2]
+    np.testing.assert_allclose(
+        [r["attnhooks/previous/L1H1"] for r in rows], [h.values["previous"][1, 1] for h in cb.history]
+    )
+    assert all(r["attnhooks/grid/_type"] == "image-file" for r in rows)
