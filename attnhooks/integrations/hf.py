@@ -13,7 +13,10 @@ import os
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+try:
+    from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+except ImportError as err:  # pragma: no cover - the extra is installed in CI
+    raise ImportError(f"attnhooks.integrations.hf needs transformers ({err}): pip install 'attnhooks[hf]'") from err
 
 from attnhooks.capturing.select import Modules
 from attnhooks.errors import CaptureStateError, RecordOptionError

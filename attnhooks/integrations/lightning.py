@@ -11,9 +11,15 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-import pytorch_lightning as pl
 import torch.nn as nn
-from pytorch_lightning.loggers import TensorBoardLogger, WandbLogger
+
+try:
+    import pytorch_lightning as pl
+    from pytorch_lightning.loggers import TensorBoardLogger, WandbLogger
+except ImportError as err:  # pragma: no cover - the extra is installed in CI
+    raise ImportError(
+        f"attnhooks.integrations.lightning needs pytorch-lightning 2.x ({err}): pip install 'attnhooks[lightning]'"
+    ) from err
 
 from attnhooks.capturing.select import Modules
 from attnhooks.errors import ModuleSelectionError
