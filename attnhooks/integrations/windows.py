@@ -17,6 +17,7 @@ costs an eager step, and its float results are those of the eager model.
 from __future__ import annotations
 
 import contextlib
+import sys
 from typing import Any
 
 import numpy as np
@@ -72,12 +73,13 @@ class Windows:
         if not self.wanted:
             return
         cap = capture(model, **self._arguments(mode="append" if self._created else self.options.mode))
-        stance = torch.compiler.set_stance("force_eager")
-        stance.__enter__()
+        # nothing can be compiled before torch._dynamo is imported: then there is no stance to set
+        stance = torch.compiler.set_stance("force_eager") if "torch._dynamo" in sys.modules else None
         try:
             cap.__enter__()
         except BaseException:
-            stance.__exit__(None, None, None)
+            if stance is not None:
+                stance.__exit__(None, None, None)
             raise
         self._created = self._created or self.store is not None
         self._cap, self._stance, self.step = cap, stance, step
