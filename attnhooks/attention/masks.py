@@ -187,15 +187,22 @@ class MaskSpec:
         """Mask a block of scores in place: ``scores [batch, heads, len(rows), n]`` over keys ``[0, n)``;
         a float ``dense`` mask is added, hidden keys become ``-inf`` (see :meth:`hide_block_`).
 
-        A causal / window mask is added as a cached ``0 / -inf`` bias ``[len(rows), n]`` (one pass, no
-        boolean mask built per call): a finite score is kept exactly where visible and becomes ``-inf``
-        where hidden, as a fill would make it."""
+        On a short block (``len(rows) * n`` up to 16384) a causal / window mask is added as a cached
+        ``0 / -inf`` bias ``[len(rows), n]`` (one pass, no boolean mask built per call): a finite score
+        is kept exactly where visible and becomes ``-inf`` where hidden, as a fill would make it."""
         keys = slice(0, scores.shape[-1])
-        if self.dense is None and self.key_valid is None:  # causal / window only: one cached 0 / -inf bias
+        if self.dense is None and self.key_valid is None:  # causal / window only
             start = rows.start or 0
             stop = min(q_len if rows.stop is None else rows.stop, q_len)
-            edge = _edge_bias(start, stop, keys.stop, self.offset, self.causal, self.window, str(scores.device))
-            return scores if edge is None else scores.add_(edge)
+            n = keys.stop
+            hides = (self.causal and start + self.offset + 1 < n) or (
+                self.window is not None and stop - 1 + self.offset >= self.window
+            )
+            if not hides:
+                return scores
+            if (stop - start) * n <= _SMALL_BIAS:  # a short call: one cached 0 / -inf bias, one pass
+                edge = _edge_bias(start + self.offset, stop - start, n, self.causal, self.window, str(scores.device))
+                return scores.add_(edge)
         bias = self.bias_block(rows, keys, slice(None), scores.device)
         if bias is not None:
             return scores.add_(bias)
@@ -225,21 +232,20 @@ class MaskSpec:
         return allowed
 
 
-@functools.lru_cache(maxsize=256)
-def _edge_bias(
-    start: int, stop: int, n_keys: int, offset: int, causal: bool, window: int | None, device: str
-) -> torch.Tensor | None:
-    """``[stop - start, n_keys]`` float32: ``-inf`` where a causal / window mask hides key ``j`` from
-    query row ``i`` (``j > i + offset``; ``i + offset - j >= window``), else 0; None when it hides
-    nothing. Cached: a model's calls repeat a few shapes; never written to."""
-    i = torch.arange(start, stop, device=device)[:, None] + offset
-    j = torch.arange(n_keys, device=device)
-    hidden = (j > i) if causal else torch.zeros(i.shape[0], n_keys, dtype=torch.bool, device=device)
+_SMALL_BIAS = 1 << 14  # elements of a cached bias (64 KiB): at most 128 of them are kept
+
+
+@functools.lru_cache(maxsize=128)
+def _edge_bias(first: int, n_rows: int, n_keys: int, causal: bool, window: int | None, device: str) -> torch.Tensor:
+    """``[n_rows, n_keys]`` float32: ``-inf`` where a causal / window mask hides key ``j`` from the query
+    row at position ``i = first + r`` (``j > i``; ``i - j >= window``), else 0. Built on the host (no
+    device synchronisation) and cached: a model's short calls repeat a few shapes; never written to."""
+    i = torch.arange(first, first + n_rows)[:, None]
+    j = torch.arange(n_keys)
+    hidden = (j > i) if causal else torch.zeros(n_rows, n_keys, dtype=torch.bool)
     if window is not None:
         hidden = hidden | (i - j >= window)
-    if not bool(hidden.any()):
-        return None
-    return torch.zeros(hidden.shape, dtype=torch.float32, device=device).masked_fill_(hidden, float("-inf"))
+    return torch.zeros(n_rows, n_keys).masked_fill_(hidden, float("-inf")).to(device)
 
 
 def _as_allowed(mask: torch.Tensor) -> torch.Tensor | None:

@@ -335,3 +335,18 @@ def test_blocks_hide_what_the_whole_mask_hides(spec):
                     assert torch.equal(torch.zeros_like(want) + bias, want)
                 else:
                     assert bias is None
+
+
+def test_apply_adds_a_cached_bias_on_short_blocks_equal_to_hiding_the_keys():
+    torch.manual_seed(0)
+    for causal, offset, window in [(True, 0, None), (True, 3, None), (True, 2, 4), (False, 5, 3), (True, 40, None)]:
+        spec = MaskSpec(causal=causal, offset=offset, window=window)
+        for rows in (slice(0, 7), slice(3, 7), slice(6, 7)):
+            n = spec.visible_keys(7, 9, rows)
+            scores = torch.randn(2, 3, rows.stop - rows.start, n)
+            want = spec.hide_block_(scores.clone(), 7, rows, slice(0, n), slice(None), float("-inf"))
+            assert torch.equal(spec.apply_(scores.clone(), 7, rows), want), (causal, offset, window, rows)
+    big = MaskSpec(causal=True)  # a long block takes the fill path: nothing cached
+    scores = torch.randn(1, 1, 200, 200)
+    want = big.hide_block_(scores.clone(), 200, slice(0, 200), slice(0, 200), slice(None), float("-inf"))
+    assert torch.equal(big.apply_(scores.clone(), 200, slice(0, 200)), want)
