@@ -23,9 +23,13 @@ Zarr 3 has no bfloat16, so the writer stores bfloat16 as float32 or as raw uint1
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import shutil
+import sys
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -56,6 +60,7 @@ class ZarrBackend:
         self._place = _place(location)
         self._arrays: dict[str, zarr.Array[Any]] = {}
         self._groups: dict[str, zarr.Group] = {}
+        self._pending: list[tuple[zarr.Array[Any], Selection, np.ndarray]] | None = None  # batched()
 
     @classmethod
     def exists(cls, location: str) -> bool:
@@ -112,6 +117,7 @@ class ZarrBackend:
     def create_array(
         self, path: str, shape: tuple[int, ...], dtype: str, chunks: tuple[int, ...], fill_value: Any, codec: Codec
     ) -> None:
+        self._flush()
         *parents, leaf = split(path)
         self._arrays[path] = self._group("/".join(parents)).create_array(
             leaf,
@@ -128,6 +134,7 @@ class ZarrBackend:
 
     def remove(self, path: str) -> None:
         """Delete the group or array at ``path`` with everything under it; nothing if there is none."""
+        self._flush()
         check_remove(self, path)
         if not self.contains(path):
             return
@@ -154,6 +161,7 @@ class ZarrBackend:
     def resize(self, path: str, shape: tuple[int, ...]) -> None:
         """Resize; values cut off by a shrink read as the fill value if the array grows again
         (zarr itself only deletes chunks wholly outside the new shape)."""
+        self._flush()
         arr = self._array(path)
         # per axis, the extent of the chunks that survive the resize
         kept = [min(o, -(-n // c) * c) for o, n, c in zip(arr.shape, shape, arr.chunks)]
@@ -165,9 +173,36 @@ class ZarrBackend:
         arr.resize(shape)
 
     def write(self, path: str, selection: Selection, value: np.ndarray) -> None:
+        if self._pending is not None:
+            self._pending.append((self._array(path), selection, value))
+            return
         self._array(path)[selection] = value
 
+    @contextlib.contextmanager
+    def batched(self) -> Iterator[None]:
+        """Hold the writes made inside, then make them together: each write through zarr's
+        synchronous API waits on zarr's event-loop thread (~1 ms for a small chunk), so the writer
+        hands the many small writes of a step over at once (writes to one array stay in order, one
+        after the other: two partial writes of one chunk must not race). Any other call flushes
+        what is held first, so reads and structure changes see every write before them."""
+        if self._pending is not None:
+            yield
+            return
+        self._pending = []
+        try:
+            yield
+        finally:
+            pending, self._pending = self._pending, None
+            if sys.exc_info()[0] is None:
+                write_together(pending)
+
+    def _flush(self) -> None:
+        if self._pending:
+            pending, self._pending = self._pending, []
+            write_together(pending)
+
     def read(self, path: str, selection: Selection = ()) -> np.ndarray:
+        self._flush()
         arr = self._array(path)
         try:
             out = np.asarray(arr[selection])
@@ -203,11 +238,12 @@ class ZarrBackend:
         return dict(node.attrs)
 
     def set_attrs(self, path: str, values: dict[str, Any]) -> None:
+        self._flush()
         node = self._root[path] if path else self._root
         node.attrs.update(values)  # one atomic rewrite (local) or put (URL) of the node's zarr.json
 
     def flush(self) -> None:
-        return None  # every write above has reached the file system or object store when it returns
+        self._flush()  # (every write made has then reached the file system or object store)
 
     def close(self) -> None:
         self._arrays.clear()
@@ -383,3 +419,32 @@ def _compressor(codec: Codec) -> Any:
     if codec.name == "blosc":
         return BloscCodec(cname="zstd", clevel=codec.level, shuffle="shuffle")
     raise StoreOptionError(f"compression {codec.name!r} is not available in the zarr backend (zstd, gzip, blosc, none)")
+
+
+def write_together(writes: list[tuple[zarr.Array[Any], Selection, np.ndarray]]) -> None:
+    """Make ``writes`` in one trip through zarr's event loop: the arrays concurrently, each array's
+    writes in order. Falls back to one write at a time where this zarr has no asynchronous array
+    (``Array._async_array.setitem``, zarr 3.0-3.1)."""
+    if len(writes) < 2 or not all(hasattr(getattr(a, "_async_array", None), "setitem") for a, _, _ in writes):
+        for arr, selection, value in writes:
+            arr[selection] = value
+        return
+    chains: dict[int, list[tuple[Any, Selection, np.ndarray]]] = {}
+    for arr, selection, value in writes:
+        chains.setdefault(id(arr), []).append((arr._async_array, selection, value))
+
+    async def chain(items: list[tuple[Any, Selection, np.ndarray]]) -> None:
+        for target, selection, value in items:
+            await target.setitem(selection, value)
+
+    async def everything() -> None:
+        await asyncio.gather(*(chain(items) for items in chains.values()))
+
+    zarr_sync(everything())
+
+
+def zarr_sync(coroutine: Any) -> Any:
+    """Run ``coroutine`` on zarr's own event loop (its ``sync``), as its synchronous API does."""
+    from zarr.core.sync import sync
+
+    return sync(coroutine)
