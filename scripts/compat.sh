@@ -2,7 +2,8 @@
 # `make test-compat`: the integration tests that touch transformers / diffusers / peft, run against the
 # oldest and the newest versions of the ranges pyproject.toml declares, each in its own venv.
 #
-#   oldest  transformers 4.57.6, diffusers 0.30.0, peft 0.13.0, accelerate 0.30.0 (the declared minimums)
+#   oldest  transformers 4.57.6, diffusers 0.30.0, peft 0.13.0, accelerate 1.3.0 (the declared minimums;
+#           accelerate 1.3: transformers' Trainer calls unwrap_model(keep_torch_compile=), added in 1.3)
 #   first5  transformers 5.0.0 (the oldest 5.x), the newest diffusers, peft and accelerate
 #   newest  the newest transformers 5.x, diffusers, peft and accelerate that pip resolves
 #
@@ -23,7 +24,7 @@ mkdir -p "$ROOT"
 
 pins() {  # the extra constraints of one environment, one requirement a line
     case "$1" in
-        oldest) printf '%s\n' transformers==4.57.6 diffusers==0.30.0 peft==0.13.0 accelerate==0.30.0 ;;
+        oldest) printf '%s\n' transformers==4.57.6 diffusers==0.30.0 peft==0.13.0 accelerate==1.3.0 ;;
         first5) printf '%s\n' transformers==5.0.0 ;;
         newest) printf '%s\n' "transformers>=5,<6" ;;  # the rest: the newest that pip resolves
         *) echo "unknown compat environment: $1" >&2; return 1 ;;
@@ -36,7 +37,8 @@ for f in tests/integration/test_generation.py tests/integration/test_generation_
     tests/integration/test_hf_models.py tests/integration/test_store_capture.py \
     tests/integration/test_diffusers_peft_ddp.py tests/integration/test_store_backends.py \
     tests/unit/capturing/test_capture_api.py tests/unit/capturing/test_recorder.py \
-    tests/integration/test_reconstruct.py; do
+    tests/integration/test_reconstruct.py tests/unit/capturing/test_plan.py \
+    tests/integration/test_callbacks_hf.py; do
     [ -f "$f" ] && tests+=("$f")
 done
 echo "compat tests: ${tests[*]}"

@@ -120,7 +120,8 @@ def test_trainer_callback_store_steps_calls_eval_apart_and_bit_equal(tmp_path: P
     with_cb, model_cb = train(tmp_path / "a", [cb], ["tensorboard"])
     bare, model_bare = train(tmp_path / "b", [], [])
 
-    assert losses(with_cb) == losses(bare) and len(losses(bare)) == 8  # 5 training losses; evaluations: 2, 4, end
+    # 5 training losses, the evaluations at steps 2 and 4, and (transformers >= 5.1, not 5.0) the one at the end
+    assert losses(with_cb) == losses(bare) and len(losses(bare)) in (7, 8)
     for (name, a), b in zip(model_cb.state_dict().items(), model_bare.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import transformers
 
 import attnhooks
 from attnhooks.capturing import plan
@@ -194,7 +195,9 @@ def test_a_forward_describes_its_mask_tensor_once_and_a_new_forward_again():
         model(x, attention_mask=mask)
     first, second = cap.records[:3], cap.records[3:]
     assert all(r.mask.key_valid is not None for r in cap.records)
-    assert first[0].mask is first[1].mask is first[2].mask, "one description per mask tensor and forward"
+    if int(transformers.__version__.split(".")[0]) >= 5:  # 4.x's SDPA path slices the mask anew in every layer
+        assert first[0].mask is first[1].mask is first[2].mask, "one description per mask tensor and forward"
+    assert all(torch.equal(r.mask.key_valid, first[0].mask.key_valid) for r in first)
     assert second[0].mask is not first[0].mask and torch.equal(second[0].mask.key_valid, first[0].mask.key_valid)
 
 
