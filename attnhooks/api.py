@@ -4,6 +4,7 @@ neither imports the other's internals."""
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Iterable
 from typing import Any
@@ -118,15 +119,14 @@ def capture(
     """
     _refuse_what_would_be_ignored(modules, tokenizer, rows)
     if store is None:
-        given = {
-            "mode": (mode, "create"),
-            "buffer": (buffer, "1GiB"),
-            "when_full": (when_full, "block"),
-            "dtype": (dtype, None),
-            "compression": (compression, None),
-        }
-        for name, (value, default) in given.items():
-            if value != default:
+        for name, value in (
+            ("mode", mode),
+            ("buffer", buffer),
+            ("when_full", when_full),
+            ("dtype", dtype),
+            ("compression", compression),
+        ):
+            if value != _STORE_DEFAULTS[name]:
                 raise StoreOptionError(
                     f"{name}={value!r} is an option of a store, and no store= was given: pass store='run.zarr' "
                     f"(or .h5) to stream the capture to one, or drop {name}= (records stay in cap.records)"
@@ -157,6 +157,14 @@ def capture(
         "compression": compression if isinstance(compression, (str, type(None))) else repr(compression),
     }
     return Capture(model, options, opener(store, checked, described))
+
+
+_STORE_DEFAULTS = {
+    name: p.default
+    for name, p in inspect.signature(capture).parameters.items()
+    if name in ("mode", "buffer", "when_full", "dtype", "compression")
+}
+"""The store options' defaults, read from :func:`capture`'s signature (without ``store=``, others are refused)."""
 
 
 def _refuse_what_would_be_ignored(modules: Any, tokenizer: Any, rows: Any) -> None:

@@ -25,12 +25,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import shutil
 import sys
-import uuid
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -40,6 +36,7 @@ from zarr.codecs import BloscCodec, Crc32cCodec, GzipCodec, ZstdCodec
 
 from attnhooks.backends.base import Codec, Selection, check_mode, check_remove, refuse_existing, split
 from attnhooks.backends.integrity import MAX_CHUNKS_CHECKED, chunks_of, corrupt
+from attnhooks.backends.zarrplace import place as place_of
 from attnhooks.errors import NotAStoreError, StoreOptionError
 
 __all__ = ["ZarrBackend"]
@@ -57,14 +54,15 @@ class ZarrBackend:
         self.location = location
         self.readonly = readonly
         self._root = group
-        self._place = _place(location)
+        self._place = place_of(location)
         self._arrays: dict[str, zarr.Array[Any]] = {}
         self._groups: dict[str, zarr.Group] = {}
         self._pending: list[tuple[zarr.Array[Any], Selection, np.ndarray]] | None = None  # batched()
+        self._present: set[str] = set()  # chunk keys found in the store (missing_chunks)
 
     @classmethod
     def exists(cls, location: str) -> bool:
-        return _place(location).exists()
+        return place_of(location).exists()
 
     @classmethod
     def check_codec(cls, codec: Codec) -> None:
@@ -74,7 +72,7 @@ class ZarrBackend:
     @classmethod
     def open(cls, location: str, mode: str, attrs: dict[str, Any] | None = None) -> ZarrBackend:
         check_mode(mode)
-        place = _place(location)
+        place = place_of(location)
         exists = place.exists()
         if mode == "w-" and exists:
             refuse_existing(location)
@@ -228,7 +226,12 @@ class ZarrBackend:
         for n, coords in enumerate(chunks_of(arr.shape, arr.chunks, selection)):
             if n >= MAX_CHUNKS_CHECKED:
                 break
-            if not self._place.has(f"{arr.path}/{arr.metadata.encode_chunk_key(coords)}"):
+            key = f"{arr.path}/{arr.metadata.encode_chunk_key(coords)}"
+            if key in self._present:
+                continue
+            if self._place.has(key):
+                self._present.add(key)  # asked once per chunk, not once per read that covers it
+            else:
                 missing.append(coords)
         return missing
 
@@ -248,6 +251,7 @@ class ZarrBackend:
     def close(self) -> None:
         self._arrays.clear()
         self._groups.clear()
+        self._present.clear()
 
     def refresh(self) -> None:
         """Read the metadata again (zarr keeps each node's metadata from when it was opened)."""
@@ -257,150 +261,13 @@ class ZarrBackend:
 
     @classmethod
     def cleanup(cls, location: str) -> list[str]:
-        return _place(location).cleanup()
+        return place_of(location).cleanup()
 
     @classmethod
     def discard(cls, location: str) -> None:
         """Remove the whole store at ``location`` (the writer's: a capture that created it and failed
         before committing anything)."""
-        _place(location).remove()
-
-
-# -- where a store lives: a local directory or an fsspec URL -------------------------------------
-
-
-def _place(location: str) -> _LocalPlace | _UrlPlace:
-    target = location.removeprefix("zarr://")
-    if "://" in target and not target.startswith("file://"):
-        return _UrlPlace(target)
-    return _LocalPlace(target.removeprefix("file://"))
-
-
-class _LocalPlace:
-    """A store directory on the local file system."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-
-    def exists(self) -> bool:
-        return os.path.exists(self.path)
-
-    def holds_metadata(self) -> bool:
-        return os.path.isdir(self.path) and os.path.exists(os.path.join(self.path, "zarr.json"))
-
-    def store(self, readonly: bool) -> str:
-        return self.path  # zarr makes its local store, read-only or not as the open mode says
-
-    def create(self, attrs: dict[str, Any], replace: bool) -> zarr.Group:
-        # create aside, then rename into place: the store never exists without its root attributes
-        path = self.path
-        parent = os.path.dirname(os.path.abspath(path))
-        tmp = os.path.join(parent, f".{os.path.basename(path)}.creating-{uuid.uuid4().hex[:8]}")
-        try:
-            zarr.open_group(tmp, mode="w-", zarr_format=3, attributes=attrs)
-        except BaseException:  # a full disk, say: nothing of the attempt is left behind
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        try:
-            if replace:
-                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-            os.rename(tmp, path)  # fails when another process (a rank) created the store meanwhile
-        except OSError:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return zarr.open_group(path, mode="r+", zarr_format=3)
-
-    def remove(self) -> None:
-        shutil.rmtree(self.path, ignore_errors=True)
-
-    def has(self, key: str) -> bool:
-        return os.path.exists(os.path.join(self.path, key))
-
-    def cleanup(self) -> list[str]:
-        root = Path(self.path)
-        removed = []
-        for tmp in root.rglob("*.partial"):
-            tmp.unlink(missing_ok=True)
-            removed.append(str(tmp.relative_to(root)))
-        return removed
-
-
-class _UrlPlace:
-    """A store under a URL of any fsspec file system (object stores included)."""
-
-    def __init__(self, url: str) -> None:
-        self.url = url
-        self.fs, self.path = _url_fs(url)
-        self._listed: dict[str, set[str]] = {}  # chunk keys found per array (has())
-
-    def exists(self) -> bool:
-        return bool(self.fs.exists(self.path))
-
-    def holds_metadata(self) -> bool:
-        return bool(self.fs.isfile(f"{self.path}/zarr.json"))
-
-    def store(self, readonly: bool) -> zarr.storage.FsspecStore:
-        return zarr.storage.FsspecStore.from_url(self.url, read_only=readonly)
-
-    def create(self, attrs: dict[str, Any], replace: bool) -> zarr.Group:
-        if replace:  # (unlike a local rename, a writer killed right here has lost the old store too)
-            self.fs.rm(self.path, recursive=True)
-        # No build-aside-and-rename here (object stores cannot rename a prefix atomically) and none
-        # needed: the root zarr.json is one put with the attributes already in it, and the store
-        # exists only once that put has landed, so it never exists without its schema.
-        return zarr.open_group(self.store(readonly=False), mode="w-", zarr_format=3, attributes=attrs)
-
-    def has(self, key: str) -> bool:
-        """Whether the chunk ``key`` exists: one listing per array (an object store answers an
-        existence check with a request each), a request only for a chunk the listing lacks (a chunk
-        written since, or damage)."""
-        array = key.partition("/c/")[0]
-        known = self._listed.get(array)
-        if known is None:
-            prefix = f"{self.path}/{array}/c"
-            try:
-                found = self.fs.find(prefix)
-            except FileNotFoundError:
-                found = []
-            known = self._listed[array] = {f"{array}/c{name[len(prefix) :]}" for name in found}
-        if key in known:
-            return True
-        if self.fs.exists(f"{self.path}/{key}"):
-            known.add(key)
-            return True
-        return False
-
-    def remove(self) -> None:
-        if self.fs.exists(self.path):
-            self.fs.rm(self.path, recursive=True)
-
-    def cleanup(self) -> list[str]:
-        return []  # every key is one put: an object store keeps no temporaries of a killed writer
-
-
-def _url_fs(url: str) -> tuple[Any, str]:
-    """The fsspec file system of ``url`` and the path on it, or a StoreOptionError naming what to install."""
-    scheme = url.split("://", 1)[0]
-    try:
-        from fsspec.core import url_to_fs
-    except ImportError as err:
-        raise StoreOptionError(
-            f"{url}: a Zarr store on a URL goes through fsspec, which is not installed: "
-            f"pip install fsspec (and the package for {scheme}://, e.g. s3fs for s3://, gcsfs for gs://)"
-        ) from err
-    try:
-        fs, path = url_to_fs(url)
-    except ImportError as err:
-        raise StoreOptionError(
-            f"{url}: fsspec needs another package for {scheme}:// URLs ({err}): pip install it, "
-            f"or use a local path ending in .zarr"
-        ) from err
-    except ValueError as err:
-        raise StoreOptionError(
-            f"{url}: fsspec does not know the protocol {scheme!r} ({err}); use a local path ending in .zarr "
-            f"or a URL of an fsspec protocol (memory, s3, gs, az, ...)"
-        ) from err
-    return fs, str(path)
+        place_of(location).remove()
 
 
 def _compressors(codec: Codec) -> list[Any]:

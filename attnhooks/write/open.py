@@ -46,12 +46,15 @@ def opener(
             if lease is not None:
                 lease.release()
             raise
-        discard = _discarder(store) if options.mode != "r+" and rank is None else None
+        # a store this capture created at a path (not a backend instance handed in): its backend's
+        # optional discard(location), to remove it again if the capture fails before a step is committed
+        created = isinstance(store, (str, os.PathLike)) and options.mode != "r+" and rank is None
+        discard = getattr(type(backend), "discard", None) if created else None
 
         def on_close(empty: bool) -> None:
             try:
-                if empty and discard is not None:
-                    discard()  # a failed capture left the store it created empty: a retry must not find it
+                if empty and discard is not None:  # a retry must not find the empty store
+                    discard(backend.location)
             finally:
                 if lease is not None:
                     lease.release()
@@ -81,16 +84,6 @@ def _lease(store: Location, mode: str, rank: RankInfo | None) -> Lease | None:
     except OSError as err:  # the lease cannot be written where the store was to be: neither can the store
         kind = StoreFullError if err.errno in (errno.ENOSPC, errno.EDQUOT) else StoreWriteError
         raise kind(f"cannot write the store at {location}: {err.strerror or err}") from err
-
-
-def _discarder(store: Location) -> Callable[[], None] | None:
-    """How to remove the store a capture has just created at ``store`` (its backend's optional
-    ``discard(location)``), or None for a backend instance or a backend without it."""
-    if not isinstance(store, (str, os.PathLike)):
-        return None
-    location = os.fspath(store)
-    discard = getattr(backend_for(location), "discard", None)
-    return None if discard is None else lambda: discard(location)
 
 
 def store_options(
