@@ -11,6 +11,7 @@ timeout, and no ``attnhooks-writer`` thread may outlive its capture.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import gc
@@ -256,10 +257,8 @@ def _release_free_heap() -> None:
     """Give the allocator's free memory back to the system (glibc's ``malloc_trim``), so that a
     measure starts from what is live: memory freed by earlier tests stays resident in malloc's
     arenas and would absorb the growth being measured (seen in CI: 0.0 MiB growth unbounded)."""
-    try:
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: the measure goes by what it sees
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: the measure falls back to what it sees
-        pass
 
 
 def _rss() -> int:
