@@ -1,4 +1,5 @@
-"""Store schema ``attnhooks/1``: the names both the writer and the reader use.
+"""Store schema ``attnhooks/2`` (and ``attnhooks/1``, still read and appended to): the names both the
+writer and the reader use.
 
 Layout (identical in every backend; ``S`` stored steps, ``C`` calls per step, ``B`` batch)::
 
@@ -35,6 +36,15 @@ killed writer may have left. Sizes along the other axes are the maximum over ste
 of each call are in ``info``. A KV-cache stream (prefill plus decode calls) is one call whose rows
 grow; ``rowkeys`` says how many keys each row saw.
 
+**attnhooks/2** stores the same arrays, but a module's small ones (``q``, ``k``, ``lse`` and the
+per-call tables, when one chunk of the module's array is at most 1 MiB) are kept in stacks shared
+by the modules of the same geometry: ``stacks/q.0 [S, M, C, B, H, Lq, D]`` holds ``modules/<m>/q``
+at ``[:, i]``, and the ``stacks`` group's attribute ``attnhooks_stack`` names each stack's members
+and their shapes. One chunk of a stack spans the step's data of many modules, so a step of a
+32-layer model is a handful of chunk writes, not hundreds. Readers see the per-module arrays
+exactly as in ``attnhooks/1`` (:mod:`attnhooks.backends.stacks`); Zarr arrays of new stores keep
+their chunk files side by side (keys ``c.3.0.0``) instead of a folder per axis.
+
 A store written under ``torch.distributed`` is a rank set: its root has ``layout="ranks"`` and
 ``world_size``, and one group ``rank<r>`` per rank holds the layout above (see :mod:`attnhooks.backends.subtree`).
 """
@@ -46,8 +56,10 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from attnhooks.backends.base import Backend
 
-SCHEMA = "attnhooks/1"
-SUPPORTED = (SCHEMA,)
+SCHEMA = "attnhooks/2"
+"""Schema of the stores written now: ``attnhooks/1`` with the small per-module arrays stacked
+across modules (:mod:`attnhooks.backends.stacks`); readers see the same per-module arrays."""
+SUPPORTED = ("attnhooks/1", SCHEMA)
 
 INFO = (
     "batch",  # true batch size of the call

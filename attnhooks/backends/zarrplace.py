@@ -17,7 +17,6 @@ from attnhooks.errors import StoreOptionError
 __all__ = ["LocalPlace", "UrlPlace", "place", "url_fs"]
 
 
-
 def place(location: str) -> LocalPlace | UrlPlace:
     target = location.removeprefix("zarr://")
     if "://" in target and not target.startswith("file://"):
@@ -62,7 +61,7 @@ class LocalPlace:
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
 
-    def has(self, key: str) -> bool:
+    def has(self, array: str, key: str) -> bool:
         return os.path.exists(os.path.join(self.path, key))
 
     def cleanup(self) -> list[str]:
@@ -99,18 +98,19 @@ class UrlPlace:
         # exists only once that put has landed, so it never exists without its schema.
         return zarr.open_group(self.store(readonly=False), mode="w-", zarr_format=3, attributes=attrs)
 
-    def has(self, key: str) -> bool:
-        """Whether the chunk ``key`` exists: one listing per array (an object store answers an
-        existence check with a request each), a request only for a chunk the listing lacks (a chunk
-        written since, or damage)."""
-        array = key.partition("/c/")[0]
+    def has(self, array: str, key: str) -> bool:
+        """Whether the chunk ``key`` (``<array>/c/0/1`` or ``<array>/c.0.1``) of ``array`` exists: one
+        listing per array (an object store answers an existence check with a request each), a
+        request only for a chunk the listing lacks (a chunk written since, or damage)."""
         known = self._listed.get(array)
         if known is None:
-            prefix = f"{self.path}/{array}/c"
+            folder = f"{self.path}/{array}"
             try:
-                found = self.fs.find(prefix)
+                found = self.fs.find(folder)
             except FileNotFoundError:
                 found = []
+            prefix = f"{folder}/c"  # c/0/1 or c.0.1
+            found = [name for name in found if name.startswith(prefix)]
             known = self._listed[array] = {f"{array}/c{name[len(prefix) :]}" for name in found}
         if key in known:
             return True

@@ -17,6 +17,13 @@ storage options come from fsspec's own configuration: environment variables
 (or ``$FSSPEC_CONFIG_DIR``), and the provider's usual ones (``AWS_PROFILE``,
 ``GOOGLE_APPLICATION_CREDENTIALS``...).
 
+**Writes.** Arrays created here keep their chunk files side by side in the array's folder
+(``c.3.0.0``, zarr's ``default`` chunk key encoding with ``.``), not a folder per axis: a step's
+chunk then costs one file, not a file and five folders. On a local store, a write that covers whole
+chunks of an uncompressed array goes straight to the chunk files (:mod:`attnhooks.backends.zarrchunks`:
+~0.06 ms of file system per chunk instead of ~1 ms of zarr's own machinery), with the same bytes and
+checksum zarr would write; every other write goes through zarr.
+
 Zarr 3 has no bfloat16, so the writer stores bfloat16 as float32 or as raw uint16 bits (see
 :mod:`attnhooks.schema`).
 """
@@ -36,6 +43,8 @@ from zarr.codecs import BloscCodec, Crc32cCodec, GzipCodec, ZstdCodec
 
 from attnhooks.backends.base import Codec, Selection, check_mode, check_remove, refuse_existing, split
 from attnhooks.backends.integrity import MAX_CHUNKS_CHECKED, chunks_of, corrupt
+from attnhooks.backends.zarrchunks import ChunkFiles
+from attnhooks.backends.zarrplace import LocalPlace
 from attnhooks.backends.zarrplace import place as place_of
 from attnhooks.errors import NotAStoreError, StoreOptionError
 
@@ -58,6 +67,9 @@ class ZarrBackend:
         self._arrays: dict[str, zarr.Array[Any]] = {}
         self._groups: dict[str, zarr.Group] = {}
         self._pending: list[tuple[zarr.Array[Any], Selection, np.ndarray]] | None = None  # batched()
+        self._pending_paths: set[str] = set()
+        # whole chunks of a local store written straight to their files (zarr: ~1 ms per chunk)
+        self._files = ChunkFiles(self._place.path) if isinstance(self._place, LocalPlace) and not readonly else None
         self._present: set[str] = set()  # chunk keys found in the store (missing_chunks)
 
     @classmethod
@@ -117,6 +129,7 @@ class ZarrBackend:
     ) -> None:
         self._flush()
         *parents, leaf = split(path)
+        self._forget(path)
         self._arrays[path] = self._group("/".join(parents)).create_array(
             leaf,
             shape=shape,
@@ -124,6 +137,9 @@ class ZarrBackend:
             chunks=chunks,
             fill_value="" if dtype == "str" else fill_value,
             compressors=_compressors(Codec("none", 0, checksum=codec.checksum) if dtype == "str" else codec),
+            # chunk files side by side in the array's folder (c.3.0.0), not nested (c/3/0/0): a step's
+            # chunk would otherwise make a new folder per axis, ~0.2 ms each on this file system
+            chunk_key_encoding={"name": "default", "separator": "."},
             # with checksums every chunk written is kept, also one of fill values only: a chunk
             # missing from a written region is then damage (missing_chunks), not an empty chunk
             config={"write_empty_chunks": codec.checksum or not codec.skip_empty},
@@ -140,6 +156,7 @@ class ZarrBackend:
         for cache in (self._arrays, self._groups):
             for key in [key for key in cache if split(key)[: len(parts)] == parts]:
                 del cache[key]
+        self._forget(None)
         del self._root["/".join(parts)]
 
     def contains(self, path: str) -> bool:
@@ -169,12 +186,21 @@ class ZarrBackend:
                 region[axis] = slice(new, kept[axis])
                 arr[tuple(region)] = arr.metadata.fill_value  # type: ignore[assignment]
         arr.resize(shape)
+        self._forget(path)
 
     def write(self, path: str, selection: Selection, value: np.ndarray) -> None:
-        if self._pending is not None:
-            self._pending.append((self._array(path), selection, value))
+        arr = self._array(path)
+        whole = self._files.whole(path, arr, selection) if self._files is not None else None
+        if whole is not None:
+            if path in self._pending_paths:
+                self._flush()  # the array's held writes first: writes to one array stay in order
+            self._files.write(whole, value)  # type: ignore[union-attr]
             return
-        self._array(path)[selection] = value
+        if self._pending is not None:
+            self._pending.append((arr, selection, value))
+            self._pending_paths.add(path)
+            return
+        arr[selection] = value
 
     @contextlib.contextmanager
     def batched(self) -> Iterator[None]:
@@ -191,12 +217,14 @@ class ZarrBackend:
             yield
         finally:
             pending, self._pending = self._pending, None
+            self._pending_paths.clear()
             if sys.exc_info()[0] is None:
                 write_together(pending)
 
     def _flush(self) -> None:
         if self._pending:
             pending, self._pending = self._pending, []
+            self._pending_paths.clear()
             write_together(pending)
 
     def read(self, path: str, selection: Selection = ()) -> np.ndarray:
@@ -229,7 +257,7 @@ class ZarrBackend:
             key = f"{arr.path}/{arr.metadata.encode_chunk_key(coords)}"
             if key in self._present:
                 continue
-            if self._place.has(key):
+            if self._place.has(arr.path, key):
                 self._present.add(key)  # asked once per chunk, not once per read that covers it
             else:
                 missing.append(coords)
@@ -248,7 +276,12 @@ class ZarrBackend:
     def flush(self) -> None:
         self._flush()  # (every write made has then reached the file system or object store)
 
+    def _forget(self, path: str | None) -> None:
+        if self._files is not None:
+            self._files.forget(path)
+
     def close(self) -> None:
+        self._forget(None)
         self._arrays.clear()
         self._groups.clear()
         self._present.clear()

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from typing import Any, cast
 
 from attnhooks.backends.base import Backend, backend_for
+from attnhooks.backends.stacks import stacked_view
 from attnhooks.backends.subtree import LAYOUT
 from attnhooks.errors import AttnHooksError, NotAStoreError, NotInStoreError, StoreOptionError
 from attnhooks.read.catalog import Catalog
@@ -91,6 +92,7 @@ class Store(TensorReads):
                 attrs = _checked(self.backend.attrs(""), self.location)
             else:
                 attrs = {**attrs, "rank": 0}  # no rank has started writing yet: an empty store
+        self.backend = stacked_view(getattr(self.backend, "unwrapped", self.backend))  # attnhooks/2 stacks
         self.metadata: dict[str, Any] = attrs
         self.committed = int(attrs.get("committed", 0))
         # reads of a damaged or missing chunk of a call's tensors raise, naming the step

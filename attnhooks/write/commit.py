@@ -23,7 +23,7 @@ from attnhooks.capturing.record import Record
 from attnhooks.capturing.streams import batch_of, row_count
 from attnhooks.schema import INFO, SCALARS, STATUS_COMPLETE, STATUS_WRITING, module_path
 from attnhooks.write.attrs import Start, now, open_module
-from attnhooks.write.layout import ArrayLayout, pow2
+from attnhooks.write.layout import STEP_CHUNK, ArrayLayout, pow2
 
 __all__ = ["Call", "Commits", "OpenStep", "new_call", "write_tokens"]
 
@@ -138,7 +138,7 @@ class Commits:
         position ``pos``. Also called at a module's first record: creating an array costs 5-30 ms
         of file system and zarr latency, which then overlaps the forward instead of the commit."""
         ensure = self.layout.ensure
-        ensure(f"{path}/calls", (pos + 1,), "int64", (1024,), 0)
+        ensure(f"{path}/calls", (pos + 1,), "int64", (STEP_CHUNK,), 0)
         ensure(f"{path}/info", (pos + 1, calls, len(INFO)), "int64", (1, 64, len(INFO)), 0)
         ensure(f"{path}/scalars", (pos + 1, calls, len(SCALARS)), "float64", (1, 64, len(SCALARS)), 0.0)
         ensure(f"{path}/rowkeys", (pos + 1, calls, width), "int64", (1, 1, pow2(width)), 0)
@@ -154,8 +154,7 @@ class Commits:
                 shape = self.layout.shape_of(path)
                 if shape is not None and shape[0] > pos:
                     be.write(path, (pos,), np.full(shape[1:], fill, dtype=object if fill == "" else np.int64))
-        self.layout.ensure("steps", (pos + 1,), "int64", (1024,), -1)
-        be.write("steps", (pos,), np.asarray(number, dtype=np.int64))
+        self.layout.put_cell("steps", pos, number, fill=-1)
         be.flush()
         self.committed = max(self.committed, pos + 1)
         commit: dict[str, Any] = {"committed": self.committed, "dropped": self.dropped}
@@ -171,8 +170,7 @@ class Commits:
         self.dropped_steps.append(number)
         n = len(self.dropped_steps)
         be = self.layout.backend
-        self.layout.ensure("dropped_steps", (n,), "int64", (1024,), -1)
-        be.write("dropped_steps", (n - 1,), np.asarray(number, dtype=np.int64))
+        self.layout.put_cell("dropped_steps", n - 1, number, fill=-1)
         be.flush()
         be.set_attrs("", {"dropped": self.dropped})
         be.flush()
@@ -191,11 +189,9 @@ class Commits:
 
     def _module_tables(self, path: str, pos: int, calls: dict[int, Call]) -> None:
         """The module's ``calls``, ``info``, ``scalars`` and ``rowkeys`` (and ``attn_stored``) at ``pos``."""
-        be = self.layout.backend
         n = max(calls) + 1 if calls else 0
         if not n:
-            self.layout.ensure(f"{path}/calls", (pos + 1,), "int64", (1024,), 0)
-            be.write(f"{path}/calls", (pos,), np.asarray(n, dtype=np.int64))
+            self.layout.put_cell(f"{path}/calls", pos, 0, fill=0)
             return
         info = np.zeros((n, len(INFO)), dtype=np.int64)
         scalars = np.zeros((n, len(SCALARS)), dtype=np.float64)
@@ -209,10 +205,11 @@ class Commits:
             scalars[c] = (st.scale, st.dropout, st.softcap)
             rowkeys[c, : len(st.rowkeys)] = st.rowkeys
         self.tables(path, pos, n, width)
-        be.write(f"{path}/calls", (pos,), np.asarray(n, dtype=np.int64))
-        be.write(f"{path}/info", (pos, slice(0, n)), info)
-        be.write(f"{path}/scalars", (pos, slice(0, n)), scalars)
-        be.write(f"{path}/rowkeys", (pos, slice(0, n), slice(0, width)), rowkeys)
+        layout = self.layout  # whole rows (whole chunks: no chunk read back to change a part)
+        layout.put_cell(f"{path}/calls", pos, n, fill=0)
+        layout.write_at(f"{path}/info", (pos, slice(0, n)), info, fill=0)
+        layout.write_at(f"{path}/scalars", (pos, slice(0, n)), scalars, fill=0.0)
+        layout.write_at(f"{path}/rowkeys", (pos, slice(0, n), slice(0, width)), rowkeys, fill=0)
         self._stored_rows(path, pos, calls, width)
         self._clear_parents(path, pos, calls)
 
@@ -227,7 +224,7 @@ class Commits:
         for c, st in calls.items():
             stored[c, : len(st.stored)] = st.stored
         self.layout.ensure(table, (pos + 1, *stored.shape), "bool", (1, 1, pow2(width)), True)
-        self.layout.backend.write(table, (pos, slice(0, stored.shape[0]), slice(0, width)), stored)
+        self.layout.write_at(table, (pos, slice(0, stored.shape[0]), slice(0, width)), stored, fill=True)
 
     def _clear_parents(self, path: str, pos: int, calls: dict[int, Call]) -> None:
         """Reset ``parent`` of the calls that wrote none at this position: a dropped or killed step may

@@ -27,6 +27,7 @@ _SMALL_CHUNK_BYTES = 1 << 20  # below this, chunks grow over heads and samples: 
 _RAW_LEAVES = frozenset(
     {"q", "k", "lse", *(f"summary/{name}" for name in ("entropy", "topk_weight", "received", "sink", "band"))}
 )  # written without compression by default: see ArrayLayout.codec_for
+STEP_CHUNK = 1024  # steps per chunk of the one-value-per-step tables (``steps``, ``calls``)
 _MIN_STEPS = 64  # step-axis capacity of a new array; it doubles when full (readers go by ``committed``)
 _FILLS = {"mask/key_valid": True, "lse": -np.inf, "parent": -1}  # record leaves not filled with 0
 
@@ -48,6 +49,7 @@ class ArrayLayout:
         self.codec = options.codec or backend.default_codec
         self.bytes_written = 0
         self._shapes: dict[str, tuple[int, ...] | None] = {}
+        self._cells: dict[str, tuple[int, np.ndarray]] = {}  # put_cell: (first step, values) of a chunk
 
     # -- record arrays ------------------------------------------------------------------------
     def put(
@@ -96,15 +98,38 @@ class ArrayLayout:
         return self._shapes[path]
 
     def ensure(self, path: str, need: tuple[int, ...], dtype: str, chunks: tuple[int, ...], fill: Any) -> None:
-        """Make sure the array at ``path`` exists with at least the shape ``need`` (a table: the
-        store's codec, none for strings)."""
+        """Make sure the array at ``path`` exists with at least the shape ``need`` (a table, stored
+        uncompressed: its chunks are a few hundred bytes, and a raw chunk is one the Zarr backend
+        writes straight to its file; checksummed as the store's codec says)."""
         if self.shape_of(path) is None:
-            self._new_array(path, need, dtype, chunks, fill, Codec("none", 0) if dtype == "str" else self.codec)
+            codec = dataclasses.replace(self.codec, name="none", level=0, skip_empty=False)
+            self._new_array(path, need, dtype, chunks, fill, codec)
         else:
             self._grow(path, need)
 
+    def put_cell(self, path: str, pos: int, value: Any, fill: Any) -> None:
+        """Set ``path[pos]`` of a one-value-per-step table (created or grown as needed, chunks of
+        :data:`STEP_CHUNK` steps) by writing the whole chunk around it: the writer keeps the chunk's
+        values, so the backend writes whole chunks, never reading one back to change one value."""
+        self.ensure(path, (pos + 1,), "int64", (STEP_CHUNK,), fill)
+        first = pos - pos % STEP_CHUNK
+        cell = self._cells.get(path)
+        if cell is None or cell[0] != first:
+            values = np.full(STEP_CHUNK, fill, dtype=np.int64)
+            shape = self.shape_of(path)
+            assert shape is not None
+            known = self.backend.read(path, (slice(first, min(first + STEP_CHUNK, shape[0])),))
+            values[: len(known)] = known
+            cell = self._cells[path] = (first, values)
+        cell[1][pos - first] = value
+        shape = self.shape_of(path)
+        assert shape is not None
+        end = min(first + STEP_CHUNK, shape[0])
+        self.backend.write(path, (slice(first, end),), cell[1][: end - first])
+
     def write_at(self, path: str, sel: tuple[Any, ...], value: np.ndarray, fill: Any) -> None:
-        """Write ``value`` and reset the rest of the row to ``fill`` (stale data of a dropped step)."""
+        """Write ``value`` and reset the rest of the row to ``fill`` (stale data of a dropped step):
+        the whole row, so whole chunks of a table chunked by step."""
         shape = self.shape_of(path)
         assert shape is not None
         row = np.full(shape[1:], fill, dtype=value.dtype)

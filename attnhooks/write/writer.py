@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from attnhooks.backends import stacks
 from attnhooks.backends.base import Backend
 from attnhooks.capturing.record import Record
 from attnhooks.capturing.streams import row_count
@@ -68,7 +69,7 @@ class StoreWriter:
         appending: bool = False,
         on_close: Callable[[bool], None] | None = None,
     ) -> None:
-        self.backend = backend
+        self.backend = backend = stacks.writing(backend, appending)  # schema attnhooks/2: stacked arrays
         # on_close(empty): called last at close; empty: a failed capture committed nothing
         self._on_close, self._abandoned = on_close, False
         self.options = options

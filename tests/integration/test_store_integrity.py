@@ -14,6 +14,7 @@ import torch
 
 import attnhooks
 from attnhooks.backends.base import Codec
+from attnhooks.backends.stacks import StackedBackend
 from attnhooks.cli import main
 from tests.models import llama
 
@@ -32,15 +33,38 @@ def _write(layer, path, steps=3, **kw):
     return attnhooks.open_store(path)
 
 
+def _chunk_files(folder):
+    """The chunk files under an array's folder (keys ``c.0.1`` or, in older stores, ``c/0/1``)."""
+    return sorted(
+        os.path.join(d, f)
+        for d, _, files in os.walk(folder)
+        for f in files
+        if os.path.relpath(os.path.join(d, f), folder)[:2] in ("c.", "c/")
+    )
+
+
+def _stored_at(path, array):
+    """Where a module's ``array`` is stored: in a store of schema attnhooks/2 the small per-module
+    arrays live in stacks (one module here, so the stack's chunks are the module's)."""
+    with attnhooks.open_store(path) as st:
+        members = st.backend.members() if isinstance(st.backend, StackedBackend) else []
+        return next((stack for member, stack, _ in members if member == array), array)
+
+
 def _zarr_chunk(path, array, position):
-    folder = os.path.join(path, array, "c", str(position))
-    found = [os.path.join(d, f) for d, _, files in os.walk(folder) for f in files]
+    array = _stored_at(path, array)
+    found = [
+        f
+        for f in _chunk_files(os.path.join(path, array))
+        if os.path.relpath(f, os.path.join(path, array)).replace("/", ".").startswith(f"c.{position}.")
+    ]
     assert len(found) == 1, found
     return found[0]
 
 
 def _scribble_hdf5_chunk(path, array, position):
     """Overwrite the bytes of the chunk at ``position`` (axis 0) of ``array`` with random bytes."""
+    array = _stored_at(path, array)
     with h5py.File(path, "r") as f:
         ds = f[array]
         info = ds.id.get_chunk_info_by_coord((position,) + (0,) * (ds.ndim - 1))
@@ -131,8 +155,7 @@ def test_generation_with_row_windows_reads_back_whole(tmp_path, suffix):
 def test_info_on_a_store_with_a_damaged_table_prints_one_line(tmp_path, layer, capsys):
     path = str(tmp_path / "run.zarr")
     _write(layer, path, steps=1)
-    folder = os.path.join(path, "modules", "self_attn", "info", "c")
-    chunk = next(os.path.join(d, f) for d, _, files in os.walk(folder) for f in files)
+    chunk = _chunk_files(os.path.join(path, _stored_at(path, "modules/self_attn/info")))[0]
     with open(chunk, "r+b") as f:
         f.write(b"\0" * 8)
     assert main(["info", path]) == 1
@@ -148,7 +171,8 @@ def test_a_chunk_deleted_from_a_url_store_is_missing(layer):
     st = _write(layer, url, record=("q", "k", "lse"))
     module = st.modules[0]
     fs = fsspec.filesystem("memory")
-    chunks = sorted(fs.find("/integrity/run.zarr/modules/self_attn/q/c"))
+    q = _stored_at(url, "modules/self_attn/q")
+    chunks = sorted(c for c in fs.find(f"/integrity/run.zarr/{q}") if not c.endswith("zarr.json"))
     assert len(chunks) == 3
     fs.rm(chunks[1])
     st = attnhooks.open_store(url)

@@ -45,6 +45,12 @@ _ids = itertools.count()
 
 
 # -- backends -------------------------------------------------------------------------------------
+def _is_data(path: str) -> bool:
+    """A tensor array: a module's ``q`` / ``attn`` ..., or a stack of them (``stacks/q.0``)."""
+    leaf = path.rsplit("/", 1)[-1]
+    return leaf in DATA or (path.startswith("stacks/") and leaf.split(".")[0] in DATA)
+
+
 class SlowMemory(MemoryBackend):
     """An in-memory store whose writes of tensors take ``delay`` seconds each."""
 
@@ -53,7 +59,7 @@ class SlowMemory(MemoryBackend):
     delay: ClassVar[float] = 0.004
 
     def write(self, path: str, selection: Any, value: np.ndarray) -> None:
-        if path.rsplit("/", 1)[-1] in DATA:
+        if _is_data(path):
             time.sleep(self.delay)
         super().write(path, selection, value)
 
@@ -72,7 +78,7 @@ class SlowSink(MemoryBackend):
 
     @staticmethod
     def _data(path: str) -> bool:
-        return path.rsplit("/", 1)[-1] in DATA
+        return _is_data(path)
 
     def create_array(self, path: str, shape: tuple[int, ...], dtype: str, *args: Any) -> None:
         if self._data(path):

@@ -18,6 +18,7 @@ import torch
 from attnhooks.attention.masks import MaskSpec
 from attnhooks.backends.base import Codec
 from attnhooks.backends.memory import MemoryBackend
+from attnhooks.backends.stacks import stacked_view
 from attnhooks.capturing.record import Record
 from attnhooks.capturing.streams import merge_contiguous
 from attnhooks.errors import StoreFullError, StoreOptionError, StoreWriteError
@@ -45,7 +46,7 @@ def backend():
 
 
 def _info(backend, pos: int, call: int = 0) -> dict[str, int]:
-    row = backend.read(module_path(MODULE, "info"), (pos, call))
+    row = stacked_view(backend).read(module_path(MODULE, "info"), (pos, call))
     return dict(zip(INFO, (int(x) for x in row)))
 
 
@@ -259,7 +260,7 @@ def test_writer_commits_a_cropped_kv_cache_stream(backend):
     assert writer.budget.used == 0, "held continuation rows give their staging back"
     info = _info(backend, 0)
     assert (info["q_len"], info["k_len"], info["k_stored"]) == (5, 5, 7)
-    assert list(backend.read(module_path(MODULE, "rowkeys"), (0, 0))[:5]) == [4, 4, 4, 4, 5]
+    assert list(stacked_view(backend).read(module_path(MODULE, "rowkeys"), (0, 0))[:5]) == [4, 4, 4, 4, 5]
     attn = backend.read(module_path(MODULE, "attn"), (0, 0, 0, 0))
     np.testing.assert_allclose(attn[4, :5], records[1].attn[0, 0, 0].numpy())
     assert backend.attrs("")["status"] == "complete" and backend.attrs("")["committed"] == 1

@@ -1,0 +1,177 @@
+"""Stacked module arrays (schema ``attnhooks/2``, :mod:`attnhooks.backends.stacks`): a store whose
+small per-module arrays live in stacks reads exactly as one with an array per module.
+
+The differential test drives a plain backend and a :class:`StackedBackend` over the same kind of
+backend with the same random writer-like operations (members created as modules appear, whole and
+partial writes, growth along the step and sequence axes, a shrink, flushes at commits) and
+compares every read, through the writer's instance and through a reader that opens the store anew.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from attnhooks.backends import Codec
+from attnhooks.backends.stacks import GROUP, StackedBackend, stacked_view
+from attnhooks.errors import StoreCorruptError
+from tests.unit.backends.conformance import CLASSES, _forget, _location
+
+KINDS = ("memory", "zarr", "hdf5")
+LEAVES = {  # leaf: (dtype, shape at creation, chunks, fill)
+    "q": ("float32", (4, 1, 2, 2, 8, 4), (1, 1, 2, 2, 8, 4), 0.0),
+    "lse": ("float32", (4, 1, 2, 2, 8), (1, 1, 2, 2, 8), -np.inf),
+    "calls": ("int64", (4,), (1024,), 0),
+    "info": ("int64", (4, 1, 12), (1, 64, 12), 0),
+}
+CODEC = Codec("none", 0)
+
+
+def _open(kind, location, mode):
+    return CLASSES[kind].open(location, mode)
+
+
+def _pair(kind, tmp_path):
+    a, b = _location(kind, tmp_path / "plain"), _location(kind, tmp_path / "stacked")
+    for folder in (tmp_path / "plain", tmp_path / "stacked"):
+        folder.mkdir()
+    return a, b
+
+
+def _random_selection(rng, shape):
+    sel = []
+    for n in shape:
+        choice = rng.integers(3)
+        if choice == 0:
+            sel.append(int(rng.integers(n)))
+        elif choice == 1:
+            start = int(rng.integers(n))
+            sel.append(slice(start, int(rng.integers(start, n)) + 1))
+        else:
+            sel.append(slice(None))
+    return tuple(sel)
+
+
+def _run(rng, plain, stacked, modules=3, steps=6):
+    """Writer-like operations on both backends; returns the member paths."""
+    paths = []
+    for step in range(steps):
+        for m in range(modules if step else modules - 1):  # a module first seen at step 1
+            for leaf, (dtype, shape, chunks, fill) in LEAVES.items():
+                path = f"modules/m{m}/{leaf}"
+                if path not in paths:
+                    for be in (plain, stacked):
+                        be.create_array(path, shape, dtype, chunks, fill, CODEC)
+                    paths.append(path)
+                have = plain.shape(path)
+                need = list(have)
+                need[0] = max(have[0], step + 1)
+                if leaf in ("q", "lse") and rng.random() < 0.3:
+                    need[4] = have[4] + int(rng.integers(1, 9))  # a longer sequence
+                if tuple(need) != have:
+                    for be in (plain, stacked):
+                        be.resize(path, tuple(need))
+                shape = tuple(need)
+                if rng.random() < 0.7:  # a whole row of the step, else a part of it
+                    sel = (step, *(slice(0, n) for n in shape[1:]))
+                else:
+                    sel = (step, *(slice(int(rng.integers(n)), n) for n in shape[1:]))
+                extent = [s.stop - s.start for s in sel if isinstance(s, slice)]
+                value = (rng.standard_normal(extent) * 10).astype(dtype)
+                for be in (plain, stacked):
+                    be.write(path, sel, value)
+        if step == 3:  # a shrink of one sequence axis (repair's trim cuts the step axis the same way)
+            path = "modules/m0/q"
+            cut = (*plain.shape(path)[:4], max(1, plain.shape(path)[4] - 3), plain.shape(path)[5])
+            for be in (plain, stacked):
+                be.resize(path, cut)
+        for be in (plain, stacked):
+            be.flush()
+        _compare(rng, plain, stacked, paths)
+    return paths
+
+
+def _compare(rng, plain, other, paths, rounds=4):
+    for path in paths:
+        assert other.contains(path) and other.shape(path) == plain.shape(path), path
+        assert other.dtype(path) == plain.dtype(path)
+        np.testing.assert_array_equal(other.read(path), plain.read(path), err_msg=path)
+        for _ in range(rounds):
+            sel = _random_selection(rng, plain.shape(path))
+            np.testing.assert_array_equal(other.read(path, sel), plain.read(path, sel), err_msg=f"{path}{sel}")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_stacked_arrays_read_as_arrays_of_their_own(kind, seed, tmp_path):
+    rng = np.random.default_rng(seed)
+    a, b = _pair(kind, tmp_path)
+    plain, inner = _open(kind, a, "w-"), _open(kind, b, "w-")
+    stacked = StackedBackend(inner, stacking=True)
+    try:
+        paths = _run(rng, plain, stacked)
+        assert inner.children(GROUP) == sorted(f"{leaf}.0" for leaf in LEAVES)
+        assert not inner.contains("modules/m0/q")  # stored in the stack, not on its own
+        assert stacked.children("modules/m0") == sorted(LEAVES)
+        stacked.close()
+        reader = stacked_view(_open(kind, b, "r"))
+        _compare(rng, plain, reader, paths, rounds=20)
+        reader.close()
+    finally:
+        plain.close()
+        _forget(a)
+        _forget(b)
+
+
+@pytest.mark.parametrize("kind", ("zarr", "hdf5"))
+def test_appending_to_stacks_keeps_what_they_hold(kind, tmp_path):
+    """A writer appending to a stacked store: earlier steps stay, new steps of old members go into
+    their stacks, a new module gets a stack of its own."""
+    rng = np.random.default_rng(5)
+    a, b = _pair(kind, tmp_path)
+    plain = _open(kind, a, "w-")
+    stacked = StackedBackend(_open(kind, b, "w-"), stacking=True)
+    paths = _run(rng, plain, stacked, steps=3)
+    stacked.close()
+    again = StackedBackend(_open(kind, b, "r+"), stacking=True)
+    for be in (plain, again):
+        be.resize("modules/m1/q", (8, *plain.shape("modules/m1/q")[1:]))
+        be.write("modules/m1/q", (5,), np.ones(plain.shape("modules/m1/q")[1:], dtype=np.float32))
+        be.write("modules/m1/calls", (slice(0, 3),), np.array([7, 8, 9]))  # a part of a chunk written before
+    for be in (plain, again):
+        be.create_array("modules/new/q", LEAVES["q"][1], "float32", LEAVES["q"][2], 0.0, CODEC)
+        be.write("modules/new/q", (1,), np.full(LEAVES["q"][1][1:], 2.0, dtype=np.float32))
+        be.flush()
+    paths.append("modules/new/q")
+    _compare(rng, plain, again, paths)
+    again.close()
+    reader = stacked_view(_open(kind, b, "r"))
+    _compare(rng, plain, reader, paths, rounds=10)
+    assert {s for s in reader.unwrapped.children(GROUP)} >= {"q.0", "q.1"}
+    reader.close()
+    plain.close()
+
+
+def test_a_damaged_stack_chunk_names_the_member_and_its_step(tmp_path):
+    """A stack chunk failing its checksum is reported as the member's array, at the member's chunk."""
+    location = str(tmp_path / "s.zarr")
+    inner = CLASSES["zarr"].open(location, "w-")
+    stacked = StackedBackend(inner, stacking=True)
+    checked = Codec("none", 0, checksum=True)
+    for m in range(2):
+        stacked.create_array(f"modules/m{m}/q", (3, 1, 2, 2, 8, 4), "float32", (1, 1, 2, 2, 8, 4), 0.0, checked)
+        for step in range(3):
+            stacked.write(f"modules/m{m}/q", (step,), np.ones((1, 2, 2, 8, 4), dtype=np.float32))
+    stacked.flush()
+    stacked.close()
+    chunk = tmp_path / "s.zarr" / "stacks" / "q.0" / "c.1.0.0.0.0.0.0"
+    raw = bytearray(chunk.read_bytes())
+    raw[5] ^= 0xFF
+    chunk.write_bytes(bytes(raw))
+    reader = stacked_view(CLASSES["zarr"].open(location, "r"))
+    assert reader.read("modules/m1/q", (0,)).shape == (1, 2, 2, 8, 4)
+    with pytest.raises(StoreCorruptError) as info:
+        reader.read("modules/m1/q", (slice(0, 3),))
+    assert info.value.array == "modules/m1/q" and list(info.value.chunks) == [(1, 0, 0, 0, 0, 0)]
+    chunk.unlink()
+    assert reader.missing_chunks("modules/m0/q", (slice(0, 3),)) == [(1, 0, 0, 0, 0, 0)]
