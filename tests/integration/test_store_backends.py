@@ -6,6 +6,7 @@ in-memory records. The backend protocol itself is tested in ``tests/unit/backend
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import pickle
 
@@ -426,3 +427,41 @@ def test_a_url_store_written_by_one_instance_reads_through_another(tmp_path, lla
             _assert_store_equals_records(st, cap.records)
     finally:
         _forget(location)
+
+
+def test_a_store_of_schema_1_is_read_and_appended_to_as_it_is(kind, location, llama, monkeypatch):
+    """A store written before stacks (attnhooks/1: an array per module) reads as before, and a
+    capture appending to it keeps that layout (its readers may be older versions)."""
+    import attnhooks.backends.stacks as stacks
+    import attnhooks.write.attrs as attrs
+
+    with monkeypatch.context() as old:  # what attnhooks 0.1 wrote
+        old.setattr(attrs, "SCHEMA", "attnhooks/1")
+        old.setattr(stacks, "MEMBER_BYTES", 0)
+        first = _run(llama, [(2, 5)], store=location, keep=True, record=ALL)
+    second = _run(llama, [(1, 3)], store=location, mode="append", keep=True, record=ALL)
+    with attnhooks.open_store(location) as st:
+        assert st.schema == "attnhooks/1" and st.steps == [0, 1]
+        raw = getattr(st.backend, "unwrapped", st.backend)
+        assert not raw.contains("stacks") and raw.contains(module_path(st.modules[0], "q"))
+        records = list(first.records) + [dataclasses.replace(r, step=1) for r in second.records]
+        _assert_store_equals_records(st, records)
+
+
+def test_a_step_of_a_many_layer_model_is_a_handful_of_chunk_files(tmp_path):
+    """Schema attnhooks/2 on Zarr: each stack gets one chunk file per step, whatever the layers."""
+    layers = 12
+    model = torch.nn.TransformerEncoder(
+        torch.nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True), layers, enable_nested_tensor=False
+    ).eval()
+    path = tmp_path / "run.zarr"
+    with torch.no_grad(), attnhooks.capture(model, store=str(path), record=("q", "k", "lse"), keep=True) as cap:
+        for step in range(3):
+            cap.step = step
+            model(torch.randn(2, 7, 16))
+    chunk_files = [p for p in path.rglob("c.*") if p.is_file() and not p.name.endswith(".partial")]
+    per_step = len(chunk_files) / 3
+    assert per_step <= 10, f"{per_step:.1f} chunk files per step for {layers} layers"
+    with attnhooks.open_store(path) as st:
+        assert st.schema == SCHEMA and len(st.modules) == layers
+        _assert_store_equals_records(st, cap.records)
