@@ -139,8 +139,9 @@ class StackedBackend:
             self.inner.resize(path, shape)
             return
         old = member.shape
-        if any(n < o for n, o in zip(shape, old)) and member.stack.width:
-            self.flush()  # cut values read as the fill value if the array grows again
+        shrink = any(n < o for n, o in zip(shape, old))
+        if shrink:  # (repair's trim) cut values read as the fill value if the array grows again
+            self.flush()
             region = tuple(slice(0, o) for o in old)
             for axis, (n, o) in enumerate(zip(shape, old)):
                 if n < o:
@@ -149,7 +150,7 @@ class StackedBackend:
                     sel = member_selection(Member(member.stack, member.index, old), tuple(cut))
                     block = np.full([s.stop - s.start for s in cut], member.stack.fill, dtype=member.stack.dtype)
                     self.inner.write(member.stack.path, sel, block)
-        self._held.forget(member.stack.path)
+            self._held.forget(member.stack.path)  # (growing keeps them: a chunk's shape never changes)
         member.shape = tuple(shape)
         member.stack.dirty = True
         self._fit(member.stack)

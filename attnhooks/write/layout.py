@@ -50,6 +50,7 @@ class ArrayLayout:
         self.bytes_written = 0
         self._shapes: dict[str, tuple[int, ...] | None] = {}
         self._cells: dict[str, tuple[int, np.ndarray]] = {}  # put_cell: (first step, values) of a chunk
+        self._created: set[str] = set()  # arrays this writer created (nothing to read back from them)
 
     # -- record arrays ------------------------------------------------------------------------
     def put(
@@ -118,8 +119,9 @@ class ArrayLayout:
             values = np.full(STEP_CHUNK, fill, dtype=np.int64)
             shape = self.shape_of(path)
             assert shape is not None
-            known = self.backend.read(path, (slice(first, min(first + STEP_CHUNK, shape[0])),))
-            values[: len(known)] = known
+            if path not in self._created:  # a store appended to: the chunk's earlier steps
+                known = self.backend.read(path, (slice(first, min(first + STEP_CHUNK, shape[0])),))
+                values[: len(known)] = known
             cell = self._cells[path] = (first, values)
         cell[1][pos - first] = value
         shape = self.shape_of(path)
@@ -142,6 +144,7 @@ class ArrayLayout:
         shape = (max(need[0], _MIN_STEPS), *need[1:])  # room for steps ahead: one metadata write, not one per step
         self.backend.create_array(path, shape, dtype, chunks, fill, codec)
         self._shapes[path] = shape
+        self._created.add(path)
 
     def _grow(self, path: str, need: tuple[int, ...]) -> None:
         shape = self.shape_of(path)
