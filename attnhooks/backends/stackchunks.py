@@ -60,6 +60,12 @@ class HeldChunks:
     def dirty(self) -> bool:
         return bool(self._dirty)
 
+    @property
+    def full(self) -> bool:
+        """More than 64 MiB held: write out before the step ends (memory stays bounded whatever
+        the step's length; positions not yet committed hold nothing a reader trusts)."""
+        return self._bytes > 2 * _CACHE_BYTES
+
     def write(self, member: Member, selection: Selection, value: np.ndarray) -> None:
         """Hold ``value`` at ``selection`` of ``member`` (written to the stack at :meth:`write_out`)."""
         spans_, _ = spans(selection, member.shape)

@@ -210,6 +210,8 @@ class StackedBackend:
             self.inner.write(path, selection, value)
             return
         self._held.write(member, selection, value)
+        if self._held.full:  # a long step (a long generation): its chunks go out before its commit
+            self._write_held()
 
     def read(self, path: str, selection: Selection = ()) -> np.ndarray:
         member = self._members.get(path)
@@ -251,14 +253,17 @@ class StackedBackend:
     def flush(self) -> None:
         """Write the held chunks as whole stack chunks and the stacks' changed attributes, then
         flush the backend: after this, every write made is durable."""
-        for stack in self._stacks.values():
-            if stack.codec is not None and not stack.width and any(stack.members):
-                self._create(stack)
-        self._held.write_out(self._stacks)
+        self._write_held()
         if any(stack.dirty and stack.width for stack in self._stacks.values()):
             # every stack's description, on the group (HDF5 in SWMR mode adds no attributes to arrays)
             self.inner.set_attrs(GROUP, {_ATTR: _described(self._stacks, self._members)})
         self.inner.flush()
+
+    def _write_held(self) -> None:
+        for stack in self._stacks.values():
+            if stack.codec is not None and not stack.width and any(stack.members):
+                self._create(stack)
+        self._held.write_out(self._stacks)
 
     # -- the rest -----------------------------------------------------------------------------
     def attrs(self, path: str) -> dict[str, Any]:
