@@ -547,7 +547,7 @@ def test_writer_error_between_steps_leaves_callers_modes_alone(location, monkeyp
     """The writer fails at a commit; the error surfaces as the next step begins, typed, and the
     caller's own torch function mode is still active afterwards."""
     url = location("failmem")
-    monkeypatch.setattr(Failing, "after", 4)  # step 0: its attn written, then its commit (the stacks of q, k, lse, tables) fails
+    monkeypatch.setattr(Failing, "after", 4)  # step 0: its attn written, then its commit (the stacks) fails
     monkeypatch.setattr(Failing, "error", staticmethod(lambda: RuntimeError("commit failed")))
     model = worker.build_model()
 
