@@ -4,6 +4,8 @@ removes it, finds a chunk and cleans up after a killed writer (see :mod:`attnhoo
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import shutil
 import uuid
@@ -60,6 +62,47 @@ class LocalPlace:
 
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
+
+    # -- node metadata, read and written here: each through zarr costs a hop through its event
+    # loop (1-15 ms on a busy machine), and a writer makes several per module at its first step
+    def has_node(self, path: str) -> bool:
+        """Whether a group or array exists at ``path`` (its ``zarr.json``)."""
+        return os.path.isfile(self._meta(path))
+
+    def node_attrs(self, path: str) -> dict[str, Any]:
+        """The attributes in the node's ``zarr.json``; KeyError when there is no node."""
+        try:
+            with open(self._meta(path), "rb") as f:
+                meta = json.loads(f.read())
+        except FileNotFoundError:
+            raise KeyError(path) from None
+        return dict(meta.get("attributes") or {})
+
+    def update_node_attrs(self, path: str, values: dict[str, Any], readonly: bool = False) -> None:
+        """Update the node's attributes: one atomic rewrite of its ``zarr.json`` (as zarr does)."""
+        if readonly:
+            raise PermissionError(f"{self.path} is open read-only")
+        target = self._meta(path)
+        try:
+            with open(target, "rb") as f:
+                meta = json.loads(f.read())
+        except FileNotFoundError:
+            raise KeyError(path) from None
+        meta["attributes"] = {**(meta.get("attributes") or {}), **values}
+        _replace(target, json.dumps(meta, indent=2).encode())
+
+    def create_group_node(self, path: str) -> None:
+        """A group at ``path`` and at each missing parent (a ``zarr.json`` of an empty group each)."""
+        parts = [p for p in path.split("/") if p]
+        for n in range(1, len(parts) + 1):
+            sub = "/".join(parts[:n])
+            if not self.has_node(sub):
+                os.makedirs(os.path.join(self.path, sub), exist_ok=True)
+                group = {"attributes": {}, "zarr_format": 3, "node_type": "group"}
+                _replace(self._meta(sub), json.dumps(group, indent=2).encode())
+
+    def _meta(self, path: str) -> str:
+        return os.path.join(self.path, *[p for p in path.split("/") if p], "zarr.json")
 
     def has(self, array: str, key: str) -> bool:
         return os.path.exists(os.path.join(self.path, key))
@@ -125,6 +168,20 @@ class UrlPlace:
 
     def cleanup(self) -> list[str]:
         return []  # every key is one put: an object store keeps no temporaries of a killed writer
+
+
+def _replace(target: str, data: bytes) -> None:
+    """Write ``data`` to ``target`` through a temporary file and an atomic rename (``*.partial``
+    temporaries, as zarr's local store, are what ``cleanup`` removes after a killed writer)."""
+    tmp = f"{target}.{uuid.uuid4().hex}.partial"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def url_fs(url: str) -> tuple[Any, str]:

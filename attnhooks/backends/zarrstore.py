@@ -44,7 +44,7 @@ from zarr.codecs import BloscCodec, Crc32cCodec, GzipCodec, ZstdCodec
 from attnhooks.backends.base import Codec, Selection, check_mode, check_remove, refuse_existing, split
 from attnhooks.backends.integrity import MAX_CHUNKS_CHECKED, chunks_of, corrupt
 from attnhooks.backends.zarrchunks import ChunkFiles
-from attnhooks.backends.zarrplace import LocalPlace
+from attnhooks.backends.zarrplace import LocalPlace, UrlPlace
 from attnhooks.backends.zarrplace import place as place_of
 from attnhooks.errors import NotAStoreError, StoreOptionError
 
@@ -111,7 +111,10 @@ class ZarrBackend:
         return arr
 
     def create_group(self, path: str) -> None:
-        self._group(path)
+        if isinstance(self._place, LocalPlace) and not self.readonly:
+            self._place.create_group_node(path)
+        else:
+            self._group(path)
 
     def _group(self, path: str) -> zarr.Group:
         """The group at ``path``, created with its parents when missing; cached (each lookup is a
@@ -160,7 +163,8 @@ class ZarrBackend:
         del self._root["/".join(parts)]
 
     def contains(self, path: str) -> bool:
-        return path == "" or path in self._root
+        local = isinstance(self._place, LocalPlace)
+        return path == "" or (self._place.has_node(path) if local else path in self._root)  # type: ignore[union-attr]
 
     def children(self, path: str) -> list[str]:
         node = self._root[path] if path else self._root
@@ -249,29 +253,20 @@ class ZarrBackend:
         absent chunk may be one that held only the fill value."""
         if not self.checksummed(path):
             return []
-        arr = self._array(path)
-        missing = []
-        for n, coords in enumerate(chunks_of(arr.shape, arr.chunks, selection)):
-            if n >= MAX_CHUNKS_CHECKED:
-                break
-            key = f"{arr.path}/{arr.metadata.encode_chunk_key(coords)}"
-            if key in self._present:
-                continue
-            if self._place.has(arr.path, key):
-                self._present.add(key)  # asked once per chunk, not once per read that covers it
-            else:
-                missing.append(coords)
-        return missing
+        return _absent(self._array(path), self._place, self._present, selection)
 
     # -- attributes ---------------------------------------------------------------------------
     def attrs(self, path: str) -> dict[str, Any]:
-        node = self._root[path] if path else self._root
-        return dict(node.attrs)
+        if isinstance(self._place, LocalPlace):  # (its zarr.json read here: always what is on disk)
+            return self._place.node_attrs(path)
+        return dict((self._root[path] if path else self._root).attrs)
 
     def set_attrs(self, path: str, values: dict[str, Any]) -> None:
         self._flush()
-        node = self._root[path] if path else self._root
-        node.attrs.update(values)  # one atomic rewrite (local) or put (URL) of the node's zarr.json
+        if isinstance(self._place, LocalPlace):  # one atomic rewrite of the node's zarr.json
+            self._place.update_node_attrs(path, values, self.readonly)
+        else:  # one put of the node's zarr.json
+            (self._root[path] if path else self._root).attrs.update(values)
 
     def flush(self) -> None:
         self._flush()  # (every write made has then reached the file system or object store)
@@ -301,6 +296,25 @@ class ZarrBackend:
         """Remove the whole store at ``location`` (the writer's: a capture that created it and failed
         before committing anything)."""
         place_of(location).remove()
+
+
+def _absent(
+    arr: zarr.Array[Any], place: LocalPlace | UrlPlace, present: set[str], selection: Selection
+) -> list[tuple[int, ...]]:
+    """The chunks of ``selection`` of ``arr`` not in the store (``present``: those found before,
+    asked once per chunk, not once per read that covers it)."""
+    missing = []
+    for n, coords in enumerate(chunks_of(arr.shape, arr.chunks, selection)):
+        if n >= MAX_CHUNKS_CHECKED:
+            break
+        key = f"{arr.path}/{arr.metadata.encode_chunk_key(coords)}"
+        if key in present:
+            continue
+        if place.has(arr.path, key):
+            present.add(key)
+        else:
+            missing.append(coords)
+    return missing
 
 
 def _compressors(codec: Codec) -> list[Any]:
