@@ -9,6 +9,7 @@ little-endian float32 (headers ``X-Rows`` / ``X-Cols``), which the page uses for
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -32,6 +33,7 @@ def make_app(api: Api, *, title: str) -> Any:
         {"format": "attnhooks-serve/1", "title": title}, title=title, scripts=("views.js", "serve.js"), connect=True
     )
     headers = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
+    encode = _numpy_json()
 
     async def index(request: Request) -> Response:
         return HTMLResponse(html, headers=headers)
@@ -40,11 +42,15 @@ def make_app(api: Api, *, title: str) -> Any:
         name = request.path_params["name"]
         params = dict(request.query_params)
         binary = name == "attention" and params.pop("format", "json") == "f32"
-        status, body = await run_in_threadpool(lambda: api.handle(name, params, binary=binary))
+        fast = name == "attention" and not binary and encode is not None  # the window as an array
+        status, body = await run_in_threadpool(lambda: api.handle(name, params, binary=binary or fast))
         if binary and status == 200:
             data = np.ascontiguousarray(body["array"], dtype="<f4").tobytes()
             extra = {"X-Rows": f"{body['rows'][0]}:{body['rows'][1]}", "X-Cols": f"{body['cols'][0]}:{body['cols'][1]}"}
             return Response(data, media_type="application/octet-stream", headers={**headers, **extra})
+        if fast and status == 200 and encode is not None:  # (float64: each float32 exactly, as json does)
+            values = body.pop("array").astype(np.float64)
+            return Response(encode({**body, "values": values}), media_type="application/json", headers=headers)
         return JSONResponse(body, status_code=status, headers=headers)
 
     async def not_found(request: Request, exc: Exception) -> Response:
@@ -63,3 +69,13 @@ def make_app(api: Api, *, title: str) -> Any:
 
     routes = [Route("/", index, methods=["GET"]), Route("/api/{name}", endpoint, methods=["GET"])]
     return Starlette(routes=routes, exception_handlers={404: not_found, 405: not_found, 500: failed})
+
+
+def _numpy_json() -> Callable[[Any], bytes] | None:
+    """``orjson.dumps`` with numpy arrays (~10x faster than ``json`` on a 256 x 256 window, whose
+    65,536 floats cost ~100 ms as Python floats), or None without orjson (``attnhooks[serve]``)."""
+    try:
+        import orjson
+    except ImportError:
+        return None
+    return lambda body: orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)

@@ -172,3 +172,20 @@ def test_a_missing_extra_is_one_line_naming_it(store, monkeypatch, capsys):
     assert main(["serve", str(store.location)]) == 1
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "pip install 'attnhooks[serve]'" in err and "uvicorn" in err
+
+
+def test_the_fast_json_of_a_window_keeps_every_float32_exactly():
+    """With orjson (``attnhooks[serve]``) a window is encoded from the array: each float32 value,
+    widened to float64, reads back exactly, as with ``json`` (which the server falls back to)."""
+    from attnhooks.serve.app import _numpy_json
+
+    encode = _numpy_json()
+    if encode is None:
+        pytest.skip("orjson is not installed (the server then uses json)")
+    rng = np.random.default_rng(0)
+    window = np.concatenate([rng.random(4000), rng.random(4000) * 1e-30, [0.0, 1.0, 1e-45, 3.4e38]])
+    window = window.astype(np.float32).reshape(-1, 4)
+    body = json.loads(encode({"rows": [0, len(window)], "cols": [0, 4], "values": window.astype(np.float64)}))
+    assert body["rows"] == [0, len(window)]
+    np.testing.assert_array_equal(np.array(body["values"], dtype=np.float64), window.astype(np.float64))
+    assert np.array_equal(np.array(body["values"], dtype=np.float32), window)
