@@ -74,25 +74,31 @@ class HeldChunks:
         for coords in itertools.product(*(range(a // c, -(-b // c)) for (a, b), c in zip(spans_, chunks))):
             lo = [c * n for c, n in zip(coords, chunks)]
             inside = [(max(a, l0), min(b, l0 + n)) for (a, b), l0, n in zip(spans_, lo, chunks)]
-            whole = all(  # the write covers the whole chunk (an edge chunk: up to the array's end)
+            # the write covers the whole chunk (an edge chunk: up to the array's end); exactly: no padding
+            exact = all(s == l0 and e == l0 + n for (s, e), l0, n in zip(inside, lo, chunks))
+            whole = exact or all(
                 s == l0 and (e == l0 + n or e >= size) for (s, e), l0, n, size in zip(inside, lo, chunks, member.shape)
             )
-            buffer = self._buffer(member, coords, whole)
+            buffer = self._buffer(member, coords, whole, exact)
             target = tuple(slice(s - l0, e - l0) for (s, e), l0 in zip(inside, lo))
             source = tuple(slice(s - a, e - a) for (s, e), (a, _) in zip(inside, spans_))
             buffer[target] = block[source]
             self._dirty.add((member.stack.path, coords))
 
-    def _buffer(self, member: Member, coords: tuple[int, ...], whole: bool) -> np.ndarray:
+    def _buffer(self, member: Member, coords: tuple[int, ...], whole: bool, exact: bool) -> np.ndarray:
         """The held chunk ``coords`` of ``member``: from the store when it may hold data there and
-        the write does not cover all of it, else the fill value."""
+        the write does not cover all of it, else the fill value (nothing when the write covers
+        every element of the chunk)."""
         key = (member.stack.path, coords)
         held = self._cache.setdefault(key, {})
         buffer = held.get(member.index)
         if buffer is not None:
             return buffer
         stack = member.stack
-        buffer = np.full(stack.chunks, stack.fill, dtype=stack.dtype)
+        if exact:
+            buffer = np.empty(stack.chunks, dtype=stack.dtype)
+        else:
+            buffer = np.full(stack.chunks, stack.fill, dtype=stack.dtype)
         if not whole and stack.width and (stack.existed or key in self._flushed):
             region = tuple(slice(c * n, min((c + 1) * n, s)) for c, n, s in zip(coords, stack.chunks, member.shape))
             if all(r.stop > r.start for r in region):
@@ -135,8 +141,10 @@ class HeldChunks:
             present = [i for i in range(first, first + count) if i in held]
             if len(present) < count and (stack.existed or (stack.path, coords) in self._flushed):
                 block = self.inner.read(stack.path, selection)
-            else:
+            elif len(present) < count:
                 block = np.full([extent[0], count, *extent[1:]], stack.fill, dtype=stack.dtype)
+            else:  # every member's part is held: each slot is written whole below
+                block = np.empty([extent[0], count, *extent[1:]], dtype=stack.dtype)
             for index in present:
                 block[:, index - first] = held[index][tuple(slice(0, e) for e in extent)]
             self.inner.write(stack.path, selection, block)

@@ -101,7 +101,7 @@ class ChunkFiles:
             part = block[tuple(slice(r.start - a, r.stop - a) for r, (a, _) in zip(region, spans))]  # type: ignore[misc, union-attr]
             self._put(plan, coords, _encode(plan, part))
 
-    def _put(self, plan: _Plan, coords: tuple[int, ...], data: bytes) -> None:
+    def _put(self, plan: _Plan, coords: tuple[int, ...], data: list[Any]) -> None:
         target = os.path.join(plan.directory, plan.encode_key(coords))
         folder = os.path.dirname(target)
         if folder not in self._dirs:
@@ -110,7 +110,8 @@ class ChunkFiles:
         tmp = f"{target}.{uuid.uuid4().hex}.partial"
         try:
             with open(tmp, "wb") as f:
-                f.write(data)
+                for part in data:
+                    f.write(part)
             os.replace(tmp, target)
         except BaseException:  # (a failed write, a full disk say, leaves no temporary behind)
             with contextlib.suppress(OSError):
@@ -173,21 +174,20 @@ def _whole_chunk_spans(
     return spans
 
 
-def _encode(plan: _Plan, part: np.ndarray) -> bytes:
-    """A chunk's stored bytes: ``part`` padded to the chunk shape with the fill value, C order,
-    little endian, then its CRC-32C (little endian) when the array is checksummed."""
+def _encode(plan: _Plan, part: np.ndarray) -> list[Any]:
+    """A chunk's stored bytes, as the buffers to write one after the other (no copy of the data
+    into one ``bytes``): ``part`` padded to the chunk shape with the fill value, C order, little
+    endian, then its CRC-32C (little endian) when the array is checksummed."""
     if part.shape == plan.chunks:
         full = np.ascontiguousarray(part, dtype=plan.dtype)
     else:
         full = np.full(plan.chunks, plan.fill, dtype=plan.dtype)
         full[tuple(slice(0, n) for n in part.shape)] = part
-    data = full.tobytes()
-    if plan.checksum:
-        data += struct.pack("<I", _crc32c(data))
-    return data
+    data = full.reshape(-1).view(np.uint8)
+    return [data, struct.pack("<I", _crc32c(data))] if plan.checksum else [data]
 
 
-def _crc32c(data: bytes) -> int:
+def _crc32c(data: Any) -> int:
     import google_crc32c  # zarr's own crc32c codec uses it
 
     return int(google_crc32c.value(data))
