@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 
 from attnhooks.errors import StoreCorruptError
 
-__all__ = ["MAX_CHUNKS_CHECKED", "chunk_region", "chunks_of", "corrupt"]
+__all__ = ["MAX_CHUNKS_CHECKED", "chunk_region", "chunks_of", "corrupt", "spans"]
 
 MAX_CHUNKS_CHECKED = 1 << 16
 """At most this many chunks of one read are checked one by one (a read larger than that is reported
@@ -32,18 +32,33 @@ def chunks_of(shape: tuple[int, ...], chunks: tuple[int, ...], selection: Select
         >>> list(chunks_of((4, 10), (1, 4), (2, slice(3, 9))))
         [(2, 0), (2, 1), (2, 2)]
     """
-    spans = []
-    for axis, (size, chunk) in enumerate(zip(shape, chunks)):
+    extents, _ = spans(selection, shape)
+    if any(stop <= start for start, stop in extents):
+        return
+    ranges = [range(start // chunk, (stop - 1) // chunk + 1) for (start, stop), chunk in zip(extents, chunks)]
+    yield from itertools.product(*ranges)
+
+
+def spans(selection: Selection, shape: tuple[int, ...]) -> tuple[list[tuple[int, int]], list[bool]]:
+    """Per axis of ``shape``, the ``[start, stop)`` that ``selection`` (ints and slices, leading
+    axes; the rest whole) covers, and whether an int dropped the axis.
+
+    Example:
+        >>> spans((2, slice(3, 9)), (4, 10, 5))
+        ([(2, 3), (3, 9), (0, 5)], [True, False, False])
+    """
+    out, squeeze = [], []
+    for axis, size in enumerate(shape):
         sel = selection[axis] if axis < len(selection) else slice(None)
         if isinstance(sel, slice):
             start, stop, _ = sel.indices(size)
+            out.append((start, max(start, stop)))
+            squeeze.append(False)
         else:
-            start = sel + size if sel < 0 else sel
-            stop = start + 1
-        if stop <= start:
-            return
-        spans.append(range(start // chunk, (stop - 1) // chunk + 1))
-    yield from itertools.product(*spans)
+            i = int(sel) + size if int(sel) < 0 else int(sel)
+            out.append((i, i + 1))
+            squeeze.append(True)
+    return out, squeeze
 
 
 def chunk_region(coords: tuple[int, ...], chunks: tuple[int, ...], shape: tuple[int, ...]) -> Selection:

@@ -15,8 +15,9 @@ from typing import Any
 import numpy as np
 
 from attnhooks.backends.base import Backend, Codec, Selection
+from attnhooks.backends.integrity import spans
 
-__all__ = ["HeldChunks", "Member", "Stack", "member_selection", "spans"]
+__all__ = ["HeldChunks", "Member", "Stack", "member_selection"]
 
 _CACHE_BYTES = 32 << 20  # clean module chunks kept for later writes (continuing steps, step tables)
 
@@ -176,19 +177,3 @@ def member_selection(member: Member, selection: Selection) -> Selection:
         else:
             out.append(int(sel) + size if int(sel) < 0 else int(sel))
     return (out[0], member.index, *out[1:])
-
-
-def spans(selection: Selection, shape: tuple[int, ...]) -> tuple[list[tuple[int, int]], list[bool]]:
-    """Per axis of ``shape``, the ``[start, stop)`` of ``selection`` and whether an int dropped it."""
-    out, squeeze = [], []
-    for axis, size in enumerate(shape):
-        sel = selection[axis] if axis < len(selection) else slice(None)
-        if isinstance(sel, slice):
-            start, stop, _ = sel.indices(size)
-            out.append((start, max(start, stop)))
-            squeeze.append(False)
-        else:
-            i = int(sel) + size if int(sel) < 0 else int(sel)
-            out.append((i, i + 1))
-            squeeze.append(True)
-    return out, squeeze

@@ -30,7 +30,8 @@ from typing import Any, cast
 import numpy as np
 
 from attnhooks.backends.base import Backend, Codec, Selection, split
-from attnhooks.backends.stackchunks import HeldChunks, Member, Stack, member_selection, spans
+from attnhooks.backends.integrity import spans
+from attnhooks.backends.stackchunks import HeldChunks, Member, Stack, member_selection
 from attnhooks.errors import StoreCorruptError
 
 __all__ = ["GROUP", "MEMBER_BYTES", "STACKED_LEAVES", "StackedBackend", "stacked_view", "writing"]

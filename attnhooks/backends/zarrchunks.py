@@ -18,13 +18,11 @@ temporary file and an atomic rename as zarr's local store does (``*.partial``, r
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import itertools
 import os
 import struct
 import tempfile
-import uuid
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -35,7 +33,8 @@ from zarr.codecs import BytesCodec, Crc32cCodec
 from zarr.core.metadata import ArrayV3Metadata
 
 from attnhooks.backends.base import Selection
-from attnhooks.backends.integrity import chunk_region
+from attnhooks.backends.integrity import chunk_region, spans
+from attnhooks.backends.zarrplace import write_atomically
 
 __all__ = ["ChunkFiles", "Whole", "encoding_verified"]
 
@@ -107,16 +106,7 @@ class ChunkFiles:
         if folder not in self._dirs:
             os.makedirs(folder, exist_ok=True)
             self._dirs.add(folder)
-        tmp = f"{target}.{uuid.uuid4().hex}.partial"
-        try:
-            with open(tmp, "wb") as f:
-                for part in data:
-                    f.write(part)
-            os.replace(tmp, target)
-        except BaseException:  # (a failed write, a full disk say, leaves no temporary behind)
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        write_atomically(target, data)
         self.written += 1
 
 
@@ -157,21 +147,16 @@ def _whole_chunk_spans(
     edge chunk counts as whole when the selection reaches the array's end); None otherwise."""
     if len(selection) > len(shape):
         return None
-    spans = []
-    for axis, (size, chunk) in enumerate(zip(shape, chunks)):
-        sel = selection[axis] if axis < len(selection) else slice(None)
-        if isinstance(sel, slice):
-            if sel.step not in (None, 1):
-                return None
-            start, stop, _ = sel.indices(size)
-        elif isinstance(sel, (int, np.integer)) and 0 <= sel < size:
-            start, stop = int(sel), int(sel) + 1
-        else:
+    for sel, size in zip(selection, shape):  # step-1 slices and ints inside the array only
+        if isinstance(sel, slice) and sel.step not in (None, 1):
             return None
+        if not isinstance(sel, slice) and not (isinstance(sel, (int, np.integer)) and 0 <= sel < size):
+            return None
+    extents, _ = spans(selection, shape)
+    for (start, stop), size, chunk in zip(extents, shape, chunks):
         if stop <= start or start % chunk or (stop % chunk and stop != size):
             return None
-        spans.append((start, stop))
-    return spans
+    return extents
 
 
 def _encode(plan: _Plan, part: np.ndarray) -> list[Any]:

@@ -16,7 +16,7 @@ import zarr
 
 from attnhooks.errors import StoreOptionError
 
-__all__ = ["LocalPlace", "UrlPlace", "place", "url_fs"]
+__all__ = ["LocalPlace", "UrlPlace", "place", "url_fs", "write_atomically"]
 
 
 def place(location: str) -> LocalPlace | UrlPlace:
@@ -89,7 +89,7 @@ class LocalPlace:
         except FileNotFoundError:
             raise KeyError(path) from None
         meta["attributes"] = {**(meta.get("attributes") or {}), **values}
-        _replace(target, json.dumps(meta, indent=2).encode())
+        write_atomically(target, [json.dumps(meta, indent=2).encode()])
 
     def create_group_node(self, path: str) -> None:
         """A group at ``path`` and at each missing parent (a ``zarr.json`` of an empty group each)."""
@@ -99,7 +99,7 @@ class LocalPlace:
             if not self.has_node(sub):
                 os.makedirs(os.path.join(self.path, sub), exist_ok=True)
                 group = {"attributes": {}, "zarr_format": 3, "node_type": "group"}
-                _replace(self._meta(sub), json.dumps(group, indent=2).encode())
+                write_atomically(self._meta(sub), [json.dumps(group, indent=2).encode()])
 
     def _meta(self, path: str) -> str:
         return os.path.join(self.path, *[p for p in path.split("/") if p], "zarr.json")
@@ -170,13 +170,15 @@ class UrlPlace:
         return []  # every key is one put: an object store keeps no temporaries of a killed writer
 
 
-def _replace(target: str, data: bytes) -> None:
-    """Write ``data`` to ``target`` through a temporary file and an atomic rename (``*.partial``
-    temporaries, as zarr's local store, are what ``cleanup`` removes after a killed writer)."""
+def write_atomically(target: str, parts: list[Any]) -> None:
+    """Write ``parts`` (bytes-like, one after the other) to ``target`` through a temporary file and an
+    atomic rename (``*.partial`` temporaries, as zarr's local store, are what ``cleanup`` removes
+    after a killed writer); a failed write (a full disk) leaves no temporary behind."""
     tmp = f"{target}.{uuid.uuid4().hex}.partial"
     try:
         with open(tmp, "wb") as f:
-            f.write(data)
+            for part in parts:
+                f.write(part)
         os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(OSError):
