@@ -44,9 +44,18 @@ _STACK_CHUNK_BYTES = 8 << 20  # a stack chunk spans as many modules as fit in th
 _ATTR = "attnhooks_stack"
 
 
-def stacked_view(backend: Backend) -> Backend:
-    """``backend`` for reading: wrapped when the store holds stacks, else itself."""
-    return cast(Backend, StackedBackend(backend, stacking=False)) if backend.contains(GROUP) else backend
+def stacked_view(backend: Backend, committed: int | None = None) -> Backend:
+    """``backend`` for reading: wrapped when the store holds stacks, else itself. A store that
+    committed nothing (``committed == 0``: its writer was killed in the first step) is read as it
+    is when its stacks cannot be read (an HDF5 writer killed while creating them): no step needs them."""
+    if not backend.contains(GROUP):
+        return backend
+    try:
+        return cast(Backend, StackedBackend(backend, stacking=False))
+    except (KeyError, OSError):
+        if committed == 0:
+            return backend
+        raise
 
 
 class StackedBackend:
@@ -202,6 +211,7 @@ class StackedBackend:
         member_bytes = math.prod(stack.chunks) * np.dtype(stack.dtype).itemsize
         stack.width = max(1, min(len(stack.members), _STACK_CHUNK_BYTES // max(member_bytes, 1)))
         chunks = (stack.chunks[0], stack.width, *stack.chunks[1:])
+        self.inner.create_group(GROUP)  # explicitly, as module groups are (HDF5: not as a side effect)
         self.inner.create_array(stack.path, self._extent(stack), stack.dtype, chunks, stack.fill, stack.codec)
 
     # -- data ---------------------------------------------------------------------------------

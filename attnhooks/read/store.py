@@ -92,7 +92,8 @@ class Store(TensorReads):
                 attrs = _checked(self.backend.attrs(""), self.location)
             else:
                 attrs = {**attrs, "rank": 0}  # no rank has started writing yet: an empty store
-        self.backend = stacked_view(getattr(self.backend, "unwrapped", self.backend))  # attnhooks/2 stacks
+        plain = getattr(self.backend, "unwrapped", self.backend)
+        self.backend = stacked_view(plain, int(attrs.get("committed", 0)))  # attnhooks/2 stacks
         self.metadata: dict[str, Any] = attrs
         self.committed = int(attrs.get("committed", 0))
         # reads of a damaged or missing chunk of a call's tensors raise, naming the step

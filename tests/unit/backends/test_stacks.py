@@ -207,3 +207,25 @@ def test_a_long_step_is_written_out_before_its_commit_with_memory_bounded(tmp_pa
     stacked.close()
     _compare(rng, plain, stacked_view(_open("zarr", b, "r")), [f"modules/m{m}/q" for m in range(4)], rounds=10)
     plain.close()
+
+
+def test_unreadable_stacks_of_a_store_that_committed_nothing_are_not_needed(tmp_path, monkeypatch):
+    """A writer killed while creating its first stacks (HDF5 may then leave the group unreadable):
+    with nothing committed the store is read without them; with steps committed the error stands."""
+    location = str(tmp_path / "s.h5")
+    stacked = StackedBackend(_open("hdf5", location, "w-"), stacking=True)
+    stacked.create_array("modules/m0/q", LEAVES["q"][1], "float32", LEAVES["q"][2], 0.0, CODEC)
+    stacked.flush()
+    stacked.close()
+
+    def unreadable(self, backend, stacking):
+        raise KeyError("Unable to synchronously open object (address of object past end of allocation)")
+
+    monkeypatch.setattr(StackedBackend, "__init__", unreadable)
+    reader = _open("hdf5", location, "r")
+    try:
+        assert stacked_view(reader, committed=0) is reader
+        with pytest.raises(KeyError, match="past end of allocation"):
+            stacked_view(reader, committed=1)
+    finally:
+        reader.close()
