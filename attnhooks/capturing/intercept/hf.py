@@ -6,7 +6,9 @@ at the KV-head count. While a capture runs, every registered implementation is w
 (same key), so its mask function stays registered with it and padded batches keep their masks.
 
 The wrapper names the module exactly (it is the first argument). When the implementation calls
-a kernel the mode can see (``sdpa``), that kernel's event is the record. When it cannot
+a kernel the mode can see (``sdpa``), that kernel's event is the record; under the ``"registry"``
+plan, transformers' own ``sdpa`` calls are reported from their arguments instead once a call of their
+kind was checked against the kernel (:mod:`~attnhooks.capturing.intercept.direct`). When it cannot
 (``flash_attention_*``, ``flex_attention``, a third-party kernel), the wrapper reports the call
 from the registry's own arguments and the capture computes the probabilities exactly.
 """
@@ -23,6 +25,7 @@ import torch
 
 from attnhooks.attention.kernels import isolated
 from attnhooks.attention.masks import MaskSpec
+from attnhooks.capturing.intercept import direct
 from attnhooks.capturing.intercept.event import AttentionEvent, Sink
 from attnhooks.errors import AttnHooksWarning, CaptureError
 
@@ -82,6 +85,8 @@ class RegistryPatch:
         self._installed.clear()
 
     def _wrap(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        can_go_direct = direct.is_direct(fn)
+
         @functools.wraps(fn)
         def wrapper(
             module: Any, query: Any, key: Any, value: Any, attention_mask: Any, *args: Any, **kwargs: Any
@@ -89,18 +94,16 @@ class RegistryPatch:
             owner = self._sink.owner(module) if self.active else None
             if owner is None:
                 return fn(module, query, key, value, attention_mask, *args, **kwargs)
+            if can_go_direct and self.narrow:
+                how = self._route(fn, module, query, key, attention_mask, len(args), kwargs)
+                if how is not None:
+                    return self._direct(how, fn, owner, module, query, key, value, attention_mask, args, kwargs)
             seen, outer, mode = self._count(), self._mode.registry_shapes, self._mode
             mode.registry_shapes = (query.shape, key.shape)
             self.depth += 1
             try:
                 if self.narrow:
-                    self._running.append(owner)
-                    mode.__enter__()
-                    try:
-                        out = fn(module, query, key, value, attention_mask, *args, **kwargs)
-                    finally:
-                        mode.__exit__(None, None, None)
-                        self._running.pop()
+                    out = self._under_mode(owner, fn, module, query, key, value, attention_mask, args, kwargs)
                 else:
                     out = fn(module, query, key, value, attention_mask, *args, **kwargs)
                 mode.registry_shapes = outer
@@ -115,6 +118,84 @@ class RegistryPatch:
 
         wrapper.__attnhooks_original__ = fn  # type: ignore[attr-defined]
         return wrapper
+
+    def _under_mode(self, owner: str, fn: Callable[..., Any], *call: Any) -> Any:
+        module, query, key, value, mask, args, kwargs = call
+        self._running.append(owner)
+        self._mode.__enter__()
+        try:
+            return fn(module, query, key, value, mask, *args, **kwargs)
+        finally:
+            self._mode.__exit__(None, None, None)
+            self._running.pop()
+
+    def _route(
+        self, fn: Any, module: Any, q: Any, k: Any, mask: Any, n_args: int, kwargs: dict[str, Any]
+    ) -> tuple[Any, ...] | None:
+        """The call's key when it may go direct (:mod:`~attnhooks.capturing.intercept.direct`): it agreed
+        with the kernel before, or is to be checked now. None: through the mode."""
+        if self._sink.wants_lse() and q.device.type == "cpu":
+            return None  # the CPU kernel's lse is free under the mode, recomputing it is not (module docstring)
+        key = direct.call_key(fn, module, q, k, mask, n_args, kwargs)
+        if key is None or direct.VERDICTS.get(key) is False:
+            return None
+        return key
+
+    def _direct(self, key: tuple[Any, ...], fn: Callable[..., Any], owner: str, *call: Any) -> Any:
+        """Run ``fn`` as it is and report its call from its arguments; the first call of its kind in
+        the process runs under the mode, and the kernel's event is compared with the direct one."""
+        module, query, k, value, mask, args, kwargs = call
+        self.depth += 1
+        try:
+            if direct.VERDICTS.get(key):
+                out = fn(module, query, k, value, mask, *args, **kwargs)
+                self._sink.on_attention(
+                    owner, direct.direct_event(self._mode, module, query, k, value, mask, out, args, kwargs)
+                )
+                return out
+            probe = _Probe(self._sink)
+            sink, self._mode.sink = self._mode.sink, probe
+            outer, self._mode.registry_shapes = self._mode.registry_shapes, (query.shape, k.shape)
+            try:
+                out = self._under_mode(owner, fn, *call)
+            finally:
+                self._mode.sink, self._mode.registry_shapes = sink, outer
+            mine = direct.direct_event(self._mode, module, query, k, value, mask, out, args, kwargs)
+            why = (
+                direct.agrees(probe.events[0][1], mine)
+                if len(probe.events) == 1
+                else f"{len(probe.events)} kernel calls"
+            )
+            direct.VERDICTS.settle(key, why, module)
+            for who, event in probe.events or [(owner, mine)]:
+                self._sink.on_attention(who, event)
+            return out
+        finally:
+            self.depth -= 1
+
+
+class _Probe:
+    """Stands in for the capture as the mode's sink while a call is checked: the events it is
+    given are kept (and handed on by the wrapper), everything else is the capture's."""
+
+    def __init__(self, sink: Sink) -> None:
+        self.sink = sink
+        self.events: list[tuple[str, AttentionEvent]] = []
+
+    def owner(self, module: Any = None) -> str | None:
+        return self.sink.owner(module)
+
+    def heads(self, owner: str) -> int | None:
+        return self.sink.heads(owner)
+
+    def wants_lse(self) -> bool:
+        return self.sink.wants_lse()
+
+    def on_attention(self, owner: str, event: AttentionEvent) -> None:
+        self.events.append((owner, event))
+
+    def on_dropout(self, owner: str, p: float) -> None:
+        self.sink.on_dropout(owner, p)
 
 
 def _event(

@@ -76,15 +76,16 @@ class AttentionMode(TorchFunctionMode):
         same mask tensor, and describing it (compact form, copies to the host) is the costly part of a
         padded batch's call (and a host synchronisation on a GPU). The same tensor, unchanged since
         (its version counter), gives the same description; inference tensors, which keep no version
-        counter, are described every time."""
+        counter, are described every time. A mask over more keys than the call's (a registry's, before the
+        implementation cuts it) is described over the first ``k_len``."""
         if mask is None:
             return MaskSpec(causal=is_causal)
         if mask.is_inference():
-            return MaskSpec.from_kernel(mask, is_causal, q_len, k_len)
+            return MaskSpec.from_kernel(mask[..., :k_len], is_causal, q_len, k_len)
         key = (id(mask), is_causal, q_len, k_len)
         seen = self._masks.get(key)
         if seen is not None and seen[0] is mask and seen[1] == mask._version:
             return seen[2]
-        spec = MaskSpec.from_kernel(mask, is_causal, q_len, k_len)
+        spec = MaskSpec.from_kernel(mask[..., :k_len], is_causal, q_len, k_len)
         self._masks[key] = (mask, mask._version, spec)
         return spec

@@ -12,7 +12,10 @@ import transformers
 
 import attnhooks
 from attnhooks.capturing import plan
+from attnhooks.capturing.intercept import direct
 from attnhooks.capturing.select import WRAPPER_SEGMENTS, named_modules
+from attnhooks.capturing.streams import rows_of
+from attnhooks.errors import AttnHooksWarning
 from tests import models
 
 
@@ -38,7 +41,12 @@ def _same_records(a, b):
 
 @pytest.mark.parametrize(
     "record, modules",
-    [(("q", "k", "lse"), None), (("attn", "q", "k"), "model.layers.*"), (("summary",), "model.layers.*.self_attn")],
+    [
+        (("q", "k", "lse"), None),
+        (("q", "k"), None),
+        (("attn", "q", "k"), "model.layers.*"),
+        (("summary",), "model.layers.*.self_attn"),
+    ],
 )
 def test_registry_plan_records_exactly_what_the_mode_records(record, modules):
     model = models.llama()
@@ -60,6 +68,59 @@ def test_registry_plan_records_exactly_what_the_mode_records(record, modules):
     plan.forget(model)
     third, _ = _run(model, gen, record=record, modules=modules)
     assert third._plan.kind == plan.MODE
+
+
+def _masks_equal(a, b, shape):
+    batch, _, q_len, k_len = shape
+    x, y = (m.additive(batch, q_len, k_len) for m in (a, b))
+    x, y = (torch.zeros(batch, 1, q_len, k_len) if m is None else m for m in (x, y))
+    return torch.equal(*torch.broadcast_tensors(x, y))
+
+
+def test_registry_calls_go_direct_only_after_a_call_of_their_kind_agreed_with_the_kernel(monkeypatch):
+    monkeypatch.setattr(direct, "VERDICTS", direct.Verdicts())
+    model = models.llama()
+    x, mask = models.ids(batch=2, length=6, pad_last=2)
+
+    def gen():
+        return model.generate(input_ids=x, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0)
+
+    _run(model, gen, record=("q", "k"))  # learns the plan: everything under the mode
+    assert not direct.VERDICTS._known
+    checked, _ = _run(model, gen, record=("q", "k"))
+    kinds = direct.VERDICTS._known
+    assert kinds and all(kinds.values()), "prefill and decode calls each checked once, and agreed"
+    assert {key[3] for key in kinds} == {True, False}  # a decode kind and a prefill kind
+    calls = []
+    monkeypatch.setattr(direct, "agrees", lambda *a: calls.append(a) or None)
+    fast, _ = _run(model, gen, record=("q", "k"))
+    assert not calls, "kinds already checked are not checked again"
+    _same_records(checked.records, fast.records)
+    for r, s in zip(checked.records, fast.records):
+        assert _masks_equal(r.mask, s.mask, (2, 4, rows_of(r), r.k_len))
+    # in the kernel's sdpa calls, the mode saw 4 query heads over 2 KV heads (GQA): unpacked, deduplicated
+    assert fast.records[0].q.shape[1] == 4 and fast.records[0].k.shape[1] == 2
+
+
+def test_a_registry_call_that_disagrees_with_the_kernel_warns_and_stays_on_the_mode(monkeypatch):
+    monkeypatch.setattr(direct, "VERDICTS", direct.Verdicts())
+    model = models.llama()
+    x, mask = models.ids(batch=2, length=6, pad_last=2)
+    reference, _ = _run(model, lambda: model(x, attention_mask=mask), record=("q", "k"))
+    real = direct.direct_event
+
+    def wrong_scale(*a, **kw):
+        event = real(*a, **kw)
+        event.scale = 0.5
+        return event
+
+    monkeypatch.setattr(direct, "direct_event", wrong_scale)
+    with pytest.warns(AttnHooksWarning, match="scale"):
+        first, _ = _run(model, lambda: model(x, attention_mask=mask), record=("q", "k"))
+    assert list(direct.VERDICTS._known.values()) == [False]
+    second, _ = _run(model, lambda: model(x, attention_mask=mask), record=("q", "k"))  # no second warning
+    for cap in (first, second):
+        _same_records(reference.records, cap.records)  # the kernel's scale, not the wrong one
 
 
 def test_the_plan_is_learned_per_selection_and_only_from_captured_units():
