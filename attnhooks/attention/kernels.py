@@ -112,6 +112,7 @@ def attention_probs(
     softcap: float | None = None,
     block: int = 256,
     with_lse: bool = True,
+    out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Softmax probabilities and row log-sum-exp of one attention call, block by block.
 
@@ -127,6 +128,8 @@ def attention_probs(
         softcap: soft-capping of the scores (Gemma 2): ``softcap * tanh(s / softcap)``.
         block: query rows per block (256 measured fastest here: the block's scores stay in cache).
         with_lse: also return the row log-sum-exp (one more pass over the scores).
+        out: where to write the probabilities (float32 ``[batch, heads, rows, k_len]``, contiguous);
+            default: a new tensor.
 
     Returns:
         ``(attn [batch, heads, rows, k_len] float32, lse [batch, heads, rows] float32 or None)``.
@@ -144,7 +147,7 @@ def attention_probs(
     rows = _rows(rows, q_len)
     n_rows = rows.stop - rows.start
     with isolated(q.device):
-        attn = torch.empty(batch, heads, n_rows, k_len, dtype=torch.float32, device=q.device)
+        attn = torch.empty(batch, heads, n_rows, k_len, dtype=torch.float32, device=q.device) if out is None else out
         lse = torch.empty(batch, heads, n_rows, dtype=torch.float32, device=q.device) if with_lse else None
         hide_rows = mask is not None and mask.may_hide_whole_rows
         for start in range(rows.start, rows.stop, max(1, block)):

@@ -120,7 +120,10 @@ class RecordBuilder:
             windows = self._windows(rec, event.shape[2])
             if windows is None:
                 with_lse = self._rows_lse and event.lse is None
-                attn, lse = attention_probs(q, k, rec.scale, rec.mask, softcap=event.softcap, with_lse=with_lse)
+                into = self.stager.empty(event.shape, torch.float32, q.device)
+                attn, lse = attention_probs(
+                    q, k, rec.scale, rec.mask, softcap=event.softcap, with_lse=with_lse, out=into
+                )
                 rec.attn = self._stage_attn(attn, shift, ours=True)
             elif windows:  # only the chosen rows: never the whole matrix
                 parts = [

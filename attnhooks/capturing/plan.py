@@ -14,9 +14,10 @@ Two plans:
     registry: only the registry wrapper runs Python, and it pushes the mode just around the
     implementation it wraps, so the kernel's event is the very one the ``"mode"`` plan records
     (same tensors, same kernel, same lse); transformers' own ``sdpa`` calls skip even that once a
-    call of their kind agreed with the kernel (:mod:`attnhooks.capturing.intercept.direct`). No other
-    op of the model, and no module hook, passes through Python. The owner of a call is the innermost selected module among the module the
-    registry is given and its ancestors (what the module hooks would name).
+    call of their kind agreed with the kernel (:mod:`attnhooks.capturing.intercept.direct`). No
+    other op of the model, and no module hook, passes through Python. The owner of a call is the
+    innermost selected module among the module the registry is given and its ancestors (what the
+    module hooks would name).
 
 ``"torch"``
     For a model made only of ``torch.nn``'s own modules (``nn.TransformerEncoder`` and its kind),

@@ -1,0 +1,66 @@
+"""The recycler of host buffers: a buffer is handed out again only once nothing else holds it or its
+memory, and a capture's records are never overwritten while someone holds them."""
+
+from __future__ import annotations
+
+import torch
+
+import attnhooks
+from attnhooks.capturing import staging
+from attnhooks.capturing.staging import Recycler
+from tests import models
+
+
+def test_the_use_counts_read_as_the_recycler_expects_here():
+    assert staging._COUNTS, "torch's storage use count changed: buffers are no longer reused (slower, still exact)"
+
+
+def test_a_buffer_comes_back_only_when_nothing_holds_it_or_its_memory():
+    r = Recycler()
+    a = r.empty((4, 8), torch.float32)
+    ptr = a.data_ptr()
+    assert r.empty((4, 8), torch.float32).data_ptr() != ptr, "held by `a`: not handed out again"
+    holders = [lambda t: t[1:], lambda t: t.numpy(), lambda t: t.detach(), lambda t: t.untyped_storage()]
+    for hold in holders:
+        held = hold(a)
+        del a
+        taken = [r.empty((4, 8), torch.float32) for _ in range(3)]  # every buffer of the shape, in turn
+        assert ptr not in {t.data_ptr() for t in taken}, "its memory is still in use"
+        del taken, held
+        a = r.empty((4, 8), torch.float32)
+        while a.data_ptr() != ptr:  # free now: it comes round again
+            a = r.empty((4, 8), torch.float32)
+    assert r.empty((4, 9), torch.float32).data_ptr() != ptr  # another shape, another buffer
+
+
+def test_the_recycler_keeps_at_most_its_limit_and_drops_the_shapes_used_least_recently():
+    r = Recycler(limit=8192)
+    held = [r.empty((64,), torch.float32) for _ in range(3)]  # 3 x 256 bytes
+    held += [r.empty((n, 64), torch.float32) for n in (2, 3, 4, 8, 8)]  # 512 + 768 + 1024 + 2 x 2048
+    assert r.kept == 7168
+    held.append(r.empty((1000,), torch.float32))  # over limit // 4: never kept
+    assert ((1000,), torch.float32) not in r._buffers
+    held.append(r.empty((6, 64), torch.float32))  # 1536 more: the oldest shape's buffers go until it fits
+    assert r.kept == 8192 and len(r._buffers[((64,), torch.float32)]) == 1
+    held.append(r.empty((7, 64), torch.float32))  # 1792 more
+    assert r.kept <= 8192 and ((64,), torch.float32) not in r._buffers and ((2, 64), torch.float32) not in r._buffers
+    assert ((6, 64), torch.float32) in r._buffers and ((8, 64), torch.float32) in r._buffers
+    r.clear()
+    assert r.kept == 0 and not r._buffers
+
+
+def test_records_held_across_steps_are_not_overwritten_and_cleared_ones_are_reused():
+    model = models.llama()
+    x = models.ids(batch=2, length=6)[0]
+    with torch.no_grad(), attnhooks.capture(model, record=("q", "k", "attn")) as cap:
+        model(x)
+        first = cap.records[0]
+        saved = {name: getattr(first, name).clone() for name in ("q", "k", "attn")}
+        pointers = {getattr(r, n).data_ptr() for r in cap.records for n in ("q", "k", "attn")}
+        cap.clear()
+        model(x * 0 + 3)  # other tokens: other values
+        assert all(torch.equal(getattr(first, n), t) for n, t in saved.items()), "a held record was overwritten"
+        again = {getattr(r, n).data_ptr() for r in cap.records for n in ("q", "k", "attn")}
+        assert pointers - {getattr(first, n).data_ptr() for n in saved} <= again | pointers
+        assert again & pointers, "buffers of cleared records are reused"
+    assert cap._recorder.stager.recycler.kept == 0
