@@ -184,7 +184,6 @@ class Capture:
             self._passes.reset()
             self._stack.clear()
             self._hooks.clear()
-            self._recorder.stager.recycler.clear()
 
     def _install(self, stack: ExitStack) -> None:
         process = current(require=self.options.distributed is True)

@@ -12,8 +12,11 @@ from torch's caching host allocator, which hands a freed buffer out again once t
 have completed (so a capture streaming to a store reuses its staging memory step after step).
 
 On the CPU, the host buffers of records (copies of q and k, the probabilities attnhooks computes)
-come from a :class:`Recycler`: a buffer is handed out again once nothing but the recycler holds it
-(the records were cleared, or written to the store). Allocating them fresh instead cost more than
+come from a :class:`Recycler`, one per thread that runs captured models, shared by its captures (a
+``with capture(...)`` around every step reuses the buffers of the last one): a buffer is handed out
+again once nothing but the recycler holds it (the records were cleared, or written to the store).
+It keeps at most 32 MiB, busy or free, so up to that much host memory stays with the thread between
+captures. Allocating them fresh instead cost more than
 the copy: glibc returns a step's freed records to the system at once (its trim threshold), and the
 next step faults every page back in; a 256 KiB probability block took ~280 µs to fill that way
 against ~150 µs in a reused buffer, here.
@@ -22,12 +25,13 @@ against ~150 µs in a reused buffer, here.
 from __future__ import annotations
 
 import sys
+import threading
 from collections import OrderedDict, deque
 from typing import Any
 
 import torch
 
-__all__ = ["Recycler", "Stager"]
+__all__ = ["Recycler", "Stager", "recycler"]
 
 
 class Stager:
@@ -37,12 +41,11 @@ class Stager:
         self._streams: dict[torch.device, Any] = {}
         self._dirty: set[torch.device] = set()
         self._events: list[Any] = []
-        self.recycler = Recycler()
 
     def empty(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """A new tensor for a record (its contents undefined): a recycled host buffer on the CPU."""
         if device.type == "cpu":
-            return self.recycler.empty(shape, dtype)
+            return recycler().empty(shape, dtype)
         return torch.empty(shape, dtype=dtype, device=device)
 
     def stage(self, t: torch.Tensor, owned: bool = False) -> torch.Tensor:
@@ -55,7 +58,7 @@ class Stager:
         t = t.detach()
         kind = t.device.type
         if kind == "cpu":
-            return t if owned else self.recycler.empty(t.shape, t.dtype).copy_(t)
+            return t if owned else recycler().empty(t.shape, t.dtype).copy_(t)
         if kind != "cuda":
             return t.to("cpu", copy=True)
         stream = self._stream(t.device)
@@ -119,7 +122,7 @@ class Recycler:
     missing, no buffer is reused.
     """
 
-    def __init__(self, limit: int = 64 << 20) -> None:
+    def __init__(self, limit: int = 32 << 20) -> None:
         self.limit = limit
         self.kept = 0  # bytes of the buffers kept
         self._buffers: OrderedDict[tuple[tuple[int, ...], torch.dtype], deque[torch.Tensor]] = OrderedDict()
@@ -157,6 +160,16 @@ class Recycler:
 
 
 _use_count = getattr(torch._C, "_storage_Use_Count", None)
+_LOCAL = threading.local()
+
+
+def recycler() -> Recycler:
+    """This thread's recycler."""
+    try:
+        return _LOCAL.recycler  # type: ignore[no-any-return]
+    except AttributeError:
+        _LOCAL.recycler = Recycler()
+        return _LOCAL.recycler  # type: ignore[no-any-return]
 
 
 def _free(t: torch.Tensor) -> bool:

@@ -49,18 +49,49 @@ def test_the_recycler_keeps_at_most_its_limit_and_drops_the_shapes_used_least_re
     assert r.kept == 0 and not r._buffers
 
 
+def _in_a_new_thread(fn):
+    """Run ``fn`` on a thread of its own: a recycler of its own, empty at the start."""
+    import threading
+
+    errors = []
+
+    def run():
+        try:
+            fn()
+        except BaseException as err:  # reported on the test's thread
+            errors.append(err)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    if errors:
+        raise errors[0]
+
+
 def test_records_held_across_steps_are_not_overwritten_and_cleared_ones_are_reused():
     model = models.llama()
     x = models.ids(batch=2, length=6)[0]
-    with torch.no_grad(), attnhooks.capture(model, record=("q", "k", "attn")) as cap:
-        model(x)
-        first = cap.records[0]
-        saved = {name: getattr(first, name).clone() for name in ("q", "k", "attn")}
-        pointers = {getattr(r, n).data_ptr() for r in cap.records for n in ("q", "k", "attn")}
-        cap.clear()
-        model(x * 0 + 3)  # other tokens: other values
-        assert all(torch.equal(getattr(first, n), t) for n, t in saved.items()), "a held record was overwritten"
-        again = {getattr(r, n).data_ptr() for r in cap.records for n in ("q", "k", "attn")}
-        assert pointers - {getattr(first, n).data_ptr() for n in saved} <= again | pointers
-        assert again & pointers, "buffers of cleared records are reused"
-    assert cap._recorder.stager.recycler.kept == 0
+    names = ("q", "k", "attn")
+
+    def pointers(records):
+        return {getattr(r, n).data_ptr() for r in records for n in names}
+
+    def body():
+        with torch.no_grad(), attnhooks.capture(model, record=names) as cap:
+            model(x)
+            first = cap.records[0]
+            saved = {name: getattr(first, name).clone() for name in names}
+            before = pointers(cap.records)
+            cap.clear()
+            model(x * 0 + 3)  # other tokens: other values
+            assert all(torch.equal(getattr(first, n), t) for n, t in saved.items()), "a held record was overwritten"
+            now = pointers(cap.records)
+            assert not now & pointers([first]), "a held record's buffers are not handed out"
+            assert now & before, "buffers of cleared records are reused"
+        del first, cap
+        with torch.no_grad(), attnhooks.capture(model, record=names) as cap:
+            model(x)
+        assert pointers(cap.records) & (now | before), "a new capture on the thread reuses the last one's buffers"
+        assert 0 < staging.recycler().kept <= staging.recycler().limit
+
+    _in_a_new_thread(body)
