@@ -102,3 +102,30 @@ def test_verify_reports_a_record_that_does_not_reproduce_the_kernel():
     with pytest.warns(attnhooks.FaithfulnessWarning, match="does not reproduce"), attnhooks.capture(m, verify=6) as cap:
         m(q, q, q)
     assert cap.records[0].verify_error > 0.05
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_mha_lse_is_the_flash_kernels_on_the_calls_own_inputs(training):
+    """Without need_weights (the Transformer layers' call) the CPU flash kernel gives the lse, run on
+    the q, k, v and mask the call hands SDPA; with need_weights it is computed from the scores."""
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(32, 4, batch_first=True, dropout=0.0).train(training)
+    x = torch.randn(2, 7, 32, requires_grad=training)
+    padding = torch.zeros(2, 7, dtype=torch.bool)
+    padding[1, -3:] = True
+    records = {}
+    for need_weights in (False, True):
+        with torch.set_grad_enabled(training), attnhooks.capture(mha, record=("q", "k", "lse", "attn")) as cap:
+            out = mha(x, x, x, need_weights=need_weights, key_padding_mask=padding)[0]
+            if training:
+                out.sum().backward()
+        records[need_weights] = cap.records[0]
+    fast, slow = records[False], records[True]
+    assert torch.equal(fast.q, slow.q) and torch.equal(fast.k, slow.k)
+    scores = fast.q @ fast.k.transpose(-1, -2) * fast.scale + fast.mask.additive(2, 7, 7)
+    assert torch.allclose(fast.lse, torch.logsumexp(scores, -1), atol=1e-5)
+    assert torch.allclose(fast.lse, slow.lse, atol=1e-5)
+    kernel = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    with torch.no_grad():
+        _, lse = kernel(fast.q, fast.k, torch.randn(2, 4, 7, 8), 0.0, False, attn_mask=fast.mask.additive(2, 7, 7))
+    assert torch.equal(fast.lse, lse), "the kernel's own lse, bit for bit"

@@ -10,7 +10,7 @@ import torch
 
 from attnhooks.attention.masks import MaskSpec
 
-__all__ = ["AttentionEvent", "Sink", "to_4d"]
+__all__ = ["AttentionEvent", "Collector", "Sink", "to_4d"]
 
 
 @dataclass
@@ -85,6 +85,30 @@ class Sink(Protocol):
 
     def on_dropout(self, owner: str, p: float) -> None:
         """Dropout with probability ``p`` was applied inside ``owner`` after its last attention."""
+
+
+class Collector:
+    """Stands in for a capture as a mode's sink while a call is looked into: the events it is given
+    are kept (for the caller to check and hand on), everything else is the capture's."""
+
+    def __init__(self, sink: Sink) -> None:
+        self.sink = sink
+        self.events: list[tuple[str, AttentionEvent]] = []
+
+    def owner(self, module: torch.nn.Module | None = None) -> str | None:
+        return self.sink.owner(module)
+
+    def heads(self, owner: str) -> int | None:
+        return self.sink.heads(owner)
+
+    def wants_lse(self) -> bool:
+        return self.sink.wants_lse()
+
+    def on_attention(self, owner: str, event: AttentionEvent) -> None:
+        self.events.append((owner, event))
+
+    def on_dropout(self, owner: str, p: float) -> None:
+        self.sink.on_dropout(owner, p)
 
 
 def to_4d(t: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,7 @@ import torch
 from attnhooks.attention.kernels import isolated
 from attnhooks.attention.masks import MaskSpec
 from attnhooks.capturing.intercept import direct
-from attnhooks.capturing.intercept.event import AttentionEvent, Sink
+from attnhooks.capturing.intercept.event import AttentionEvent, Collector, Sink
 from attnhooks.errors import AttnHooksWarning, CaptureError
 
 __all__ = ["RegistryPatch"]
@@ -153,7 +153,7 @@ class RegistryPatch:
                     owner, direct.direct_event(self._mode, module, query, k, value, mask, out, args, kwargs)
                 )
                 return out
-            probe = _Probe(self._sink)
+            probe = Collector(self._sink)
             sink, self._mode.sink = self._mode.sink, probe
             outer, self._mode.registry_shapes = self._mode.registry_shapes, (query.shape, k.shape)
             try:
@@ -172,30 +172,6 @@ class RegistryPatch:
             return out
         finally:
             self.depth -= 1
-
-
-class _Probe:
-    """Stands in for the capture as the mode's sink while a call is checked: the events it is
-    given are kept (and handed on by the wrapper), everything else is the capture's."""
-
-    def __init__(self, sink: Sink) -> None:
-        self.sink = sink
-        self.events: list[tuple[str, AttentionEvent]] = []
-
-    def owner(self, module: Any = None) -> str | None:
-        return self.sink.owner(module)
-
-    def heads(self, owner: str) -> int | None:
-        return self.sink.heads(owner)
-
-    def wants_lse(self) -> bool:
-        return self.sink.wants_lse()
-
-    def on_attention(self, owner: str, event: AttentionEvent) -> None:
-        self.events.append((owner, event))
-
-    def on_dropout(self, owner: str, p: float) -> None:
-        self.sink.on_dropout(owner, p)
 
 
 def _event(

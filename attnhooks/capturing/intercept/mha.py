@@ -21,12 +21,17 @@ import torch.nn.functional as F
 
 from attnhooks.attention.kernels import isolated
 from attnhooks.attention.masks import MaskSpec
+from attnhooks.capturing.intercept import sdpa
 from attnhooks.capturing.intercept.event import AttentionEvent
 
 __all__ = ["FUNCTIONS", "handle_mha"]
 
 FUNCTIONS = (F.multi_head_attention_forward,)
 _SIGNATURE = inspect.signature(F.multi_head_attention_forward)
+_PARAMS = tuple(_SIGNATURE.parameters)
+_DEFAULTS = {name: p.default for name, p in _SIGNATURE.parameters.items() if p.default is not p.empty}
+# binding by position and name (inspect's bind costs ~20 µs a call) holds when every parameter is plain
+_PLAIN = all(p.kind is p.POSITIONAL_OR_KEYWORD for p in _SIGNATURE.parameters.values())
 
 
 def handle_mha(mode: Any, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -34,30 +39,48 @@ def handle_mha(mode: Any, func: Any, args: tuple[Any, ...], kwargs: dict[str, An
     owner = mode.sink.owner()
     if owner is None:
         return func(*args, **kwargs)
-    a = _SIGNATURE.bind(*args, **kwargs)
-    a.apply_defaults()
-    event = _event(a.arguments)
+    a = _arguments(args, kwargs)
+    event = _event(a, mode.sink.wants_lse())
     result = func(*args, **kwargs)
     output = result[0]
     event.out = (output if output.dim() == 3 else output.unsqueeze(1)).transpose(0, 1).unsqueeze(1)
-    event.project = _out_projection(a.arguments["out_proj_weight"], a.arguments["out_proj_bias"])
+    event.project = _out_projection(a["out_proj_weight"], a["out_proj_bias"])
     mode.sink.on_attention(owner, event)
     return result
 
 
-def _event(a: dict[str, Any]) -> AttentionEvent:
+def _arguments(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The call's arguments by name, defaults filled in."""
+    if not _PLAIN or len(args) > len(_PARAMS) or any(name not in _SIGNATURE.parameters for name in kwargs):
+        bound = _SIGNATURE.bind(*args, **kwargs)  # raises as the call itself would
+        bound.apply_defaults()
+        return bound.arguments
+    a = dict(_DEFAULTS)
+    a.update(zip(_PARAMS, args))
+    a.update(kwargs)
+    return a
+
+
+def _event(a: dict[str, Any], with_lse: bool) -> AttentionEvent:
+    """The call's event; ``with_lse``: with the row log-sum-exp of the CPU flash kernel, run on the very
+    q, k, v and mask the call hands SDPA (computing it from the scores would cost twice as much)."""
     query = a["query"]
     batched = query.dim() == 3
     heads = int(a["num_heads"])
+    dropout = float(a["dropout_p"]) if a["training"] else 0.0
+    lse = None
     with isolated(query.device):
         q, k, v = _project(a, heads)  # [B, H, L, D], [B, H, S, D], [B, H, S, D]
         padding = a["key_padding_mask"]
         if not batched and padding is not None:
             padding = padding.unsqueeze(0)
-        mask = _mask(a, q.shape[0], heads, q.shape[2], k.shape[2], padding)
-    dropout = float(a["dropout_p"]) if a["training"] else 0.0
+        mask, additive = _mask(a, q.shape[0], heads, q.shape[2], k.shape[2], padding)
+        if with_lse and not a["need_weights"]:
+            causal = bool(a["is_causal"]) and additive is None
+            kernel = sdpa.flash_cpu(q, k, v, additive, dropout, causal, None, False)
+            lse = None if kernel is None else kernel[1]
     scale = 1.0 / math.sqrt(q.shape[-1])
-    return AttentionEvent(q=q, k=k, v=v, mask=mask, scale=scale, dropout=dropout, source="mha")
+    return AttentionEvent(q=q, k=k, v=v, mask=mask, scale=scale, dropout=dropout, source="mha", lse=lse)
 
 
 def _out_projection(weight: torch.Tensor, bias: torch.Tensor | None) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -108,11 +131,14 @@ def _heads_first(t: torch.Tensor, static: torch.Tensor | None, bsz: int, heads: 
     return t.view(t.shape[0], bsz, heads, t.shape[-1] // heads).permute(1, 2, 0, 3)
 
 
-def _mask(a: dict[str, Any], bsz: int, heads: int, q_len: int, k_len: int, padding: torch.Tensor | None) -> MaskSpec:
-    """The additive mask the call applies: ``attn_mask`` + ``key_padding_mask``, padded for extra keys."""
+def _mask(
+    a: dict[str, Any], bsz: int, heads: int, q_len: int, k_len: int, padding: torch.Tensor | None
+) -> tuple[MaskSpec, torch.Tensor | None]:
+    """The mask the call applies (``attn_mask`` + ``key_padding_mask``, padded for extra keys) and
+    its additive form (None when the call has no mask tensor)."""
     attn_mask, causal = a["attn_mask"], bool(a["is_causal"])
     if attn_mask is None and padding is None:
-        return MaskSpec(causal=causal)
+        return MaskSpec(causal=causal), None
     per_head = attn_mask is not None and attn_mask.dim() == 3
     total = torch.zeros(bsz, heads if per_head else 1, q_len, k_len, device=a["query"].device)
     if attn_mask is not None:
@@ -125,7 +151,7 @@ def _mask(a: dict[str, Any], bsz: int, heads: int, q_len: int, k_len: int, paddi
     if causal and attn_mask is None:
         hidden = torch.ones(q_len, k_len, dtype=torch.bool, device=total.device).triu(1)
         total.masked_fill_(hidden, float("-inf"))
-    return MaskSpec.from_kernel(total, False, q_len, k_len)
+    return MaskSpec.from_kernel(total, False, q_len, k_len), total
 
 
 def _additive(mask: torch.Tensor) -> torch.Tensor:

@@ -69,16 +69,23 @@ def handle_sdpa(mode: Any, func: Any, args: tuple[Any, ...], kwargs: dict[str, A
 
 def _flash_cpu(a: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor] | None:
     """``(output, lse)`` from the CPU flash kernel when SDPA itself would run it; else None."""
-    q, k, v, mask = a["query"], a["key"], a["value"], a["attn_mask"]
+    gqa = bool(a.get("enable_gqa", False))
+    return flash_cpu(a["query"], a["key"], a["value"], a["attn_mask"], a["dropout_p"], a["is_causal"], a["scale"], gqa)
+
+
+def flash_cpu(
+    q: Any, k: Any, v: Any, mask: Any, dropout: float, causal: bool, scale: float | None, gqa: bool
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(output, lse)`` of SDPA's arguments from the CPU flash kernel, when SDPA itself would run it
+    (the same kernel: the same output, bit for bit); else None."""
     if not (isinstance(q, torch.Tensor) and q.device.type == "cpu" and q.dim() == 4 and k.dim() == 4):
         return None
-    gqa = bool(a.get("enable_gqa", False))
-    choice = torch._fused_sdp_choice(q, k, v, mask, a["dropout_p"], a["is_causal"], scale=a["scale"], enable_gqa=gqa)
+    choice = torch._fused_sdp_choice(q, k, v, mask, dropout, causal, scale=scale, enable_gqa=gqa)
     if choice != _FLASH_CHOICE:
         return None
     if mask is not None and mask.dtype == torch.bool:  # what SDPA does with a boolean mask
         mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
-    out, lse = _FLASH_CPU(q, k, v, 0.0, bool(a["is_causal"]), attn_mask=mask, scale=a["scale"])
+    out, lse = _FLASH_CPU(q, k, v, 0.0, bool(causal), attn_mask=mask, scale=scale)
     if mask is not None:  # rows that see no key: the kernel reports 0, the log of an empty sum is -inf
         hidden = torch.isneginf(mask).all(dim=-1)
         if bool(hidden.any()):
