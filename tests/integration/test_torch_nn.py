@@ -129,3 +129,32 @@ def test_mha_lse_is_the_flash_kernels_on_the_calls_own_inputs(training):
     with torch.no_grad():
         _, lse = kernel(fast.q, fast.k, torch.randn(2, 4, 7, 8), 0.0, False, attn_mask=fast.mask.additive(2, 7, 7))
     assert torch.equal(fast.lse, lse), "the kernel's own lse, bit for bit"
+
+
+def test_mha_without_weights_records_its_own_sdpa_call_and_falls_back_when_it_makes_none(monkeypatch):
+    from attnhooks.capturing.intercept import mha as intercept
+
+    layer = nn.TransformerEncoderLayer(32, 4, dim_feedforward=64, dropout=0.0, batch_first=True).eval()
+    x = torch.randn(2, 6, 32)
+    padding = torch.zeros(2, 6, dtype=torch.bool)
+    padding[0, -2:] = True
+    with torch.no_grad():
+        ref = _reference(layer.self_attn, x, x, x, key_padding_mask=padding)
+    runs = {}
+    real = intercept._project
+    for name, body in (("spy", intercept._BODY), ("no sdpa call", nn.functional.multi_head_attention_forward)):
+        monkeypatch.setattr(intercept, "_BODY", body)
+        rebuilt = []
+        monkeypatch.setattr(intercept, "_project", lambda *a, seen=rebuilt: seen.append(1) or real(*a))
+        with torch.no_grad(), attnhooks.capture(layer, record=("q", "k", "lse", "attn"), verify=True) as cap:
+            out = layer(x, src_key_padding_mask=padding)
+        assert torch.allclose(out, layer(x, src_key_padding_mask=padding), atol=0), "the layer's output, unchanged"
+        runs[name] = (cap.records[0], bool(rebuilt))
+    (spied, spy_rebuilt), (fallback, fallback_rebuilt) = runs["spy"], runs["no sdpa call"]
+    assert not spy_rebuilt and fallback_rebuilt, "q and k come from the SDPA call, not a second projection"
+    for rec in (spied, fallback):
+        assert rec.source == "mha" and rec.verify_error < 1e-5
+        assert float((rec.attn - ref).abs().max()) <= 1e-5
+        assert rec.mask.key_valid is not None and not rec.mask.key_valid[0, -1]
+    assert torch.equal(spied.q, fallback.q) and torch.equal(spied.k, fallback.k)
+    assert torch.equal(spied.lse, fallback.lse)
