@@ -64,9 +64,10 @@ def handle_mha(mode: Any, func: Any, args: tuple[Any, ...], kwargs: dict[str, An
             event.source = "mha"
             sink.on_attention(owner, event)
             return result
-        # not the one SDPA call expected: the general path (the call is run again, as it has no side effect)
-    event = _event(a, mode.sink.wants_lse())
-    result = func(*args, **kwargs)
+        event = _event(a, mode.sink.wants_lse())  # not the one SDPA call expected: q, k rebuilt (not run again)
+    else:
+        event = _event(a, mode.sink.wants_lse())
+        result = func(*args, **kwargs)
     output = result[0]
     event.out = (output if output.dim() == 3 else output.unsqueeze(1)).transpose(0, 1).unsqueeze(1)
     event.project = _out_projection(a["out_proj_weight"], a["out_proj_bias"])
