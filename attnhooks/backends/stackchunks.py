@@ -72,6 +72,8 @@ class HeldChunks:
         spans_, _ = spans(selection, member.shape)
         block = np.asarray(value).reshape([b - a for a, b in spans_])
         chunks = member.stack.chunks
+        if self._write_in_one(member, spans_, block):
+            return
         for coords in itertools.product(*(range(a // c, -(-b // c)) for (a, b), c in zip(spans_, chunks))):
             lo = [c * n for c, n in zip(coords, chunks)]
             inside = [(max(a, l0), min(b, l0 + n)) for (a, b), l0, n in zip(spans_, lo, chunks)]
@@ -85,6 +87,26 @@ class HeldChunks:
             source = tuple(slice(s - a, e - a) for (s, e), (a, _) in zip(inside, spans_))
             buffer[target] = block[source]
             self._dirty.add((member.stack.path, coords))
+
+    def _write_in_one(self, member: Member, extent: list[tuple[int, int]], block: np.ndarray) -> bool:
+        """:meth:`write` of a block inside one chunk (a writer's usual block: a call's q at a step, a
+        step's row of a table) in one pass over the axes; False (nothing done) for any other."""
+        coords, target = [], []
+        exact = whole = True
+        for (a, b), n, size in zip(extent, member.stack.chunks, member.shape):
+            c = a // n
+            if b <= a or (b - 1) // n != c:
+                return False
+            lo = c * n
+            coords.append(c)
+            target.append(slice(a - lo, b - lo))
+            if a != lo or b != lo + n:
+                exact = False
+                whole = whole and a == lo and b >= size
+        key = tuple(coords)
+        self._buffer(member, key, whole, exact)[tuple(target)] = block
+        self._dirty.add((member.stack.path, key))
+        return True
 
     def _buffer(self, member: Member, coords: tuple[int, ...], whole: bool, exact: bool) -> np.ndarray:
         """The held chunk ``coords`` of ``member``: from the store when it may hold data there and
