@@ -41,6 +41,14 @@ from attnhooks.write.tails import Tails
 __all__ = ["Budget", "StoreOptions", "StoreWriter", "batched", "dumps_options", "parse_bytes", "root_attrs"]
 
 _STOP = object()
+_BATCH = 64  # records handed to the writer thread at once (each hand-over wakes it: a GIL round trip)
+
+
+def _release(budget: Budget, messages: list[Any]) -> None:
+    """Return the staging of the records among ``messages`` (not to be written)."""
+    for msg in messages:
+        if msg is not _STOP and msg[0] == "record":
+            budget.release(msg[3])
 
 
 def batched(backend: Backend) -> contextlib.AbstractContextManager[None]:
@@ -77,6 +85,9 @@ class StoreWriter:
         self.layout = ArrayLayout(backend, options)
         self.codec = self.layout.codec
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        # records not yet handed over (model thread): one wake-up of the writer per batch, not per record
+        self._outbox: list[tuple[Any, ...]] = []
+        self._outbox_bytes = 0
         self._error: BaseException | None = None
         self._closed = False
         self._tails = Tails(self.budget)
@@ -110,6 +121,8 @@ class StoreWriter:
     def admit(self, nbytes: int) -> bool:
         """Reserve staging for a record of ``nbytes``; False means drop the step (``when_full="drop"``)."""
         self.check()
+        if self._outbox and self.budget.used + nbytes > self.budget.limit:
+            self._hand_over()  # what the writer has not seen yet could never free the room
         return self.budget.acquire(nbytes, wait=self.options.when_full == "block")
 
     def holds(self, step: int) -> bool:
@@ -124,34 +137,48 @@ class StoreWriter:
         pos = self._next_pos
         self._next_pos += 1
         self._last = (step, pos)
-        self._queue.put(("begin", pos))
+        self._send(("begin", pos))
 
     def put(self, rec: Record, nbytes: int, ready: Any = None) -> None:
         """Hand ``rec`` (its staging: ``nbytes``, admitted) to the writer; ``ready``: an event to
         synchronize before its tensors are read (a copy from the device still running)."""
         assert self._last is not None, "begin_step() first"
-        self._queue.put(("record", self._last[1], rec, nbytes, ready))
+        self._outbox.append(("record", self._last[1], rec, nbytes, ready))
+        self._outbox_bytes += nbytes
+        if len(self._outbox) >= _BATCH or self._outbox_bytes * 4 >= self.budget.limit:
+            self._hand_over()
+
+    def _hand_over(self) -> None:
+        """Give the writer the records put since the last hand-over, as one message."""
+        if self._outbox:
+            batch, self._outbox, self._outbox_bytes = self._outbox, [], 0
+            self._queue.put(("batch", batch))
+
+    def _send(self, msg: Any) -> None:
+        """Enqueue a message after the records put before it (the writer handles them in order)."""
+        self._hand_over()
+        self._queue.put(msg)
 
     def dropout(self, module: str, call: int, p: float) -> None:
         """The call ran with dropout ``p`` (the largest is kept)."""
         if self._last is not None:
-            self._queue.put(("dropout", self._last[1], module, call, p))
+            self._send(("dropout", self._last[1], module, call, p))
 
     def cut(self, module: str, call: int, rows: int, keys: int) -> None:
         """A KV cache was cropped: the call keeps its rows before stream row ``rows`` and its keys
         before position ``keys`` (the rows after were rejected draft tokens)."""
         if self._last is not None:
-            self._queue.put(("cut", self._last[1], module, call, rows, keys))
+            self._send(("cut", self._last[1], module, call, rows, keys))
 
     def tokens(self, ids: np.ndarray, text: list[list[str]] | None) -> None:
         """The step's input ids ``[batch, seq]`` and, when known, their text."""
         if self._last is not None:
-            self._queue.put(("tokens", self._last[1], ids, text))
+            self._send(("tokens", self._last[1], ids, text))
 
     def end_step(self) -> None:
         """Commit the step begun last (again, when it continued)."""
         if self._last is not None:
-            self._queue.put(("commit", self._last[1], self._last[0]))
+            self._send(("commit", self._last[1], self._last[0]))
             self._ended = self._last[1]
 
     def drop_step(self, count: bool = True) -> None:
@@ -162,7 +189,7 @@ class StoreWriter:
             return
         step, pos = self._last
         self._abandoned |= not count
-        self._queue.put(("drop", pos, step, count))
+        self._send(("drop", pos, step, count))
         if self._ended != pos:
             self._next_pos = pos
         self._last = None
@@ -171,7 +198,7 @@ class StoreWriter:
         """Wait until everything enqueued so far is written and committed."""
         self.check()
         done = threading.Event()
-        self._queue.put(("sync", done))
+        self._send(("sync", done))
         while not done.wait(0.05):
             if self._error is not None or not self._thread.is_alive():
                 break
@@ -194,7 +221,7 @@ class StoreWriter:
             self.check()
             return
         self._closed = True
-        self._queue.put(_STOP)
+        self._send(_STOP)
         self._thread.join()
         if self._on_close is not None:
             self._on_close(self._abandoned and self._commits.committed == 0)
@@ -204,24 +231,35 @@ class StoreWriter:
     def _run(self) -> None:
         while True:
             msg = self._queue.get()
-            held = False
-            try:
-                if msg is _STOP:
-                    self._finish()
+            batch = msg[1] if msg is not _STOP and msg[0] == "batch" else [msg]
+            msg = None
+            while batch:
+                one = batch.pop(0) if len(batch) > 1 else batch.pop()
+                if not self._handle(one):
+                    _release(self.budget, batch)
                     return
-                with batched(self.backend):  # a message's writes in one trip (zarr: ~1 ms each alone)
-                    held = bool(getattr(self, "_on_" + msg[0])(*msg[1:]))
-            except BaseException as err:  # anything: the model thread must hear of it, never hang
-                self._error = err
-                self.budget.fail(err)
-                self._drain()
-                with contextlib.suppress(Exception):
-                    self.backend.close()
-                return
-            finally:
-                if msg is not _STOP and msg[0] == "record" and not held:
-                    self.budget.release(msg[3])
-                msg = None  # the record's tensors go now, not at the next message
+                one = None  # the record's tensors go now, not at the next message
+
+    def _handle(self, msg: Any) -> bool:
+        """Handle one message; False when the thread is done (closed, or failed)."""
+        held = False
+        try:
+            if msg is _STOP:
+                self._finish()
+                return False
+            with batched(self.backend):  # a message's writes in one trip (zarr: ~1 ms each alone)
+                held = bool(getattr(self, "_on_" + msg[0])(*msg[1:]))
+        except BaseException as err:  # anything: the model thread must hear of it, never hang
+            self._error = err
+            self.budget.fail(err)
+            self._drain()
+            with contextlib.suppress(Exception):
+                self.backend.close()
+            return False
+        finally:
+            if msg is not _STOP and msg[0] == "record" and not held:
+                self.budget.release(msg[3])
+        return True
 
     def _drain(self) -> None:
         while True:
@@ -229,8 +267,7 @@ class StoreWriter:
                 msg = self._queue.get_nowait()
             except queue.Empty:
                 return
-            if msg is not _STOP and msg[0] == "record":
-                self.budget.release(msg[3])
+            _release(self.budget, msg[1] if msg is not _STOP and msg[0] == "batch" else [msg])
 
     def _on_sync(self, done: threading.Event) -> None:
         done.set()

@@ -277,3 +277,63 @@ def test_contiguous_continuations_merge_into_one_slab():
 def test_docstring_examples_run(module):
     failed, tried = doctest.testmod(module, raise_on_error=False)
     assert tried and not failed
+
+
+def test_records_reach_the_writer_thread_in_batches_and_in_order(backend, monkeypatch):
+    """Each hand-over wakes the writer thread (a GIL round trip): records go in batches of up to
+    64, flushed by any other message, so the order the writer sees is the order they were put."""
+    monkeypatch.setattr("attnhooks.write.writer._BATCH", 8)
+    writer = StoreWriter(backend, StoreOptions(buffer=1 << 30), {})
+    sent = []
+
+    class Seen:  # the writer's queue, its messages listed (the thread keeps getting from the real one)
+        def __init__(self, real):
+            self.real = real
+
+        def put(self, msg):
+            batch = isinstance(msg, tuple) and msg[0] == "batch"
+            sent.append(("batch", list(msg[1])) if batch else msg)  # (the writer empties the batch)
+            self.real.put(msg)
+
+        def __getattr__(self, name):
+            return getattr(self.real, name)
+
+    writer._queue = Seen(writer._queue)
+    for step in range(3):
+        writer.begin_step(step)
+        for call in range(20):
+            rec = _record(1, q_offset=call)
+            rec.step = step
+            nbytes = sum(t.numel() * t.element_size() for t in (rec.q, rec.k, rec.attn))
+            assert writer.admit(nbytes)
+            writer.put(rec, nbytes)
+        writer.end_step()
+    writer.close()
+    kinds = [m[0] if isinstance(m, tuple) else "stop" for m in sent]
+    assert kinds.count("batch") == 3 * 3  # 8 + 8 + 4 records a step, the last 4 handed over by the commit
+    assert kinds[:5] == ["begin", "batch", "batch", "batch", "commit"]
+    assert [len(m[1]) for m in sent if isinstance(m, tuple) and m[0] == "batch"][:3] == [8, 8, 4]
+    assert writer.budget.used == 0 and backend.attrs("")["committed"] == 3
+
+
+def test_a_full_budget_hands_the_waiting_records_over_instead_of_waiting_for_them(backend):
+    """Records not yet handed over could never free their staging: an admit that would wait (or drop)
+    for lack of room hands them over first."""
+    rec = _record(4)
+    nbytes = sum(t.numel() * t.element_size() for t in (rec.q, rec.k, rec.attn))
+    writer = StoreWriter(backend, StoreOptions(buffer=5 * nbytes, when_full="block"), {})
+    writer.begin_step(0)
+    done = threading.Event()
+
+    def produce():
+        for _ in range(40):  # 8 budgets' worth: the writer must free room 35 times
+            assert writer.admit(nbytes)
+            writer.put(_record(4), nbytes)
+        done.set()
+
+    producer = threading.Thread(target=produce, daemon=True)
+    producer.start()
+    assert done.wait(30), "the producer waited for room that records it still held would free"
+    writer.end_step()
+    writer.close()
+    assert writer.budget.peak <= 5 * nbytes
