@@ -29,26 +29,16 @@ from attnhooks.backends import stacks
 from attnhooks.backends.base import Backend
 from attnhooks.capturing.record import Record
 from attnhooks.capturing.streams import row_count
-from attnhooks.errors import StoreWriteError
 from attnhooks.write.attrs import create, resume, root_attrs
 from attnhooks.write.budget import Budget, surface
 from attnhooks.write.commit import Commits, OpenStep, new_call, write_tokens
 from attnhooks.write.layout import ArrayLayout
 from attnhooks.write.options import StoreOptions, dumps_options, parse_bytes
+from attnhooks.write.outbox import STOP, Outbox, drain, release, unpack
 from attnhooks.write.slots import write_record
 from attnhooks.write.tails import Tails
 
 __all__ = ["Budget", "StoreOptions", "StoreWriter", "batched", "dumps_options", "parse_bytes", "root_attrs"]
-
-_STOP = object()
-_BATCH = 64  # records handed to the writer thread at once (each hand-over wakes it: a GIL round trip)
-
-
-def _release(budget: Budget, messages: list[Any]) -> None:
-    """Return the staging of the records among ``messages`` (not to be written)."""
-    for msg in messages:
-        if msg is not _STOP and msg[0] == "record":
-            budget.release(msg[3])
 
 
 def batched(backend: Backend) -> contextlib.AbstractContextManager[None]:
@@ -85,9 +75,7 @@ class StoreWriter:
         self.layout = ArrayLayout(backend, options)
         self.codec = self.layout.codec
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        # records not yet handed over (model thread): one wake-up of the writer per batch, not per record
-        self._outbox: list[tuple[Any, ...]] = []
-        self._outbox_bytes = 0
+        self._out = Outbox(self._queue, self.budget)  # the model thread's end: records in batches
         self._error: BaseException | None = None
         self._closed = False
         self._tails = Tails(self.budget)
@@ -121,8 +109,7 @@ class StoreWriter:
     def admit(self, nbytes: int) -> bool:
         """Reserve staging for a record of ``nbytes``; False means drop the step (``when_full="drop"``)."""
         self.check()
-        if self._outbox and self.budget.used + nbytes > self.budget.limit:
-            self._hand_over()  # what the writer has not seen yet could never free the room
+        self._out.make_room(nbytes)
         return self.budget.acquire(nbytes, wait=self.options.when_full == "block")
 
     def holds(self, step: int) -> bool:
@@ -137,48 +124,34 @@ class StoreWriter:
         pos = self._next_pos
         self._next_pos += 1
         self._last = (step, pos)
-        self._send(("begin", pos))
+        self._out.send(("begin", pos))
 
     def put(self, rec: Record, nbytes: int, ready: Any = None) -> None:
         """Hand ``rec`` (its staging: ``nbytes``, admitted) to the writer; ``ready``: an event to
         synchronize before its tensors are read (a copy from the device still running)."""
         assert self._last is not None, "begin_step() first"
-        self._outbox.append(("record", self._last[1], rec, nbytes, ready))
-        self._outbox_bytes += nbytes
-        if len(self._outbox) >= _BATCH or self._outbox_bytes * 4 >= self.budget.limit:
-            self._hand_over()
-
-    def _hand_over(self) -> None:
-        """Give the writer the records put since the last hand-over, as one message."""
-        if self._outbox:
-            batch, self._outbox, self._outbox_bytes = self._outbox, [], 0
-            self._queue.put(("batch", batch))
-
-    def _send(self, msg: Any) -> None:
-        """Enqueue a message after the records put before it (the writer handles them in order)."""
-        self._hand_over()
-        self._queue.put(msg)
+        self._out.record(("record", self._last[1], rec, nbytes, ready), nbytes)
 
     def dropout(self, module: str, call: int, p: float) -> None:
         """The call ran with dropout ``p`` (the largest is kept)."""
         if self._last is not None:
-            self._send(("dropout", self._last[1], module, call, p))
+            self._out.send(("dropout", self._last[1], module, call, p))
 
     def cut(self, module: str, call: int, rows: int, keys: int) -> None:
         """A KV cache was cropped: the call keeps its rows before stream row ``rows`` and its keys
         before position ``keys`` (the rows after were rejected draft tokens)."""
         if self._last is not None:
-            self._send(("cut", self._last[1], module, call, rows, keys))
+            self._out.send(("cut", self._last[1], module, call, rows, keys))
 
     def tokens(self, ids: np.ndarray, text: list[list[str]] | None) -> None:
         """The step's input ids ``[batch, seq]`` and, when known, their text."""
         if self._last is not None:
-            self._send(("tokens", self._last[1], ids, text))
+            self._out.send(("tokens", self._last[1], ids, text))
 
     def end_step(self) -> None:
         """Commit the step begun last (again, when it continued)."""
         if self._last is not None:
-            self._send(("commit", self._last[1], self._last[0]))
+            self._out.send(("commit", self._last[1], self._last[0]))
             self._ended = self._last[1]
 
     def drop_step(self, count: bool = True) -> None:
@@ -189,7 +162,7 @@ class StoreWriter:
             return
         step, pos = self._last
         self._abandoned |= not count
-        self._send(("drop", pos, step, count))
+        self._out.send(("drop", pos, step, count))
         if self._ended != pos:
             self._next_pos = pos
         self._last = None
@@ -197,17 +170,7 @@ class StoreWriter:
     def flush(self, timeout: float | None = None) -> None:
         """Wait until everything enqueued so far is written and committed."""
         self.check()
-        done = threading.Event()
-        self._send(("sync", done))
-        while not done.wait(0.05):
-            if self._error is not None or not self._thread.is_alive():
-                break
-            if timeout is not None:
-                timeout -= 0.05
-                if timeout <= 0:
-                    raise StoreWriteError(
-                        f"the writer did not catch up within the timeout ({self.budget.used} bytes pending)"
-                    )
+        self._out.sync(lambda: self._error is None and self._thread.is_alive(), timeout)
         self.check()
 
     def check(self) -> None:
@@ -221,7 +184,7 @@ class StoreWriter:
             self.check()
             return
         self._closed = True
-        self._send(_STOP)
+        self._out.send(STOP)
         self._thread.join()
         if self._on_close is not None:
             self._on_close(self._abandoned and self._commits.committed == 0)
@@ -231,12 +194,11 @@ class StoreWriter:
     def _run(self) -> None:
         while True:
             msg = self._queue.get()
-            batch = msg[1] if msg is not _STOP and msg[0] == "batch" else [msg]
-            msg = None
+            batch, msg = unpack(msg), None
             while batch:
-                one = batch.pop(0) if len(batch) > 1 else batch.pop()
+                one = batch.pop(0)
                 if not self._handle(one):
-                    _release(self.budget, batch)
+                    release(self.budget, batch)
                     return
                 one = None  # the record's tensors go now, not at the next message
 
@@ -244,7 +206,7 @@ class StoreWriter:
         """Handle one message; False when the thread is done (closed, or failed)."""
         held = False
         try:
-            if msg is _STOP:
+            if msg is STOP:
                 self._finish()
                 return False
             with batched(self.backend):  # a message's writes in one trip (zarr: ~1 ms each alone)
@@ -252,22 +214,14 @@ class StoreWriter:
         except BaseException as err:  # anything: the model thread must hear of it, never hang
             self._error = err
             self.budget.fail(err)
-            self._drain()
+            drain(self._queue, self.budget)
             with contextlib.suppress(Exception):
                 self.backend.close()
             return False
         finally:
-            if msg is not _STOP and msg[0] == "record" and not held:
+            if msg is not STOP and msg[0] == "record" and not held:
                 self.budget.release(msg[3])
         return True
-
-    def _drain(self) -> None:
-        while True:
-            try:
-                msg = self._queue.get_nowait()
-            except queue.Empty:
-                return
-            _release(self.budget, msg[1] if msg is not _STOP and msg[0] == "batch" else [msg])
 
     def _on_sync(self, done: threading.Event) -> None:
         done.set()

@@ -282,7 +282,7 @@ def test_docstring_examples_run(module):
 def test_records_reach_the_writer_thread_in_batches_and_in_order(backend, monkeypatch):
     """Each hand-over wakes the writer thread (a GIL round trip): records go in batches of up to
     64, flushed by any other message, so the order the writer sees is the order they were put."""
-    monkeypatch.setattr("attnhooks.write.writer._BATCH", 8)
+    monkeypatch.setattr("attnhooks.write.outbox.BATCH", 8)
     writer = StoreWriter(backend, StoreOptions(buffer=1 << 30), {})
     sent = []
 
@@ -298,7 +298,7 @@ def test_records_reach_the_writer_thread_in_batches_and_in_order(backend, monkey
         def __getattr__(self, name):
             return getattr(self.real, name)
 
-    writer._queue = Seen(writer._queue)
+    writer._out._queue = Seen(writer._out._queue)
     for step in range(3):
         writer.begin_step(step)
         for call in range(20):
