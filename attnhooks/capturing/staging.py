@@ -24,6 +24,7 @@ against ~150 µs in a reused buffer, here.
 
 from __future__ import annotations
 
+import math
 import sys
 import threading
 from collections import OrderedDict, deque
@@ -44,7 +45,7 @@ class Stager:
 
     def empty(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """A new tensor for a record (its contents undefined): a recycled host buffer on the CPU."""
-        if device.type == "cpu":
+        if device.type == "cpu" and math.prod(shape) * dtype.itemsize >= _SMALL:
             return recycler().empty(shape, dtype)
         return torch.empty(shape, dtype=dtype, device=device)
 
@@ -58,7 +59,10 @@ class Stager:
         t = t.detach()
         kind = t.device.type
         if kind == "cpu":
-            return t if owned else recycler().empty(t.shape, t.dtype).copy_(t)
+            if owned:
+                return t
+            # small tensors (a decode step's q and k) come from malloc's small bins, never faulted in
+            return t.clone() if t.nbytes < _SMALL else recycler().empty(t.shape, t.dtype).copy_(t)
         if kind != "cuda":
             return t.to("cpu", copy=True)
         stream = self._stream(t.device)
@@ -159,6 +163,7 @@ class Recycler:
             del self._buffers[key]
 
 
+_SMALL = 16 << 10  # bytes below which a buffer is allocated, not recycled
 _use_count = getattr(torch._C, "_storage_Use_Count", None)
 _LOCAL = threading.local()
 

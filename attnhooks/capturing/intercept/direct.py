@@ -66,7 +66,7 @@ def call_key(
         (q_len > k_len) - (q_len < k_len),
         q.shape[1] == k.shape[1],
         n_args,
-        tuple(sorted(kwargs)),
+        tuple(kwargs),  # (in the order given: one call site passes them in one order)
         bool(kwargs.get("dropout")),
         kwargs.get("is_causal"),
         q.device.type,

@@ -70,7 +70,7 @@ def _in_a_new_thread(fn):
 
 def test_records_held_across_steps_are_not_overwritten_and_cleared_ones_are_reused():
     model = models.llama()
-    x = models.ids(batch=2, length=6)[0]
+    x = models.ids(batch=4, length=64)[0]  # q, k, attn over 16 KiB: recycled (smaller ones are allocated)
     names = ("q", "k", "attn")
 
     def pointers(records):
