@@ -25,7 +25,7 @@ import torch
 
 from attnhooks.attention.kernels import isolated
 from attnhooks.attention.masks import MaskSpec
-from attnhooks.capturing.intercept import direct
+from attnhooks.capturing.intercept import direct, spy
 from attnhooks.capturing.intercept.event import AttentionEvent, Collector, Sink
 from attnhooks.errors import AttnHooksWarning, CaptureError
 
@@ -47,6 +47,7 @@ class RegistryPatch:
         self.active = False
         self.narrow = False  # the "registry" plan: the mode is pushed only around a wrapped call
         self.depth = 0  # wrapped calls running now
+        self._spied: dict[Any, Callable[..., Any] | None] = {}  # implementation -> its spied copy (None: none)
 
     def install(self, narrow: bool = False) -> None:
         """Wrap the registry's entries; ``narrow``: also push the mode (and name the owner) around each
@@ -120,8 +121,19 @@ class RegistryPatch:
         return wrapper
 
     def _under_mode(self, owner: str, fn: Callable[..., Any], *call: Any) -> Any:
+        """``fn`` under the mode, or its spied copy (:mod:`~attnhooks.capturing.intercept.spy`) when it
+        calls SDPA by a name: the same kernel event, without every other op passing through Python."""
         module, query, key, value, mask, args, kwargs = call
+        copy = self._spied.get(fn, fn)
+        if copy is fn:
+            copy = self._spied[fn] = spy.spied(fn)
         self._running.append(owner)
+        if copy is not None:
+            try:
+                with spy.spying(self._mode):
+                    return copy(module, query, key, value, mask, *args, **kwargs)
+            finally:
+                self._running.pop()
         self._mode.__enter__()
         try:
             return fn(module, query, key, value, mask, *args, **kwargs)

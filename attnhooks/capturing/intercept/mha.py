@@ -3,13 +3,11 @@
 ``F.multi_head_attention_forward`` projects q, k, v itself and then calls SDPA or a softmax
 inside the intercepted call, where a mode no longer sees anything.
 
-Without ``need_weights`` (the Transformer layers' call) the handler runs torch's own function body
-with one name changed: its module-level ``scaled_dot_product_attention`` is a spy that hands the call
-to the SDPA handler (:mod:`~attnhooks.capturing.intercept.sdpa`): the record is that SDPA call, with
-the kernel's q, k, mask and, from the CPU flash kernel, its lse, and nothing is computed twice. The
-body is torch's code object, run with a copy of its module's globals (nothing global is patched).
-Exactly one SDPA call must come out of it; otherwise (a torch whose function computes differently)
-the handler falls back to the general path.
+Without ``need_weights`` (the Transformer layers' call) the handler runs a spied copy of torch's
+function (:mod:`~attnhooks.capturing.intercept.spy`), whose SDPA call goes to the SDPA handler: the
+record is that SDPA call, with the kernel's q, k, mask and, from the CPU flash kernel, its lse, and
+nothing is computed twice. Exactly one SDPA call must come out of it; otherwise (a torch whose
+function computes differently) q and k are rebuilt as below.
 
 With ``need_weights`` (or that fallback) the handler rebuilds q and k with the same projection
 helpers torch uses, reports them with the combined ``attn_mask`` / ``key_padding_mask``, and runs
@@ -23,8 +21,6 @@ from __future__ import annotations
 
 import inspect
 import math
-import threading
-import types
 from collections.abc import Callable
 from typing import Any
 
@@ -33,7 +29,7 @@ import torch.nn.functional as F
 
 from attnhooks.attention.kernels import isolated
 from attnhooks.attention.masks import MaskSpec
-from attnhooks.capturing.intercept import sdpa
+from attnhooks.capturing.intercept import sdpa, spy
 from attnhooks.capturing.intercept.event import AttentionEvent, Collector
 
 __all__ = ["FUNCTIONS", "handle_mha"]
@@ -54,11 +50,12 @@ def handle_mha(mode: Any, func: Any, args: tuple[Any, ...], kwargs: dict[str, An
     a = _arguments(args, kwargs)
     if not a["need_weights"] and _BODY is not None:
         probe = Collector(mode.sink)
-        sink, mode.sink, outer, _SPYING.mode = mode.sink, probe, getattr(_SPYING, "mode", None), mode
+        sink, mode.sink = mode.sink, probe
         try:
-            result = _BODY(*args, **kwargs)
+            with spy.spying(mode):
+                result = _BODY(*args, **kwargs)
         finally:
-            mode.sink, _SPYING.mode = sink, outer
+            mode.sink = sink
         if len(probe.events) == 1:
             event = probe.events[0][1]
             event.source = "mha"
@@ -87,33 +84,7 @@ def _arguments(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
     return a
 
 
-_SPYING = threading.local()  # .mode: the mode whose MHA call the spy is in
-
-
-def _spy(*args: Any, **kwargs: Any) -> Any:
-    """``scaled_dot_product_attention`` as torch's MHA body sees it: the SDPA handler, reporting to the
-    mode's (stand-in) sink."""
-    mode = getattr(_SPYING, "mode", None)
-    if mode is None:  # not inside handle_mha (cannot happen: the body is called only there)
-        return F.scaled_dot_product_attention(*args, **kwargs)
-    return sdpa.handle_sdpa(mode, F.scaled_dot_product_attention, args, kwargs)
-
-
-def _body() -> Callable[..., Any] | None:
-    """torch's ``multi_head_attention_forward`` with ``scaled_dot_product_attention`` looked up as the spy;
-    None when it does not call SDPA by that module-level name (then the general path serves)."""
-    fn = inspect.unwrap(F.multi_head_attention_forward)
-    code = getattr(fn, "__code__", None)
-    if code is None or "scaled_dot_product_attention" not in code.co_names or fn.__closure__:
-        return None
-    names = dict(fn.__globals__)
-    names["scaled_dot_product_attention"] = _spy
-    body = types.FunctionType(code, names, fn.__name__, fn.__defaults__)
-    body.__kwdefaults__ = fn.__kwdefaults__
-    return body
-
-
-_BODY = _body()
+_BODY = spy.spied(F.multi_head_attention_forward)  # calls the SDPA handler (None: no SDPA call by name)
 
 
 def _event(a: dict[str, Any], with_lse: bool) -> AttentionEvent:
