@@ -11,11 +11,12 @@ Two plans:
 
 ``"registry"``
     For a Hugging Face model whose every attention call goes through transformers' attention
-    registry: only the registry wrapper runs Python, and it pushes the mode just around the
-    implementation it wraps, so the kernel's event is the very one the ``"mode"`` plan records
-    (same tensors, same kernel, same lse); transformers' own ``sdpa`` calls skip even that once a
-    call of their kind agreed with the kernel (:mod:`attnhooks.capturing.intercept.direct`). No
-    other op of the model, and no module hook, passes through Python. The owner of a call is the
+    registry: only the registry wrapper runs Python, and it looks into the implementation it wraps
+    alone (a spied copy of it, :mod:`attnhooks.capturing.intercept.spy`, or the mode pushed around
+    it), so the kernel's event is the very one the ``"mode"`` plan records (same tensors, same
+    kernel, same lse); transformers' own ``sdpa`` calls skip even that once a call of their kind
+    agreed with the kernel (:mod:`attnhooks.capturing.intercept.direct`). No other op of the model,
+    and no module hook, passes through Python. The owner of a call is the
     innermost selected module among the module the registry is given and its ancestors (what the
     module hooks would name).
 

@@ -11,15 +11,15 @@ Nothing here synchronises the host with the device: the copies are queued, and t
 from torch's caching host allocator, which hands a freed buffer out again once the copies that used it
 have completed (so a capture streaming to a store reuses its staging memory step after step).
 
-On the CPU, the host buffers of records (copies of q and k, the probabilities attnhooks computes)
-come from a :class:`Recycler`, one per thread that runs captured models, shared by its captures (a
-``with capture(...)`` around every step reuses the buffers of the last one): a buffer is handed out
-again once nothing but the recycler holds it (the records were cleared, or written to the store).
-It keeps at most 32 MiB, busy or free, so up to that much host memory stays with the thread between
-captures. Allocating them fresh instead cost more than
-the copy: glibc returns a step's freed records to the system at once (its trim threshold), and the
-next step faults every page back in; a 256 KiB probability block took ~280 µs to fill that way
-against ~150 µs in a reused buffer, here.
+On the CPU, the host buffers of records of 16 KiB and more (copies of q and k, the probabilities
+attnhooks computes) come from a :class:`Recycler`, one per thread that runs captured models, shared
+by its captures (a ``with capture(...)`` around every step reuses the buffers of the last one): a
+buffer is handed out again once nothing but the recycler holds it (the records were cleared, or
+written to the store). It keeps at most 32 MiB, busy or free, so up to that much host memory stays
+with the thread between captures. Allocating them fresh cost more than the copy: glibc returns a
+step's freed records to the system at once (its trim threshold), and the next step faults every
+page back in; a 256 KiB probability block took ~280 µs to fill that way against ~150 µs in a reused
+buffer, here.
 """
 
 from __future__ import annotations
@@ -113,7 +113,7 @@ class _Events:
 
 
 class Recycler:
-    """Host buffers of one capture, handed out again once nothing but the recycler holds them.
+    """Host buffers of a thread's captures, handed out again once nothing but the recycler holds them.
 
     Buffers are kept per shape and dtype, oldest first; ``empty`` takes the oldest when it is free
     (no Python reference but the recycler's, no other tensor, view or array on its memory), or the

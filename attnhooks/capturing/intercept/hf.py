@@ -6,9 +6,11 @@ at the KV-head count. While a capture runs, every registered implementation is w
 (same key), so its mask function stays registered with it and padded batches keep their masks.
 
 The wrapper names the module exactly (it is the first argument). When the implementation calls
-a kernel the mode can see (``sdpa``), that kernel's event is the record; under the ``"registry"``
-plan, transformers' own ``sdpa`` calls are reported from their arguments instead once a call of their
-kind was checked against the kernel (:mod:`~attnhooks.capturing.intercept.direct`). When it cannot
+a kernel the mode can see (``sdpa``), that kernel's event is the record. Under the ``"registry"``
+plan the kernel is seen through a spied copy of the implementation when it calls SDPA by a name
+(:mod:`~attnhooks.capturing.intercept.spy`), else under the mode pushed around the call; and
+transformers' own ``sdpa`` calls are reported from their arguments once a call of their kind was
+checked against the kernel (:mod:`~attnhooks.capturing.intercept.direct`). When it cannot
 (``flash_attention_*``, ``flex_attention``, a third-party kernel), the wrapper reports the call
 from the registry's own arguments and the capture computes the probabilities exactly.
 """
@@ -45,13 +47,13 @@ class RegistryPatch:
         self._running = running  # the capture's stack of running owners
         self._installed: list[tuple[MutableMapping[str, Any], str, Any, Any]] = []
         self.active = False
-        self.narrow = False  # the "registry" plan: the mode is pushed only around a wrapped call
+        self.narrow = False  # the "registry" plan: kernels are looked for only inside a wrapped call
         self.depth = 0  # wrapped calls running now
         self._spied: dict[Any, Callable[..., Any] | None] = {}  # implementation -> its spied copy (None: none)
 
     def install(self, narrow: bool = False) -> None:
-        """Wrap the registry's entries; ``narrow``: also push the mode (and name the owner) around each
-        wrapped call, for a capture that pushes it nowhere else (:mod:`attnhooks.capturing.plan`)."""
+        """Wrap the registry's entries; ``narrow``: also look into each wrapped call (and name the owner),
+        for a capture that pushes the mode nowhere else (:mod:`attnhooks.capturing.plan`)."""
         self.narrow = narrow
         module = sys.modules.get("transformers.modeling_utils")
         interface = getattr(module, "AttentionInterface", None)
@@ -104,7 +106,7 @@ class RegistryPatch:
             self.depth += 1
             try:
                 if self.narrow:
-                    out = self._under_mode(owner, fn, module, query, key, value, attention_mask, args, kwargs)
+                    out = self._at_kernel(owner, fn, module, query, key, value, attention_mask, args, kwargs)
                 else:
                     out = fn(module, query, key, value, attention_mask, *args, **kwargs)
                 mode.registry_shapes = outer
@@ -120,7 +122,7 @@ class RegistryPatch:
         wrapper.__attnhooks_original__ = fn  # type: ignore[attr-defined]
         return wrapper
 
-    def _under_mode(self, owner: str, fn: Callable[..., Any], *call: Any) -> Any:
+    def _at_kernel(self, owner: str, fn: Callable[..., Any], *call: Any) -> Any:
         """``fn`` under the mode, or its spied copy (:mod:`~attnhooks.capturing.intercept.spy`) when it
         calls SDPA by a name: the same kernel event, without every other op passing through Python."""
         module, query, key, value, mask, args, kwargs = call
@@ -169,7 +171,7 @@ class RegistryPatch:
             sink, self._mode.sink = self._mode.sink, probe
             outer, self._mode.registry_shapes = self._mode.registry_shapes, (query.shape, k.shape)
             try:
-                out = self._under_mode(owner, fn, *call)
+                out = self._at_kernel(owner, fn, *call)
             finally:
                 self._mode.sink, self._mode.registry_shapes = sink, outer
             mine = direct.direct_event(self._mode, module, query, k, value, mask, out, args, kwargs)
