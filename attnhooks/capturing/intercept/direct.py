@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from attnhooks.attention.masks import MaskSpec
-from attnhooks.capturing.intercept.event import AttentionEvent
+from attnhooks.capturing.intercept.event import AttentionEvent, heads_first
 from attnhooks.errors import AttnHooksWarning
 
 __all__ = ["VERDICTS", "Verdicts", "agrees", "call_key", "direct_event", "is_direct"]
@@ -97,12 +97,11 @@ def direct_event(
         spec = mode.mask_spec(mask, False, q_len, k_len)
     else:
         spec = MaskSpec(causal=bool(q_len > 1 and causal))
-    output = out[0] if isinstance(out, tuple) else out
     return AttentionEvent(
         q=q,
         k=k,
         v=v,
-        out=output.transpose(1, 2) if isinstance(output, torch.Tensor) and output.dim() == 4 else None,
+        out=heads_first(out),
         mask=spec,
         scale=scale,
         dropout=float(dropout or 0.0),

@@ -10,7 +10,7 @@ import torch
 
 from attnhooks.attention.masks import MaskSpec
 
-__all__ = ["AttentionEvent", "Collector", "Sink", "to_4d"]
+__all__ = ["AttentionEvent", "Collector", "Sink", "heads_first", "to_4d"]
 
 
 @dataclass
@@ -109,6 +109,13 @@ class Collector:
 
     def on_dropout(self, owner: str, p: float) -> None:
         self.sink.on_dropout(owner, p)
+
+
+def heads_first(out: object) -> torch.Tensor | None:
+    """An attention implementation's output ``[batch, len, heads, dim]`` (or a tuple starting with it)
+    as ``[batch, heads, len, dim]``, the event's ``out``; None when it is not such a tensor."""
+    output = out[0] if isinstance(out, tuple) else out
+    return output.transpose(1, 2) if isinstance(output, torch.Tensor) and output.dim() == 4 else None
 
 
 def to_4d(t: torch.Tensor) -> torch.Tensor:

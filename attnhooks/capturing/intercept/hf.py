@@ -28,7 +28,7 @@ import torch
 from attnhooks.attention.kernels import isolated
 from attnhooks.attention.masks import MaskSpec
 from attnhooks.capturing.intercept import direct, spy
-from attnhooks.capturing.intercept.event import AttentionEvent, Collector, Sink
+from attnhooks.capturing.intercept.event import AttentionEvent, Collector, Sink, heads_first
 from attnhooks.errors import AttnHooksWarning, CaptureError
 
 __all__ = ["RegistryPatch"]
@@ -98,9 +98,9 @@ class RegistryPatch:
             if owner is None:
                 return fn(module, query, key, value, attention_mask, *args, **kwargs)
             if can_go_direct and self.narrow:
-                how = self._route(fn, module, query, key, attention_mask, len(args), kwargs)
-                if how is not None:
-                    return self._direct(how, fn, owner, module, query, key, value, attention_mask, args, kwargs)
+                route = self._route(fn, module, query, key, attention_mask, len(args), kwargs)
+                if route is not None:
+                    return self._direct(*route, fn, owner, module, query, key, value, attention_mask, args, kwargs)
             seen, outer, mode = self._count(), self._mode.registry_shapes, self._mode
             mode.registry_shapes = (query.shape, key.shape)
             self.depth += 1
@@ -145,23 +145,25 @@ class RegistryPatch:
 
     def _route(
         self, fn: Any, module: Any, q: Any, k: Any, mask: Any, n_args: int, kwargs: dict[str, Any]
-    ) -> tuple[Any, ...] | None:
-        """The call's key when it may go direct (:mod:`~attnhooks.capturing.intercept.direct`): it agreed
-        with the kernel before, or is to be checked now. None: through the mode."""
+    ) -> tuple[tuple[Any, ...], bool] | None:
+        """``(the call's kind, it agreed with the kernel before)`` when it may go direct
+        (:mod:`~attnhooks.capturing.intercept.direct`); None: at the kernel."""
         if self._sink.wants_lse() and q.device.type == "cpu":
             return None  # the CPU kernel's lse is free under the mode, recomputing it is not (module docstring)
         key = direct.call_key(fn, module, q, k, mask, n_args, kwargs)
-        if key is None or direct.VERDICTS.get(key) is False:
+        verdict = None if key is None else direct.VERDICTS.get(key)
+        if key is None or verdict is False:
             return None
-        return key
+        return key, bool(verdict)
 
-    def _direct(self, key: tuple[Any, ...], fn: Callable[..., Any], owner: str, *call: Any) -> Any:
+    def _direct(self, key: tuple[Any, ...], agreed: bool, fn: Callable[..., Any], owner: str, *call: Any) -> Any:
         """Run ``fn`` as it is and report its call from its arguments; the first call of its kind in
-        the process runs under the mode, and the kernel's event is compared with the direct one."""
+        the process (not ``agreed`` yet) runs at the kernel, and the kernel's event is compared with
+        the direct one."""
         module, query, k, value, mask, args, kwargs = call
         self.depth += 1
         try:
-            if direct.VERDICTS.get(key):
+            if agreed:
                 out = fn(module, query, k, value, mask, *args, **kwargs)
                 self._sink.on_attention(
                     owner, direct.direct_event(self._mode, module, query, k, value, mask, out, args, kwargs)
@@ -210,12 +212,11 @@ def _event(
     with isolated(q.device):
         spec = _mask(bool(causal), mask, q.shape[-2], k.shape[-2], kw.get("sliding_window"))
     scale = kw.get("scaling", getattr(module, "scaling", None))  # the module's own when the call gives none
-    output = out[0] if isinstance(out, tuple) else out
     return AttentionEvent(
         q=q,
         k=k,
         v=v,
-        out=output.transpose(1, 2) if isinstance(output, torch.Tensor) and output.dim() == 4 else None,
+        out=heads_first(out),
         mask=spec,
         scale=scale,
         softcap=kw.get("softcap"),
