@@ -47,12 +47,18 @@ class Codec:
     checks every chunk for it, a pass over the data that doubles the CPU of an uncompressed write;
     the writer turns it off for arrays that are never empty, such as q and k). Backends without
     such a check ignore it. ``checksum``: store a checksum with every chunk, verified on every read
-    (and keep every chunk written, so that a missing one is found missing); on by default."""
+    (and keep every chunk written, so that a missing one is found missing); on by default.
+    ``rewritten``: the array's chunks are written again as steps are added (the per-step tables), so
+    a chunk holding committed entries is rewritten; a backend whose rewrite is not atomic (HDF5 writes
+    in place, and the OS stops a killed writer's write between pages) leaves such chunks without a
+    checksum, since a torn rewrite (committed entries unchanged, the new one half written) must not
+    make the committed entries unreadable."""
 
     name: str = "zstd"
     level: int = 1
     skip_empty: bool = True
     checksum: bool = True
+    rewritten: bool = False
 
 
 @runtime_checkable

@@ -101,9 +101,10 @@ class ArrayLayout:
     def ensure(self, path: str, need: tuple[int, ...], dtype: str, chunks: tuple[int, ...], fill: Any) -> None:
         """Make sure the array at ``path`` exists with at least the shape ``need`` (a table, stored
         uncompressed: its chunks are a few hundred bytes, and a raw chunk is one the Zarr backend
-        writes straight to its file; checksummed as the store's codec says)."""
+        writes straight to its file; checksummed as the store's codec says where a rewrite of a chunk
+        is atomic, see :class:`~attnhooks.backends.base.Codec`)."""
         if self.shape_of(path) is None:
-            codec = dataclasses.replace(self.codec, name="none", level=0, skip_empty=False)
+            codec = dataclasses.replace(self.codec, name="none", level=0, skip_empty=False, rewritten=True)
             self._new_array(path, need, dtype, chunks, fill, codec)
         else:
             self._grow(path, need)

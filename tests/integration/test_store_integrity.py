@@ -181,3 +181,24 @@ def test_a_chunk_deleted_from_a_url_store_is_missing(layer):
     assert st.q(module, 2).shape == (2, 5, 8)
     assert attnhooks.verify(url).damaged_steps == [1]
     fs.rm("/integrity", recursive=True)
+
+
+def test_a_torn_rewrite_of_a_step_table_keeps_its_committed_entries(tmp_path, layer):
+    """A per-step table's chunk is rewritten as steps are added (HDF5 writes it in place); a writer killed
+    inside that write leaves the chunk half new, half old: the pages written hold the new entry, the rest
+    (the end of the chunk, where fletcher32 kept its checksum) is old. Its committed entries are the same
+    in both, so they must stay readable: the tables carry no checksum in HDF5, the record arrays do."""
+    path = str(tmp_path / "run.h5")
+    _write(layer, path, record=("q", "k", "lse")).close()
+    with h5py.File(path, "r") as f:
+        steps = f["steps"]
+        assert not steps.fletcher32 and steps.chunks[0] > 1, "a table: chunks over many steps, no checksum"
+        assert f[_stored_at(path, "modules/self_attn/q")].fletcher32
+        info = steps.id.get_chunk_info(0)
+        before = steps[:]
+    with open(path, "r+b") as raw:  # the first page of the rewrite: the next step's entry (3) landed
+        raw.seek(info.byte_offset + 3 * 8)
+        raw.write(np.int64(3).tobytes())
+    with attnhooks.open_store(path) as st:
+        assert st.steps == [0, 1, 2] and np.array_equal(st.backend.read("steps")[:3], before[:3])
+        assert st.attention("self_attn", 2, method="reconstructed").shape[-2:] == (5, 5)
