@@ -14,7 +14,7 @@ from attnhooks.attention.kernels import attention_probs, isolated, logsumexp, ro
 from attnhooks.attention.masks import MaskSpec
 from attnhooks.capturing.intercept.event import AttentionEvent
 from attnhooks.capturing.record import Record
-from attnhooks.capturing.staging import Stager
+from attnhooks.capturing.staging import Stager, detached
 from attnhooks.errors import FaithfulnessWarning
 from attnhooks.reduce.summary import SummaryOptions, summarize_call
 
@@ -133,7 +133,8 @@ class RecordBuilder:
                 rec.attn, rec.attn_rows = self._stage_attn(torch.cat(parts, dim=2), shift, ours=True), windows
         if self._rows_lse and q is not None and k is not None:
             if lse is None:  # the kernel's, or computed block by block (no n x n matrix)
-                lse = event.lse.detach() if event.lse is not None else row_lse(q, k, rec.scale, rec.mask, event.softcap)
+                kernel = event.lse
+                lse = detached(kernel) if kernel is not None else row_lse(q, k, rec.scale, rec.mask, event.softcap)
             if self._lse and rec.lse is None:
                 rec.lse = self.stager.stage(lse, owned=True)
             if self._summary:

@@ -46,7 +46,18 @@ class _Stream:
     rows: int  # query rows recorded so far
     keys: int  # keys recorded so far (positions, also past those a rolling cache dropped)
     cross: bool
-    tail: torch.Tensor | None = None  # its last keys [batch, kv_heads, <= _TAIL, head_dim], positions up to `keys`
+    tail: torch.Tensor | None = None  # its last keys [batch, kv_heads, n, head_dim], positions up to `keys`
+
+
+def _tail(k: torch.Tensor, kept: torch.Tensor | None) -> torch.Tensor:
+    """The last keys of a stream, that the next forward's cache is checked against: on the CPU the record's
+    own copy of its new keys (at least one: a crop keeps a forward's first new key), else a copy of the
+    kernel's last ``_TAIL`` keys. (The record's copy is never written to; the recycler does not hand out a
+    buffer still held here.)"""
+    if kept is not None and kept.shape[2] > 0 and kept.is_cpu and k.is_cpu:
+        return kept
+    with torch._C.DisableTorchFunction():  # our own ops: no mode sees them
+        return k.detach()[:, :, -_TAIL:].clone()
 
 
 @dataclass
@@ -127,8 +138,7 @@ class Recorder:
         else:
             stream.rows, stream.keys, stream.cross, stream.tail = q_offset + q_len, k_len + shift, cross, None
         if not cross and event.k is not None and (self._continuing or self._past.length is not None):
-            with torch._C.DisableTorchFunction():  # a forward with a KV cache: the next one is checked against these
-                stream.tail = event.k.detach()[:, :, -_TAIL:].clone()
+            stream.tail = _tail(event.k, rec.k)  # a forward with a KV cache: the next one is checked against these
         if event.dropout > 0:
             self.dropout(owner, event.dropout, rec)
         ready = self.stager.seal()
@@ -251,7 +261,7 @@ class Recorder:
             return  # cropped past the tail, or a rolling cache kept no earlier key: only the counts are checked
         with torch._C.DisableTorchFunction():  # our own ops: no mode sees them
             new, old = k.select(2, held - shift - 1), tail.select(2, last)
-            if new.device.type == "cpu":  # checked at once; a device is checked once per forward (no sync here)
+            if new.is_cpu:  # checked at once; a device is checked once per forward (no sync here)
                 if not torch.equal(new, old):
                     self._checks.append((owner, call, torch.ones((), dtype=torch.bool)))
             elif new.shape != old.shape:

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["Recycler", "Stager", "recycler"]
+__all__ = ["Recycler", "Stager", "detached", "recycler"]
 
 
 class Stager:
@@ -56,14 +56,13 @@ class Stager:
             t: a tensor of the model (or one computed by attnhooks from it).
             owned: ``t`` was made by attnhooks and nobody else holds it: on the CPU no copy is made.
         """
-        t = t.detach()
-        kind = t.device.type
-        if kind == "cpu":
+        t = detached(t)
+        if t.is_cpu:
             if owned:
                 return t
             # small tensors (a decode step's q and k) come from malloc's small bins, never faulted in
             return t.clone() if t.nbytes < _SMALL else recycler().empty(t.shape, t.dtype).copy_(t)
-        if kind != "cuda":
+        if not t.is_cuda:
             return t.to("cpu", copy=True)
         stream = self._stream(t.device)
         host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
@@ -99,6 +98,12 @@ class Stager:
         if stream is None:
             stream = self._streams[device] = torch.cuda.Stream(device=device)  # type: ignore[no-untyped-call]
         return stream
+
+
+def detached(t: torch.Tensor) -> torch.Tensor:
+    """``t`` outside autograd: ``t.detach()`` when it requires grad, else ``t`` itself (no new tensor: a
+    decode step stages three tensors a call, and a ``detach`` is a dispatch of its own)."""
+    return t.detach() if t.requires_grad else t
 
 
 class _Events:

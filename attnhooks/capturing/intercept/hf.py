@@ -131,10 +131,11 @@ class RegistryPatch:
             copy = self._spied[fn] = spy.spied(fn)
         self._running.append(owner)
         if copy is not None:
+            outer = spy.enter(self._mode)
             try:
-                with spy.spying(self._mode):
-                    return copy(module, query, key, value, mask, *args, **kwargs)
+                return copy(module, query, key, value, mask, *args, **kwargs)
             finally:
+                spy.leave(outer)
                 self._running.pop()
         self._mode.__enter__()
         try:
@@ -148,7 +149,7 @@ class RegistryPatch:
     ) -> tuple[tuple[Any, ...], bool] | None:
         """``(the call's kind, it agreed with the kernel before)`` when it may go direct
         (:mod:`~attnhooks.capturing.intercept.direct`); None: at the kernel."""
-        if self._sink.wants_lse() and q.device.type == "cpu":
+        if q.is_cpu and self._sink.wants_lse():
             return None  # the CPU kernel's lse is free under the mode, recomputing it is not (module docstring)
         key = direct.call_key(fn, module, q, k, mask, n_args, kwargs)
         verdict = None if key is None else direct.VERDICTS.get(key)

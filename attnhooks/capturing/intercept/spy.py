@@ -6,9 +6,10 @@ call of it, each a trip through Python (~3 µs apiece on a 2-core CPU). :func:`s
 such a function from its own code object whose globals are a copy of its module's, with the names
 that lead to ``scaled_dot_product_attention`` (the function itself, ``torch.nn.functional``, or
 ``torch``) leading to :func:`spy` instead; nothing global is patched, and the copy runs the very code
-of the original. While the copy runs (:func:`spying`), ``spy`` hands the SDPA call to the mode's SDPA
-handler (:mod:`~attnhooks.capturing.intercept.sdpa`), exactly as the mode would have: the same
-kernel event, the same lse from the CPU flash kernel.
+of the original. While the copy runs (:func:`spying`, or between :func:`enter` and :func:`leave` on
+the hot path), ``spy`` hands the SDPA call to the mode's SDPA handler
+(:mod:`~attnhooks.capturing.intercept.sdpa`), exactly as the mode would have: the same kernel event,
+the same lse from the CPU flash kernel.
 
 The caller checks that the call it wrapped made the SDPA call it expected (the handler's event came);
 a function that reaches SDPA by another route makes none, and the caller falls back as it would
@@ -29,7 +30,7 @@ import torch.nn.functional as F
 
 from attnhooks.capturing.intercept import sdpa
 
-__all__ = ["spied", "spying"]
+__all__ = ["enter", "leave", "spied", "spying"]
 
 _LOCAL = threading.local()  # .mode: the mode whose sink the spy reports to, while a spied copy runs
 
@@ -37,19 +38,31 @@ _LOCAL = threading.local()  # .mode: the mode whose sink the spy reports to, whi
 def spy(*args: Any, **kwargs: Any) -> Any:
     """``scaled_dot_product_attention`` as a spied copy sees it: the SDPA handler of the current mode."""
     mode = getattr(_LOCAL, "mode", None)
-    if mode is None:  # a spied copy run outside spying() (cannot happen in attnhooks): plain SDPA
+    if mode is None:  # a spied copy run outside enter()/leave() (cannot happen in attnhooks): plain SDPA
         return F.scaled_dot_product_attention(*args, **kwargs)
     return sdpa.handle_sdpa(mode, F.scaled_dot_product_attention, args, kwargs)
 
 
+def enter(mode: Any) -> Any:
+    """From here on the spy reports to ``mode``'s sink (its ``registry_shapes`` and ``mask_spec`` apply);
+    returns what :func:`leave` restores (a plain call: a context manager costs a microsecond per call)."""
+    outer, _LOCAL.mode = getattr(_LOCAL, "mode", None), mode
+    return outer
+
+
+def leave(outer: Any) -> None:
+    """Undo the :func:`enter` that returned ``outer``."""
+    _LOCAL.mode = outer
+
+
 @contextlib.contextmanager
 def spying(mode: Any) -> Iterator[None]:
-    """Within: the spy reports to ``mode``'s sink (its ``registry_shapes`` and ``mask_spec`` apply)."""
-    outer, _LOCAL.mode = getattr(_LOCAL, "mode", None), mode
+    """Within: the spy reports to ``mode``'s sink (:func:`enter` and :func:`leave` around the block)."""
+    outer = enter(mode)
     try:
         yield
     finally:
-        _LOCAL.mode = outer
+        leave(outer)
 
 
 class _Seen:
