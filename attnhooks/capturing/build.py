@@ -107,7 +107,8 @@ class RecordBuilder:
         if self._q and q is not None:
             rec.q = self.stager.stage(q)
         if self._k and k is not None:
-            rec.k = self.stager.stage(k[:, :, k_offset - shift :])
+            start = k_offset - shift  # the first new key (0: all of them, no view made)
+            rec.k = self.stager.stage(k[:, :, start:] if start else k)
         attn = None
         lse = None
         if event.attn is not None and event.scores is not None:

@@ -69,7 +69,7 @@ def call_key(
         tuple(kwargs),  # (in the order given: one call site passes them in one order)
         bool(kwargs.get("dropout")),
         kwargs.get("is_causal"),
-        q.device.type,
+        "cpu" if q.is_cpu else q.device.type,  # (is_cpu makes no torch.device)
         q.dtype,
     )
 
