@@ -45,6 +45,7 @@ except ImportError:  # pragma: no cover - hdf5plugin comes with attnhooks[hdf5]
     hdf5plugin = None  # type: ignore[assignment]
 
 from attnhooks.backends.base import Codec, Selection, check_mode, check_remove, refuse_existing
+from attnhooks.backends.hdf5copy import copy_group
 from attnhooks.backends.integrity import MAX_CHUNKS_CHECKED, chunks_of, corrupt
 from attnhooks.errors import NotAStoreError, StoreOptionError
 
@@ -69,6 +70,9 @@ class HDF5Backend:
         self._path = _local(location)
         self._file = file
         self._datasets: dict[str, h5py.Dataset] = {}
+        # paths a writer knows to exist (it made or saw them; only it deletes, and forgets them then):
+        # HDF5 answers `path in file` in 20-40 us, and a new store's modules ask it ~10 times each
+        self._present: set[str] = set()
 
     @classmethod
     def check_codec(cls, codec: Codec) -> None:
@@ -113,14 +117,15 @@ class HDF5Backend:
         return ds
 
     def create_group(self, path: str) -> None:
-        if path and path not in self._file:
+        if path and not self.contains(path):
             with _io():
                 self._file.require_group(path)
+            self._present.add(path)
 
     def create_array(
         self, path: str, shape: tuple[int, ...], dtype: str, chunks: tuple[int, ...], fill_value: Any, codec: Codec
     ) -> None:
-        if path in self._file:
+        if self.contains(path):
             self._delete(path)
         file = self._file
         is_str = dtype == "str"
@@ -141,6 +146,7 @@ class HDF5Backend:
             )
             if is_str:
                 ds.attrs[_STR] = True
+        self._present.add(path)
 
     def remove(self, path: str) -> None:
         """Delete the group or array at ``path`` with everything under it; nothing if there is none.
@@ -153,6 +159,7 @@ class HDF5Backend:
         """Delete an object. SWMR cannot (HDF5 crashes): leave it for the deletion, then resume.
         Only :meth:`remove` and a caller re-creating an array land here."""
         self._datasets.clear()
+        self._present.clear()
         swmr = self._file.swmr_mode
         with _io():
             if swmr:
@@ -164,7 +171,12 @@ class HDF5Backend:
                 self._file.swmr_mode = True
 
     def contains(self, path: str) -> bool:
-        return path == "" or path in self._file
+        if path == "" or path in self._present:
+            return True
+        found = path in self._file
+        if found and not self.readonly:  # (a reader is not told of a writer's deletions: it asks each time)
+            self._present.add(path)
+        return found
 
     def children(self, path: str) -> list[str]:
         node = self._file[path] if path else self._file
@@ -285,61 +297,13 @@ class HDF5Backend:
         skipped: list[str] = []
         try:
             with h5py.File(path, "r", swmr=True) as src, h5py.File(tmp, "w", libver="latest") as dst:
-                _copy_group(src, dst, skipped)
+                copy_group(src, dst, skipped)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(tmp)
             raise
         os.replace(tmp, path)
         return ["open-for-write flag (file rewritten)", *skipped]
-
-
-def _copy_group(src: h5py.Group, dst: h5py.Group, skipped: list[str]) -> None:
-    """Copy ``src`` into ``dst`` whole: attributes, groups, and each array by HDF5's own copy (raw
-    chunks); an array that copy refuses is copied chunk by chunk (:func:`_copy_chunks`)."""
-    for key, value in src.attrs.items():
-        dst.attrs[key] = value
-    for name, obj in src.items():
-        if isinstance(obj, h5py.Group):
-            _copy_group(obj, dst.create_group(name), skipped)
-            continue
-        try:
-            src.copy(obj, dst, name)
-        except (RuntimeError, OSError):
-            if name in dst:
-                del dst[name]
-            _copy_chunks(obj, dst, name, skipped)
-
-
-def _copy_chunks(ds: h5py.Dataset, dst: h5py.Group, name: str, skipped: list[str]) -> None:
-    """Copy an array whose chunk index points past the file's end (HDF5 wrote the index before the
-    file's end-of-allocation mark when the writer was killed; its whole-object copy then fails with
-    "len not positive after adjustment for EOA"): every chunk that reads is copied raw, the others are
-    left out and named in ``skipped``. Such chunks were written after the last flush, so after the
-    last commit; repair cuts the array to the committed steps next, and a committed chunk left out
-    would be found missing there (the arrays of steps carry checksums)."""
-    space = h5py.h5s.create_simple(ds.shape, tuple(h5py.h5s.UNLIMITED if m is None else m for m in ds.maxshape))
-    # the same creation properties (chunks, filters by their ids, fill value), so raw chunks copy as they are
-    h5py.h5d.create(dst.id, name.encode(), ds.id.get_type(), space, dcpl=ds.id.get_create_plist())
-    out = dst[name]
-    for key, value in ds.attrs.items():
-        out.attrs[key] = value
-    lost = 0
-    try:
-        count = ds.id.get_num_chunks()
-    except (RuntimeError, OSError):
-        count = 0
-        lost = -1
-    for i in range(count):
-        try:
-            info = ds.id.get_chunk_info(i)
-            mask, raw = ds.id.read_direct_chunk(info.chunk_offset)
-            out.id.write_direct_chunk(info.chunk_offset, raw, mask)
-        except (RuntimeError, OSError, ValueError):
-            lost += 1
-    if lost:
-        what = "its chunk index" if lost < 0 else f"{lost} of its {count} chunk(s)"
-        skipped.append(f"{ds.name}: {what} past the file's end (written after the last flush), left out")
 
 
 @contextmanager

@@ -1,0 +1,56 @@
+"""Copying an HDF5 file a killed writer left open, for :meth:`~attnhooks.backends.hdf5.HDF5Backend.cleanup`:
+raw chunks copied as they are (not recompressed), an array HDF5 refuses to copy whole copied chunk by chunk."""
+
+from __future__ import annotations
+
+import h5py
+
+__all__ = ["copy_group"]
+
+
+def copy_group(src: h5py.Group, dst: h5py.Group, skipped: list[str]) -> None:
+    """Copy ``src`` into ``dst`` whole: attributes, groups, and each array by HDF5's own copy (raw
+    chunks); an array that copy refuses is copied chunk by chunk (:func:`_copy_chunks`)."""
+    for key, value in src.attrs.items():
+        dst.attrs[key] = value
+    for name, obj in src.items():
+        if isinstance(obj, h5py.Group):
+            copy_group(obj, dst.create_group(name), skipped)
+            continue
+        try:
+            src.copy(obj, dst, name)
+        except (RuntimeError, OSError):
+            if name in dst:
+                del dst[name]
+            _copy_chunks(obj, dst, name, skipped)
+
+
+def _copy_chunks(ds: h5py.Dataset, dst: h5py.Group, name: str, skipped: list[str]) -> None:
+    """Copy an array whose chunk index points past the file's end (HDF5 wrote the index before the
+    file's end-of-allocation mark when the writer was killed; its whole-object copy then fails with
+    "len not positive after adjustment for EOA"): every chunk that reads is copied raw, the others are
+    left out and named in ``skipped``. Such chunks were written after the last flush, so after the
+    last commit; repair cuts the array to the committed steps next, and a committed chunk left out
+    would be found missing there (the arrays of steps carry checksums)."""
+    space = h5py.h5s.create_simple(ds.shape, tuple(h5py.h5s.UNLIMITED if m is None else m for m in ds.maxshape))
+    # the same creation properties (chunks, filters by their ids, fill value), so raw chunks copy as they are
+    h5py.h5d.create(dst.id, name.encode(), ds.id.get_type(), space, dcpl=ds.id.get_create_plist())
+    out = dst[name]
+    for key, value in ds.attrs.items():
+        out.attrs[key] = value
+    lost = 0
+    try:
+        count = ds.id.get_num_chunks()
+    except (RuntimeError, OSError):
+        count = 0
+        lost = -1
+    for i in range(count):
+        try:
+            info = ds.id.get_chunk_info(i)
+            mask, raw = ds.id.read_direct_chunk(info.chunk_offset)
+            out.id.write_direct_chunk(info.chunk_offset, raw, mask)
+        except (RuntimeError, OSError, ValueError):
+            lost += 1
+    if lost:
+        what = "its chunk index" if lost < 0 else f"{lost} of its {count} chunk(s)"
+        skipped.append(f"{ds.name}: {what} past the file's end (written after the last flush), left out")
