@@ -51,9 +51,9 @@ class _Stream:
 
 def _tail(k: torch.Tensor, kept: torch.Tensor | None) -> torch.Tensor:
     """The last keys of a stream, that the next forward's cache is checked against: on the CPU the record's
-    own copy of its new keys (at least one: a crop keeps a forward's first new key), else a copy of the
-    kernel's last ``_TAIL`` keys. (The record's copy is never written to; the recycler does not hand out a
-    buffer still held here.)"""
+    own copy of its new keys (no second copy), else a copy of the kernel's last ``_TAIL`` keys. A crop past
+    them (Hugging Face's assisted decoding keeps at least a forward's first new key) leaves only the counts
+    checked. (The record's copy is never written to; the recycler does not hand out a buffer held here.)"""
     if kept is not None and kept.shape[2] > 0 and kept.is_cpu and k.is_cpu:
         return kept
     with torch._C.DisableTorchFunction():  # our own ops: no mode sees them
