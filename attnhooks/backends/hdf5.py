@@ -11,7 +11,8 @@ reader opening with ``swmr=True`` sees the last flushed state, also after the wr
   while creating groups and arrays, every file read back whole);
 * readers open with ``swmr=True`` when the file was left open for writing by a killed process, and
   :meth:`HDF5Backend.cleanup` rewrites such a file (raw chunks copied, not recompressed) so that
-  it opens normally again (an array HDF5 refuses to copy whole is copied chunk by chunk);
+  it opens normally again (an array HDF5 refuses to copy whole is copied chunk by chunk); a superblock
+  ending before the data is read amended (:mod:`~attnhooks.backends.hdf5eoa`);
 * the per-step tables, whose chunks are rewritten in place as steps are added, carry no checksum: a
   killed rewrite is torn between pages, and must not make the committed entries unreadable.
 
@@ -46,6 +47,7 @@ except ImportError:  # pragma: no cover - hdf5plugin comes with attnhooks[hdf5]
 
 from attnhooks.backends.base import Codec, Selection, check_mode, check_remove, refuse_existing
 from attnhooks.backends.hdf5copy import copy_group
+from attnhooks.backends.hdf5eoa import open_past_eoa, past_eoa
 from attnhooks.backends.integrity import MAX_CHUNKS_CHECKED, chunks_of, corrupt
 from attnhooks.errors import NotAStoreError, StoreOptionError
 
@@ -73,6 +75,7 @@ class HDF5Backend:
         # paths a writer knows to exist (it made or saw them; only it deletes, and forgets them then):
         # HDF5 answers `path in file` in 20-40 us, and a new store's modules ask it ~10 times each
         self._present: set[str] = set()
+        self._amended = False  # a reader reading the file through an amended superblock (_amend)
 
     @classmethod
     def check_codec(cls, codec: Codec) -> None:
@@ -219,6 +222,8 @@ class HDF5Backend:
             try:
                 return np.asarray(ds[selection])
             except OSError as err:  # "data error detected by fletcher32 checksum", a filter failing to decode
+                if "addr overflow" in str(err) and self._amend():
+                    return self.read(path, selection)
                 damaged = corrupt(path, ds.shape, ds.chunks, selection, ds.__getitem__, err, self.location)
                 if damaged is None:
                     raise
@@ -272,12 +277,20 @@ class HDF5Backend:
         if raw is not None:
             raw.close()
 
+    def _amend(self) -> bool:
+        """Reopen a reader's file with its superblock amended (:mod:`~attnhooks.backends.hdf5eoa`); False: not that."""
+        if not self.readonly or self._amended or not past_eoa(self._path):
+            return False
+        self.close()
+        self._file, self._amended = open_past_eoa(self._path), True
+        return True
+
     def refresh(self) -> None:
         """A reader: open the file again, to see what was committed since it was opened (HDF5 reads
         its metadata once per open)."""
         if self.readonly:
             self.close()
-            self._file = _open_for_reading(self._path)
+            self._file, self._amended = _open_for_reading(self._path), False
 
     @classmethod
     def discard(cls, location: str) -> None:
@@ -295,13 +308,18 @@ class HDF5Backend:
             return []
         tmp = path + ".repair-tmp"
         skipped: list[str] = []
+        source = open_past_eoa(path) if past_eoa(path) else h5py.File(path, "r", swmr=True)
         try:
-            with h5py.File(path, "r", swmr=True) as src, h5py.File(tmp, "w", libver="latest") as dst:
+            with source as src, h5py.File(tmp, "w", libver="latest") as dst:
                 copy_group(src, dst, skipped)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(tmp)
             raise
+        finally:
+            raw = getattr(source, "_attnhooks_raw", None)
+            if raw is not None:
+                raw.close()
         os.replace(tmp, path)
         return ["open-for-write flag (file rewritten)", *skipped]
 
