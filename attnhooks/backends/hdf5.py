@@ -46,7 +46,7 @@ except ImportError:  # pragma: no cover - hdf5plugin comes with attnhooks[hdf5]
     hdf5plugin = None  # type: ignore[assignment]
 
 from attnhooks.backends.base import Codec, Selection, check_mode, check_remove, refuse_existing
-from attnhooks.backends.hdf5copy import copy_group
+from attnhooks.backends.hdf5copy import rewrite
 from attnhooks.backends.hdf5eoa import open_past_eoa, past_eoa
 from attnhooks.backends.integrity import MAX_CHUNKS_CHECKED, chunks_of, corrupt
 from attnhooks.errors import NotAStoreError, StoreOptionError
@@ -302,26 +302,11 @@ class HDF5Backend:
     @classmethod
     def cleanup(cls, location: str) -> list[str]:
         """Rewrite a file left open by a killed SWMR writer so that it opens without ``swmr=True``
-        (raw chunks are copied, not recompressed)."""
+        (:func:`~attnhooks.backends.hdf5copy.rewrite`)."""
         path = _local(location)
         if not os.path.exists(path) or not _left_open(path):
             return []
-        tmp = path + ".repair-tmp"
-        skipped: list[str] = []
-        source = open_past_eoa(path) if past_eoa(path) else h5py.File(path, "r", swmr=True)
-        try:
-            with source as src, h5py.File(tmp, "w", libver="latest") as dst:
-                copy_group(src, dst, skipped)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(tmp)
-            raise
-        finally:
-            raw = getattr(source, "_attnhooks_raw", None)
-            if raw is not None:
-                raw.close()
-        os.replace(tmp, path)
-        return ["open-for-write flag (file rewritten)", *skipped]
+        return rewrite(path)
 
 
 @contextmanager

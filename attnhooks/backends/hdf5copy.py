@@ -3,9 +3,36 @@ raw chunks copied as they are (not recompressed), an array HDF5 refuses to copy 
 
 from __future__ import annotations
 
+import contextlib
+import os
+
 import h5py
 
-__all__ = ["copy_group"]
+from attnhooks.backends.hdf5eoa import open_past_eoa, past_eoa
+
+__all__ = ["copy_group", "rewrite"]
+
+
+def rewrite(path: str) -> list[str]:
+    """Rewrite the file at ``path`` (left open by a killed writer) whole, aside then renamed into place,
+    read through an amended superblock when it ends before the data (:mod:`~attnhooks.backends.hdf5eoa`);
+    what was done and left out, for the repair report. A failure leaves the file as it was."""
+    tmp = path + ".repair-tmp"
+    skipped: list[str] = []
+    source = open_past_eoa(path) if past_eoa(path) else h5py.File(path, "r", swmr=True)
+    try:
+        with source as src, h5py.File(tmp, "w", libver="latest") as dst:
+            copy_group(src, dst, skipped)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+    finally:
+        raw = getattr(source, "_attnhooks_raw", None)
+        if raw is not None:
+            raw.close()
+    os.replace(tmp, path)
+    return ["open-for-write flag (file rewritten)", *skipped]
 
 
 def copy_group(src: h5py.Group, dst: h5py.Group, skipped: list[str]) -> None:
