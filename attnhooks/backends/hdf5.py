@@ -47,7 +47,7 @@ except ImportError:  # pragma: no cover - hdf5plugin comes with attnhooks[hdf5]
 
 from attnhooks.backends.base import Codec, Selection, check_mode, check_remove, refuse_existing
 from attnhooks.backends.hdf5copy import rewrite
-from attnhooks.backends.hdf5eoa import open_past_eoa, past_eoa
+from attnhooks.backends.hdf5eoa import amended, open_past_eoa
 from attnhooks.backends.integrity import MAX_CHUNKS_CHECKED, chunks_of, corrupt
 from attnhooks.errors import NotAStoreError, StoreOptionError
 
@@ -75,7 +75,6 @@ class HDF5Backend:
         # paths a writer knows to exist (it made or saw them; only it deletes, and forgets them then):
         # HDF5 answers `path in file` in 20-40 us, and a new store's modules ask it ~10 times each
         self._present: set[str] = set()
-        self._amended = False  # a reader reading the file through an amended superblock (_amend)
 
     @classmethod
     def check_codec(cls, codec: Codec) -> None:
@@ -279,10 +278,11 @@ class HDF5Backend:
 
     def _amend(self) -> bool:
         """Reopen a reader's file with its superblock amended (:mod:`~attnhooks.backends.hdf5eoa`); False: not that."""
-        if not self.readonly or self._amended or not past_eoa(self._path):
+        file = None if not self.readonly or amended(self._file) else open_past_eoa(self._path)
+        if file is None:
             return False
         self.close()
-        self._file, self._amended = open_past_eoa(self._path), True
+        self._file = file
         return True
 
     def refresh(self) -> None:
@@ -290,7 +290,7 @@ class HDF5Backend:
         its metadata once per open)."""
         if self.readonly:
             self.close()
-            self._file, self._amended = _open_for_reading(self._path), False
+            self._file = _open_for_reading(self._path)
 
     @classmethod
     def discard(cls, location: str) -> None:

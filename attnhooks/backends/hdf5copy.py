@@ -8,7 +8,7 @@ import os
 
 import h5py
 
-from attnhooks.backends.hdf5eoa import open_past_eoa, past_eoa
+from attnhooks.backends.hdf5eoa import open_past_eoa
 
 __all__ = ["copy_group", "rewrite"]
 
@@ -19,7 +19,7 @@ def rewrite(path: str) -> list[str]:
     what was done and left out, for the repair report. A failure leaves the file as it was."""
     tmp = path + ".repair-tmp"
     skipped: list[str] = []
-    source = open_past_eoa(path) if past_eoa(path) else h5py.File(path, "r", swmr=True)
+    source = open_past_eoa(path) or h5py.File(path, "r", swmr=True)
     try:
         with source as src, h5py.File(tmp, "w", libver="latest") as dst:
             copy_group(src, dst, skipped)

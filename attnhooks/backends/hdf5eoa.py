@@ -19,26 +19,20 @@ import struct
 
 import h5py
 
-__all__ = ["lookup3", "open_past_eoa", "past_eoa"]
+__all__ = ["amended", "lookup3", "open_past_eoa"]
 
 _SIGNATURE = b"\x89HDF\r\n\x1a\n"
 _HEAD = 48  # a version 2 or 3 superblock with 8-byte addresses: 44 bytes and its checksum
 _EOA = slice(28, 36)
 
 
-def past_eoa(path: str) -> bool:
-    """True when ``path``'s superblock (version 2 or 3, 8-byte addresses) puts the EOA before the file's end."""
+def open_past_eoa(path: str) -> h5py.File | None:
+    """``path`` opened read-only with its superblock's EOA at the file's end (see the module docstring);
+    None when its superblock (version 2 or 3, 8-byte addresses) does not end before the file does."""
     head = _read_head(path)
-    return head is not None and struct.unpack("<Q", head[_EOA])[0] < os.path.getsize(path)
-
-
-def open_past_eoa(path: str) -> h5py.File:
-    """``path`` opened read-only with its superblock's EOA at the file's end (see the module docstring).
-
-    Raises:
-        OSError: the file has no superblock this can amend (version 0 or 1, other address sizes).
-    """
-    view = _Amended(path)
+    if head is None or struct.unpack("<Q", head[_EOA])[0] >= os.path.getsize(path):
+        return None
+    view = _Amended(path, head)
     try:
         file = h5py.File(view, "r")
     except BaseException:
@@ -48,13 +42,15 @@ def open_past_eoa(path: str) -> h5py.File:
     return file
 
 
-class _Amended(io.RawIOBase):
-    """The file at ``path``, read-only, with its first 48 bytes (the superblock) amended."""
+def amended(file: h5py.File) -> bool:
+    """``file`` was opened by :func:`open_past_eoa`."""
+    return isinstance(getattr(file, "_attnhooks_raw", None), _Amended)
 
-    def __init__(self, path: str) -> None:
-        head = _read_head(path)
-        if head is None:
-            raise OSError(f"{path}: no version 2 or 3 HDF5 superblock with 8-byte addresses")
+
+class _Amended(io.RawIOBase):
+    """The file at ``path``, read-only, with its first 48 bytes (its superblock ``head``) amended."""
+
+    def __init__(self, path: str, head: bytes) -> None:
         self._raw = open(path, "rb")  # noqa: SIM115 - closed with this object
         size = os.fstat(self._raw.fileno()).st_size
         body = bytearray(head[:44])
@@ -124,29 +120,19 @@ def _rot(x: int, k: int) -> int:
 
 
 def _mix(a: int, b: int, c: int) -> tuple[int, int, int]:
-    m = 0xFFFFFFFF
-    a = ((a - c) & m) ^ _rot(c, 4)
-    c = (c + b) & m
-    b = ((b - a) & m) ^ _rot(a, 6)
-    a = (a + c) & m
-    c = ((c - b) & m) ^ _rot(b, 8)
-    b = (b + a) & m
-    a = ((a - c) & m) ^ _rot(c, 16)
-    c = (c + b) & m
-    b = ((b - a) & m) ^ _rot(a, 19)
-    a = (a + c) & m
-    c = ((c - b) & m) ^ _rot(b, 4)
-    b = (b + a) & m
-    return a, b, c
+    """lookup3's ``mix``: six steps, the words taken in turn (a from c then c += b; b from a then a += c; ...)."""
+    v = [a, b, c]
+    for i, r in enumerate((4, 6, 8, 16, 19, 4)):
+        x, y, z = i % 3, (i + 1) % 3, (i + 2) % 3
+        v[x] = ((v[x] - v[z]) & 0xFFFFFFFF) ^ _rot(v[z], r)
+        v[z] = (v[z] + v[y]) & 0xFFFFFFFF
+    return v[0], v[1], v[2]
 
 
 def _final(a: int, b: int, c: int) -> int:
-    m = 0xFFFFFFFF
-    c = ((c ^ b) - _rot(b, 14)) & m
-    a = ((a ^ c) - _rot(c, 11)) & m
-    b = ((b ^ a) - _rot(a, 25)) & m
-    c = ((c ^ b) - _rot(b, 16)) & m
-    a = ((a ^ c) - _rot(c, 4)) & m
-    b = ((b ^ a) - _rot(a, 14)) & m
-    c = ((c ^ b) - _rot(b, 24)) & m
-    return c
+    """lookup3's ``final``: seven steps, c from b, a from c, b from a, in turn; returns c."""
+    v = [a, b, c]
+    for i, r in enumerate((14, 11, 25, 16, 4, 14, 24)):
+        x, src = (2 + i) % 3, (1 + i) % 3
+        v[x] = ((v[x] ^ v[src]) - _rot(v[src], r)) & 0xFFFFFFFF
+    return v[2]
