@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["MaskSpec"]
+__all__ = ["MaskSpec", "unmasked"]
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,7 @@ class MaskSpec:
         ``key_valid`` plus flags; anything else (a float bias, a per-head mask) as ``dense``.
         """
         if mask is None:
-            return cls(causal=is_causal)
+            return unmasked(is_causal)
         mask = mask.detach()
         allowed = _as_allowed(mask)
         if allowed is None or is_causal:
@@ -295,3 +295,12 @@ def _window(allowed: torch.Tensor, offset: int) -> int | None:
     first = torch.where(seen, allowed.float().argmax(dim=-1), 0)
     own = torch.arange(q_len, device=allowed.device) + offset
     return int(torch.where(seen, own - first + 1, 0).max())
+
+
+_UNMASKED = (MaskSpec(), MaskSpec(causal=True))
+
+
+def unmasked(causal: bool = False) -> MaskSpec:
+    """``MaskSpec(causal=causal)``, one instance each (a MaskSpec is frozen): the mask of most calls,
+    made without a frozen dataclass's ``__init__`` on the hot path."""
+    return _UNMASKED[1 if causal else 0]

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from attnhooks.attention.kernels import attention_probs, isolated, logsumexp, row_lse, verify_rows
-from attnhooks.attention.masks import MaskSpec
+from attnhooks.attention.masks import MaskSpec, unmasked
 from attnhooks.capturing.intercept.event import AttentionEvent
 from attnhooks.capturing.record import Record
 from attnhooks.capturing.staging import Stager, detached
@@ -101,14 +101,14 @@ class RecordBuilder:
             kind=kind,
             source=event.source,
             scale=event.scale if event.scale is not None else _default_scale(q),
-            mask=event.mask or MaskSpec(),
+            mask=event.mask or unmasked(),
             softcap=event.softcap or None,
         )
         if self._q and q is not None:
             rec.q = self.stager.stage(q)
         if self._k and k is not None:
             start = k_offset - shift  # the first new key (0: all of them, no view made)
-            rec.k = self.stager.stage(k[:, :, start:] if start else k)
+            rec.k = self.stager.stage(k.narrow(2, start, k.size(2) - start) if start else k)
         attn = None
         lse = None
         if event.attn is not None and event.scores is not None:

@@ -256,11 +256,13 @@ class Recorder:
                     f"slots but the stream has {tail.shape[0]}"
                 )
             tail = tail[parents.to(tail.device)]
-        last = tail.shape[2] - (stream.keys - held) - 1  # the tail's index of position `held - 1`
+        kept = tail.size(2)
+        last = kept - (stream.keys - held) - 1  # the tail's index of position `held - 1`
         if last < 0 or held - shift < 1:
             return  # cropped past the tail, or a rolling cache kept no earlier key: only the counts are checked
         with torch._C.DisableTorchFunction():  # our own ops: no mode sees them
-            new, old = k.select(2, held - shift - 1), tail.select(2, last)
+            # [batch, kv_heads, 1, head_dim] each; a decode step's tail is its one key (no view made)
+            new, old = k.narrow(2, held - shift - 1, 1), tail if kept == 1 else tail.narrow(2, last, 1)
             if new.is_cpu:  # checked at once; a device is checked once per forward (no sync here)
                 if not torch.equal(new, old):
                     self._checks.append((owner, call, torch.ones((), dtype=torch.bool)))

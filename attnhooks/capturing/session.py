@@ -274,6 +274,9 @@ class Capture:
     def wants_lse(self) -> bool:
         return self._recorder.builder._rows_lse
 
+    def verifies(self) -> bool:
+        return self._recorder.options.verify > 0
+
     # -- tokens -------------------------------------------------------------------------------------
     def _auto_tokens(self, args: Any, kwargs: dict[str, Any]) -> None:
         if self.writer is not None and self._passes.capturing:

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from attnhooks.attention.masks import MaskSpec
+from attnhooks.attention.masks import MaskSpec, unmasked
 from attnhooks.capturing.intercept.event import AttentionEvent, heads_first
 from attnhooks.errors import AttnHooksWarning
 
@@ -86,7 +86,8 @@ def direct_event(
     kwargs: dict[str, Any],
 ) -> AttentionEvent:
     """The event of an ``sdpa_attention_forward`` call from its own arguments: the mask as the kernel
-    is given it (``is_causal`` only for several query rows and no mask)."""
+    is given it (``is_causal`` only for several query rows and no mask); its output (a transposed view,
+    a dispatch of its own) only when the capture verifies records against it."""
     dropout = kwargs.get("dropout", args[0] if args else 0.0)
     scale = kwargs.get("scaling", args[1] if len(args) > 1 else None)
     causal = kwargs.get("is_causal", args[2] if len(args) > 2 else None)
@@ -96,12 +97,12 @@ def direct_event(
     if isinstance(mask, torch.Tensor):
         spec = mode.mask_spec(mask, False, q_len, k_len)
     else:
-        spec = MaskSpec(causal=bool(q_len > 1 and causal))
+        spec = unmasked(bool(q_len > 1 and causal))
     return AttentionEvent(
         q=q,
         k=k,
         v=v,
-        out=heads_first(out),
+        out=heads_first(out) if mode.sink.verifies() else None,
         mask=spec,
         scale=scale,
         dropout=float(dropout or 0.0),

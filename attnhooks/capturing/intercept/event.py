@@ -83,6 +83,9 @@ class Sink(Protocol):
     def wants_lse(self) -> bool:
         """True when records keep the row log-sum-exp (worth taking from the kernel)."""
 
+    def verifies(self) -> bool:
+        """True when records are checked against the kernel's output (``verify=``): an event's ``out`` is read."""
+
     def on_dropout(self, owner: str, p: float) -> None:
         """Dropout with probability ``p`` was applied inside ``owner`` after its last attention."""
 
@@ -103,6 +106,9 @@ class Collector:
 
     def wants_lse(self) -> bool:
         return self.sink.wants_lse()
+
+    def verifies(self) -> bool:
+        return self.sink.verifies()
 
     def on_attention(self, owner: str, event: AttentionEvent) -> None:
         self.events.append((owner, event))

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch.overrides import TorchFunctionMode
 
-from attnhooks.attention.masks import MaskSpec
+from attnhooks.attention.masks import MaskSpec, unmasked
 from attnhooks.capturing.intercept import eager, mha, sdpa
 from attnhooks.capturing.intercept.emit import emit, handle_emit
 from attnhooks.capturing.intercept.event import Sink
@@ -79,7 +79,7 @@ class AttentionMode(TorchFunctionMode):
         counter, are described every time. A mask over more keys than the call's (a registry's, before the
         implementation cuts it) is described over the first ``k_len``."""
         if mask is None:
-            return MaskSpec(causal=is_causal)
+            return unmasked(is_causal)
         if mask.is_inference():
             return MaskSpec.from_kernel(mask[..., :k_len], is_causal, q_len, k_len)
         key = (id(mask), is_causal, q_len, k_len)
