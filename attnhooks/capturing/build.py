@@ -107,8 +107,7 @@ class RecordBuilder:
         if self._q and q is not None:
             rec.q = self.stager.stage(q)
         if self._k and k is not None:
-            start = k_offset - shift  # the first new key (0: all of them, no view made)
-            rec.k = self.stager.stage(k.narrow(2, start, k.size(2) - start) if start else k)
+            rec.k = self.stager.stage_keys(k, k_offset - shift)
         attn = None
         lse = None
         if event.attn is not None and event.scores is not None:

@@ -73,6 +73,19 @@ class Stager:
         self._dirty.add(t.device)
         return host
 
+    def stage_keys(self, k: torch.Tensor, start: int) -> torch.Tensor:
+        """:meth:`stage` of the keys ``k[:, :, start:]`` (``[batch, heads, keys, dim]``): a continuation's new
+        keys. A few keys on the CPU (a decode step's one) are copied in one op (``narrow_copy``: a third of a
+        view and its copy)."""
+        if not start:
+            return self.stage(k)
+        k = detached(k)
+        keys = k.size(2)
+        n = keys - start
+        if k.is_cpu and k.nbytes * n < _SMALL * keys:
+            return k.narrow_copy(2, start, n)
+        return self.stage(k.narrow(2, start, n))
+
     def seal(self) -> Any:
         """An event that completes when everything staged since the last seal is on the host
         (None when nothing is in flight: CPU tensors are complete at once)."""

@@ -53,7 +53,8 @@ def call_key(
     for name in _UNSEEN:
         if kwargs.get(name) is not None:
             return None
-    q_len, k_len = q.shape[-2], k.shape[-2]
+    q_shape, k_shape = q.shape, k.shape  # (each .shape makes a torch.Size)
+    q_len, k_len = q_shape[-2], k_shape[-2]
     if isinstance(mask, torch.Tensor):
         mask_kind: Any = (mask.dim(), mask.dtype, mask.shape[1] if mask.dim() == 4 else 0)
     else:
@@ -64,7 +65,7 @@ def call_key(
         mask_kind,
         q_len == 1,
         (q_len > k_len) - (q_len < k_len),
-        q.shape[1] == k.shape[1],
+        q_shape[1] == k_shape[1],
         n_args,
         tuple(kwargs),  # (in the order given: one call site passes them in one order)
         bool(kwargs.get("dropout")),
@@ -93,12 +94,13 @@ def direct_event(
     causal = kwargs.get("is_causal", args[2] if len(args) > 2 else None)
     if causal is None:
         causal = getattr(module, "is_causal", True)
-    q_len, k_len = q.shape[-2], k.shape[-2]
+    q_shape, k_shape = q.shape, k.shape
+    q_len, k_len = q_shape[-2], k_shape[-2]
     if isinstance(mask, torch.Tensor):
         spec = mode.mask_spec(mask, False, q_len, k_len)
     else:
         spec = unmasked(bool(q_len > 1 and causal))
-    return AttentionEvent(
+    event = AttentionEvent(
         q=q,
         k=k,
         v=v,
@@ -108,6 +110,8 @@ def direct_event(
         dropout=float(dropout or 0.0),
         source="sdpa",
     )
+    event.known_shape(q_shape, k_shape)
+    return event
 
 
 def agrees(kernel: AttentionEvent, direct: AttentionEvent) -> str | None:

@@ -52,6 +52,10 @@ class AttentionEvent:
     project: Callable[[torch.Tensor], torch.Tensor] | None = None
     _shape: tuple[int, int, int, int] | None = field(default=None, init=False, repr=False, compare=False)
 
+    def known_shape(self, q_shape: torch.Size, k_shape: torch.Size) -> None:
+        """Set :attr:`shape` from the shapes of ``q`` and ``k`` a mechanism read already (4-D, no ``attn``)."""
+        self._shape = int(q_shape[0]), int(q_shape[1]), int(q_shape[2]), int(k_shape[2])
+
     @property
     def shape(self) -> tuple[int, int, int, int]:
         """``(batch, heads, q_len, k_len)`` of the call (read once: an event's tensors are not replaced;

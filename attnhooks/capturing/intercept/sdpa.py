@@ -48,14 +48,17 @@ def handle_sdpa(mode: Any, func: Any, args: tuple[Any, ...], kwargs: dict[str, A
     kernel_lse = None if lse is None else lse[1]
     q, k, out4, attn_mask = to_4d(a["query"]), to_4d(a["key"]), to_4d(out), a["attn_mask"]
     v = to_4d(a["value"])
+    qs, ks = q.shape, k.shape  # (each .shape makes a torch.Size)
     if mode.registry_shapes is not None:
         q_shape, k_shape = mode.registry_shapes
-        if q.shape != q_shape and q.numel() == q_shape.numel() and q.shape[0] == q_shape[0]:
+        if qs != q_shape and q.numel() == q_shape.numel() and qs[0] == q_shape[0]:
             q, out4, attn_mask = _unpack_gqa(q, out4, attn_mask, q_shape)
             kernel_lse = None if kernel_lse is None else kernel_lse.reshape(q_shape[:3])
-        if k_shape[1] < k.shape[1] and k.shape[1] % k_shape[1] == 0:
+            qs = q.shape
+        if k_shape[1] < ks[1] and ks[1] % k_shape[1] == 0:
             k, v = _dedupe_kv(k, k_shape[1]), _dedupe_kv(v, k_shape[1])
-    mask = mode.mask_spec(attn_mask, bool(a["is_causal"]), q.shape[-2], k.shape[-2])
+            ks = k.shape
+    mask = mode.mask_spec(attn_mask, bool(a["is_causal"]), qs[2], ks[2])
     event = AttentionEvent(
         q=q,
         k=k,
@@ -67,6 +70,7 @@ def handle_sdpa(mode: Any, func: Any, args: tuple[Any, ...], kwargs: dict[str, A
         source="sdpa",
         lse=kernel_lse,
     )
+    event.known_shape(qs, ks)
     mode.sink.on_attention(owner, event)
     return out
 
