@@ -1,0 +1,130 @@
+"""Hot path in instructions: what attnhooks adds per attention call, counted, not timed.
+
+On a shared 2-core VM the same configuration of ``hot_path.py`` times 1.14x in one run and 1.59x in
+the next, so a change that saves 10% of a call cannot be seen in wall or CPU time. The instructions a
+process executes do not depend on its neighbours: this runs each configuration in its own process under
+valgrind's callgrind (instrumentation switched on with ``callgrind_control`` after two warm-up runs, so
+imports and model building are not counted; ``PYTHONHASHSEED=0``, so dict layouts repeat) and prints
+the instructions of ``--runs`` runs per attention call, and their difference to ``bare``: the same
+count each time for the same code (checked: two runs of one tree gave the same count to the
+instruction).
+
+Instructions are not time: Python's interpreter runs at a fraction of the instructions per cycle of
+the model's matmul kernels, so a 5% instruction ratio shows as ~10% of time. Use this to compare two
+versions of the hot path (``--tree`` another checkout), and ``hot_path.py`` for the ratios users see.
+
+Workloads (one torch thread, random weights, the Llama-style model of ``benchmarks.common.llama``):
+``generate``  greedy ``generate`` of ``--new`` tokens after a 16-token prompt, ``--layers`` layers:
+              ``bare``, ``qkl`` (``record=("q", "k", "lse")``), ``qk`` (``record=("q", "k")``), each
+              in memory with ``with capture(...)`` around the ``generate``.
+``forward``   ``model(ids, use_cache=False)`` on 4 x 64 tokens, ``--layers`` layers: ``bare``,
+              ``qk-held`` (one capture held open), ``qk-step`` (``with capture`` around each forward).
+
+    python benchmarks/instructions.py                      # generate, 8 layers x 16 tokens (~3 minutes)
+    python benchmarks/instructions.py --parts forward      # 8 layers; ~2 minutes
+    python benchmarks/instructions.py --tree ../other      # the same, for another checkout (A/B)
+
+Needs ``valgrind`` (``apt-get install valgrind``); a few minutes (callgrind runs ~50x slower).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent.parent
+
+# the child: build the model, warm up twice, count `runs` runs of the configuration
+CHILD = r"""
+import os, subprocess, sys
+tree, part, config, layers, new, runs = sys.argv[1], sys.argv[2], sys.argv[3], *map(int, sys.argv[4:7])
+sys.path.insert(0, tree)
+import torch
+torch.set_num_threads(1)
+import attnhooks
+from benchmarks.common import llama
+if part == "generate":
+    model = llama(64, layers, 4, 128, 128, 16 + new + 8)
+    ids = torch.randint(0, 128, (1, 16), generator=torch.Generator().manual_seed(0))
+    kw = dict(input_ids=ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+    work = lambda: model.generate(**kw)
+else:
+    model = llama(64, layers, 4, 128, 128, 72)
+    ids = torch.randint(0, 128, (4, 64), generator=torch.Generator().manual_seed(0))
+    work = lambda: model(ids, use_cache=False)
+record = {"qkl": ("q", "k", "lse")}.get(config, ("q", "k"))
+held = None
+if config.endswith("-held"):
+    held = attnhooks.capture(model, record=record)
+    held.__enter__()
+def run():
+    if config == "bare":
+        work()
+    elif held is not None:
+        work()
+        held.clear()
+    else:
+        with attnhooks.capture(model, record=record):
+            work()
+run(); run()
+subprocess.run(["callgrind_control", "-i", "on", str(os.getpid())], capture_output=True, check=True)
+for _ in range(runs):
+    run()
+subprocess.run(["callgrind_control", "-i", "off", str(os.getpid())], capture_output=True, check=True)
+"""
+
+CONFIGS = {"generate": ("bare", "qkl", "qk"), "forward": ("bare", "qk-held", "qk-step")}
+
+
+def count(tree: Path, part: str, config: str, layers: int, new: int, runs: int, where: Path) -> int:
+    """Instructions callgrind counted for ``runs`` runs of one configuration."""
+    child = where / "child.py"
+    out = where / f"callgrind.{part}.{config}.{os.getpid()}"
+    cmd = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}"]
+    cmd += [sys.executable, str(child), str(tree), part, config, str(layers), str(new), str(runs)]
+    env = dict(os.environ, PYTHONHASHSEED="0", OMP_NUM_THREADS="1")
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=tree, env=env)
+    found = re.search(r"Collected : (\d+)", done.stderr)
+    if done.returncode != 0 or found is None:
+        raise RuntimeError(f"{part}/{config} failed under callgrind:\n{done.stderr[-3000:]}")
+    return int(found.group(1))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--parts", default="generate", help="comma-separated: generate, forward")
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--new", type=int, default=16, help="tokens generated (generate)")
+    parser.add_argument("--runs", type=int, default=3, help="counted runs per configuration")
+    parser.add_argument("--jobs", type=int, default=2, help="configurations counted at once")
+    parser.add_argument("--tree", type=Path, default=HERE, help="the checkout whose attnhooks is counted")
+    args = parser.parse_args()
+    if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
+        sys.exit("benchmarks/instructions.py needs valgrind: apt-get install valgrind")
+    tree = args.tree.resolve()
+    print(f"attnhooks at {tree}; {args.layers} layers; instructions per attention call ({args.runs} runs counted)")
+    print("| part | configuration | instructions / call | attnhooks adds / call | vs bare |")
+    print("|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as tmp:
+        where = Path(tmp)
+        (where / "child.py").write_text(CHILD)
+        for part in args.parts.split(","):
+            calls = args.layers * (args.new if part == "generate" else 1) * args.runs
+            with ThreadPoolExecutor(args.jobs) as pool:
+                jobs = {c: pool.submit(count, tree, part, c, args.layers, args.new, args.runs, where) for c in CONFIGS[part]}
+                counts = {c: job.result() for c, job in jobs.items()}
+            bare = counts["bare"]
+            for config, n in counts.items():
+                added = "" if config == "bare" else f"{(n - bare) / calls / 1e3:+.1f}K"
+                print(f"| {part} | {config} | {n / calls / 1e3:.1f}K | {added} | {n / bare:.3f}x |")
+
+
+if __name__ == "__main__":
+    main()
