@@ -1,5 +1,5 @@
-"""The recycler of host buffers: a buffer is handed out again only once nothing else holds it or its
-memory, and a capture's records are never overwritten while someone holds them."""
+"""Staging: the recycler of host buffers (a buffer is handed out again only once nothing else holds it or its
+memory, and a capture's records are never overwritten while someone holds them) and the copies of new keys."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 
 import attnhooks
 from attnhooks.capturing import staging
-from attnhooks.capturing.staging import Recycler
+from attnhooks.capturing.staging import Recycler, Stager
 from tests import models
 
 
@@ -95,3 +95,17 @@ def test_records_held_across_steps_are_not_overwritten_and_cleared_ones_are_reus
         assert 0 < staging.recycler().kept <= staging.recycler().limit
 
     _in_a_new_thread(body)
+
+
+def test_stage_keys_copies_the_new_keys_whatever_their_size_and_layout():
+    stager = Stager()
+    cache = torch.randn(2, 4, 40, 16)
+    strided = torch.randn(2, 64, 4, 16).transpose(1, 2)  # [batch, heads, keys, dim] as a projection leaves it
+    for k, start in ((cache, 39), (cache, 3), (cache, 0), (strided, 1), (strided, 0), (torch.randn(1, 4, 600, 16), 5)):
+        kept = stager.stage_keys(k, start)
+        assert torch.equal(kept, k[:, :, start:]), (tuple(k.shape), start)
+        before = kept.clone()
+        k.add_(1.0)  # the model updates its cache in place: the staged keys keep what they were
+        assert torch.equal(kept, before), (tuple(k.shape), start)
+    grad = torch.randn(1, 2, 5, 8, requires_grad=True)
+    assert not stager.stage_keys(grad, 4).requires_grad, "staged keys are outside autograd"
