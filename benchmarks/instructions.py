@@ -118,7 +118,8 @@ def main() -> None:
         for part in args.parts.split(","):
             calls = args.layers * (args.new if part == "generate" else 1) * args.runs
             with ThreadPoolExecutor(args.jobs) as pool:
-                jobs = {c: pool.submit(count, tree, part, c, args.layers, args.new, args.runs, where) for c in CONFIGS[part]}
+                sizes = (args.layers, args.new, args.runs)
+                jobs = {c: pool.submit(count, tree, part, c, *sizes, where) for c in CONFIGS[part]}
                 counts = {c: job.result() for c, job in jobs.items()}
             bare = counts["bare"]
             for config, n in counts.items():
