@@ -100,7 +100,9 @@ def resume(backend: Backend) -> Start:
     return Start(committed, dropped, dropped_steps, last_step, modules, appending=True, steps=steps)
 
 
-def open_module(backend: Backend, rec: Record, stored: str, appending: frozenset[str]) -> dict[str, Any]:
+def open_module(
+    backend: Backend, rec: Record, stored: str, appending: frozenset[str], fresh: bool = False
+) -> dict[str, Any]:
     """Create the group of ``rec``'s module, with its attributes (``stored``: its storage dtype).
 
     Args:
@@ -108,6 +110,7 @@ def open_module(backend: Backend, rec: Record, stored: str, appending: frozenset
         rec: the module's first record in this run.
         stored: the storage dtype of its q and k.
         appending: the modules of the store appended to (empty for a new store).
+        fresh: the store held nothing when the writer began (its group cannot exist: not asked).
 
     Returns:
         The module's attributes: a group the store held keeps its own, completed with the new ones.
@@ -118,7 +121,7 @@ def open_module(backend: Backend, rec: Record, stored: str, appending: frozenset
     """
     attrs = _module_attrs(rec, stored)
     path = module_path(rec.module)
-    if backend.contains(path):
+    if not fresh and backend.contains(path):
         old = backend.attrs(path)
         for key in ("heads", "kv_heads", "head_dim", "kind"):
             if old.get(key) is not None and attrs.get(key) is not None and old[key] != attrs[key]:

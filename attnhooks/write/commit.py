@@ -129,7 +129,8 @@ class Commits:
         module = self.modules.get(rec.module)
         if module is None:
             stored = self.layout.stored_dtype(rec)
-            module = self.modules[rec.module] = open_module(self.layout.backend, rec, stored, self._earlier)
+            backend, fresh = self.layout.backend, self.layout.fresh
+            module = self.modules[rec.module] = open_module(backend, rec, stored, self._earlier, fresh)
             self.tables(module_path(rec.module), pos, rec.call + 1, row_count(rec))
         return module
 

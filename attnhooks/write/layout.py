@@ -43,9 +43,10 @@ class ArrayLayout:
         bytes_written: bytes of record blocks written through :meth:`put`.
     """
 
-    def __init__(self, backend: Backend, options: StoreOptions) -> None:
+    def __init__(self, backend: Backend, options: StoreOptions, fresh: bool = False) -> None:
         self.backend = backend
         self.options = options
+        self.fresh = fresh  # the store held nothing when this writer began: no array exists that it did not make
         self.codec = options.codec or backend.default_codec
         self.bytes_written = 0
         self._shapes: dict[str, tuple[int, ...] | None] = {}
@@ -95,6 +96,8 @@ class ArrayLayout:
     def shape_of(self, path: str) -> tuple[int, ...] | None:
         """The array's shape, None when it does not exist; cached (this writer alone changes it)."""
         if path not in self._shapes:
+            if self.fresh:
+                return None  # (not cached: _new_array caches what it makes)
             self._shapes[path] = self.backend.shape(path) if self.backend.contains(path) else None
         return self._shapes[path]
 

@@ -60,7 +60,9 @@ def opener(
                     lease.release()
 
         try:
-            return StoreWriter(backend, options, meta, appending=options.mode == "r+", on_close=on_close)
+            appending = options.mode == "r+"
+            fresh = isinstance(store, (str, os.PathLike)) and not appending  # (a backend handed in may hold anything)
+            return StoreWriter(backend, options, meta, appending=appending, on_close=on_close, fresh=fresh)
         except BaseException:
             backend.close()
             on_close(False)

@@ -337,3 +337,34 @@ def test_a_full_budget_hands_the_waiting_records_over_instead_of_waiting_for_the
     writer.end_step()
     writer.close()
     assert writer.budget.peak <= 5 * nbytes
+
+
+def test_a_writer_of_a_fresh_store_never_asks_whether_a_path_exists_and_writes_the_same_store():
+    """A store the capture created (or overwrote) holds nothing the writer did not make: asking the
+    backend about each module's ~10 paths cost 20-40 µs an ask (h5py, a file system's stat) with the GIL
+    held. The stacks layer still asks about its own few arrays, once a store."""
+    stores = {}
+    for fresh in (False, True):
+        location = f"memory://test-fresh-{uuid.uuid4().hex}"
+        backend = MemoryBackend.open(location, "w-", root_attrs(MemoryBackend, StoreOptions(), {}))
+        asked = []
+        real = backend.contains
+        backend.contains = lambda path, real=real, asked=asked: asked.append(path) or real(path)
+        writer = StoreWriter(backend, StoreOptions(buffer=1 << 20), {}, fresh=fresh)
+        for step in range(2):
+            writer.begin_step(step)
+            for rec in (_record(4), _record(1, q_offset=4)):
+                nbytes = sum(t.numel() * t.element_size() for t in (rec.q, rec.k, rec.attn) if t is not None)
+                assert writer.admit(nbytes)
+                writer.put(rec, nbytes)
+            writer.end_step()
+        writer.close()
+        view = stacked_view(backend)
+        stores[fresh] = {
+            leaf: view.read(module_path(MODULE, leaf), (slice(0, 2),)) for leaf in ("q", "k", "attn", "info", "rowkeys")
+        }
+        of_modules = [path for path in asked if not path.startswith("stacks")]  # (the stacks: a few asks a store)
+        assert (len(of_modules) > 0) is not fresh, of_modules
+        MemoryBackend.delete(location)
+    for leaf, values in stores[False].items():
+        np.testing.assert_array_equal(stores[True][leaf], values, err_msg=leaf)
