@@ -89,7 +89,8 @@ class Backend(Protocol):
         With ``w-`` / ``w`` and ``attrs``, the new store must appear at ``location`` with these
         root attributes already in place (build it aside and rename it, or on an object store
         put the root metadata once with them in it), so that a process killed while creating it
-        never leaves a store without its schema.
+        never leaves a store without its schema. ``w`` replaces what was there: the new store holds
+        its root attributes and nothing else (its writer relies on it and never asks whether a path exists).
         """
         ...
 
