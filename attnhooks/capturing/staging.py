@@ -61,7 +61,7 @@ class Stager:
             if owned:
                 return t
             # small tensors (a decode step's q and k) come from malloc's small bins, never faulted in
-            return t.clone() if t.nbytes < _SMALL else recycler().empty(t.shape, t.dtype).copy_(t)
+            return t.clone() if t.nbytes < _SMALL else recycler().like(t).copy_(t)
         if not t.is_cuda:
             return t.to("cpu", copy=True)
         stream = self._stream(t.device)
@@ -147,10 +147,26 @@ class Recycler:
     def __init__(self, limit: int = 32 << 20) -> None:
         self.limit = limit
         self.kept = 0  # bytes of the buffers kept
-        self._buffers: OrderedDict[tuple[tuple[int, ...], torch.dtype], deque[torch.Tensor]] = OrderedDict()
+        self._buffers: OrderedDict[_Key, deque[torch.Tensor]] = OrderedDict()
 
-    def empty(self, shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> torch.Tensor:
-        key = (tuple(shape), dtype)
+    def like(self, t: torch.Tensor) -> torch.Tensor:
+        """A buffer for a copy of ``t`` (contents undefined), laid out as ``t`` is when that layout is dense (a
+        permutation of a contiguous one, as ``q`` after a projection's ``transpose(1, 2)`` and RoPE): the copy
+        is then a straight one, where a contiguous buffer made it a transposing copy (a third of the
+        instructions of a 4 x 64-token prefill call's capture went to the two transposing copies of q and k)."""
+        shape, stride = t.shape, t.stride()
+        dense = _DENSE.get((shape, stride))
+        if dense is None:  # (empty_like keeps the strides of a dense, non-overlapping tensor only)
+            if len(_DENSE) >= _DENSE_KEPT:
+                _DENSE.clear()
+            dense = _DENSE[(shape, stride)] = torch.empty_like(t).stride() == stride
+        return self.empty(shape, t.dtype, stride if dense else None)
+
+    def empty(
+        self, shape: tuple[int, ...] | torch.Size, dtype: torch.dtype, stride: tuple[int, ...] | None = None
+    ) -> torch.Tensor:
+        """A buffer of ``shape`` and ``dtype``, contiguous or with ``stride`` (a dense layout)."""
+        key = (tuple(shape), dtype, stride)
         kept = self._buffers.get(key)
         if kept is not None:
             self._buffers.move_to_end(key)
@@ -158,7 +174,7 @@ class Recycler:
                 kept.rotate(-1)
                 if _free(kept[-1]):
                     return kept[-1]
-        t = torch.empty(shape, dtype=dtype)
+        t = torch.empty(shape, dtype=dtype) if stride is None else torch.empty_strided(shape, stride, dtype=dtype)
         size = t.nbytes
         if _COUNTS and 0 < size <= self.limit // 4:
             if kept is None:
@@ -182,6 +198,9 @@ class Recycler:
 
 
 _SMALL = 16 << 10  # bytes below which a buffer is allocated, not recycled
+_Key = tuple[tuple[int, ...], torch.dtype, tuple[int, ...] | None]  # shape, dtype, strides (None: contiguous)
+_DENSE: dict[tuple[torch.Size, tuple[int, ...]], bool] = {}  # (shape, strides): a dense layout (Recycler.like)
+_DENSE_KEPT = 4096  # layouts remembered (then forgotten at once: a run of many prompt lengths)
 _use_count = getattr(torch._C, "_storage_Use_Count", None)
 _LOCAL = threading.local()
 

@@ -39,12 +39,13 @@ def test_the_recycler_keeps_at_most_its_limit_and_drops_the_shapes_used_least_re
     held += [r.empty((n, 64), torch.float32) for n in (2, 3, 4, 8, 8)]  # 512 + 768 + 1024 + 2 x 2048
     assert r.kept == 7168
     held.append(r.empty((1000,), torch.float32))  # over limit // 4: never kept
-    assert ((1000,), torch.float32) not in r._buffers
+    assert ((1000,), torch.float32, None) not in r._buffers
     held.append(r.empty((6, 64), torch.float32))  # 1536 more: the oldest shape's buffers go until it fits
-    assert r.kept == 8192 and len(r._buffers[((64,), torch.float32)]) == 1
+    assert r.kept == 8192 and len(r._buffers[((64,), torch.float32, None)]) == 1
     held.append(r.empty((7, 64), torch.float32))  # 1792 more
-    assert r.kept <= 8192 and ((64,), torch.float32) not in r._buffers and ((2, 64), torch.float32) not in r._buffers
-    assert ((6, 64), torch.float32) in r._buffers and ((8, 64), torch.float32) in r._buffers
+    assert r.kept <= 8192 and ((64,), torch.float32, None) not in r._buffers
+    assert ((2, 64), torch.float32, None) not in r._buffers
+    assert ((6, 64), torch.float32, None) in r._buffers and ((8, 64), torch.float32, None) in r._buffers
     r.clear()
     assert r.kept == 0 and not r._buffers
 
@@ -109,3 +110,22 @@ def test_stage_keys_copies_the_new_keys_whatever_their_size_and_layout():
         assert torch.equal(kept, before), (tuple(k.shape), start)
     grad = torch.randn(1, 2, 5, 8, requires_grad=True)
     assert not stager.stage_keys(grad, 4).requires_grad, "staged keys are outside autograd"
+
+
+def test_a_dense_strided_tensor_is_staged_in_a_recycled_buffer_of_its_own_layout():
+    """q after a projection's transpose(1, 2) and RoPE is dense but not contiguous: its copy keeps its
+    layout (a straight copy, not a transposing one); a tensor that is not dense gets a contiguous buffer."""
+
+    def check():
+        q = torch.randn(4, 64, 4, 16).transpose(1, 2)  # [batch, heads, tokens, dim], 16 KiB
+        staged = Stager().stage(q)
+        assert torch.equal(staged, q) and staged.stride() == q.stride() and staged.data_ptr() != q.data_ptr()
+        ptr = staged.data_ptr()
+        del staged
+        again = Stager().stage(q)  # the buffer came free: handed out again, same layout
+        assert again.data_ptr() == ptr and again.stride() == q.stride() and torch.equal(again, q)
+        sliced = torch.randn(4, 4, 80, 16)[:, :, 8:72]  # not dense: a contiguous copy
+        copy = Stager().stage(sliced)
+        assert torch.equal(copy, sliced) and copy.is_contiguous()
+
+    _in_a_new_thread(check)
