@@ -22,7 +22,13 @@ def rewrite(path: str) -> list[str]:
     source = open_past_eoa(path) or h5py.File(path, "r", swmr=True)
     try:
         with source as src, h5py.File(tmp, "w", libver="latest") as dst:
-            copy_group(src, dst, skipped)
+            try:
+                copy_group(src, dst, skipped)
+            except (RuntimeError, OSError, KeyError) as err:
+                if int(src.attrs.get("committed", 0)):
+                    raise
+                _only_the_root(src, dst)  # killed in the first step: its half-made groups hold nothing committed
+                skipped.append(f"nothing was committed: the store's groups left out (one did not read: {err})")
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
@@ -33,6 +39,17 @@ def rewrite(path: str) -> list[str]:
             raw.close()
     os.replace(tmp, path)
     return ["open-for-write flag (file rewritten)", *skipped]
+
+
+def _only_the_root(src: h5py.File, dst: h5py.File) -> None:
+    """``dst`` holds the root attributes of ``src`` and nothing else (a writer killed while the first
+    step made its groups: HDF5 promises nothing of groups made under SWMR, and one may not read)."""
+    for name in list(dst):
+        del dst[name]
+    for key in list(dst.attrs):
+        del dst.attrs[key]
+    for key, value in src.attrs.items():
+        dst.attrs[key] = value
 
 
 def copy_group(src: h5py.Group, dst: h5py.Group, skipped: list[str]) -> None:
