@@ -61,7 +61,7 @@ def opener(
 
         try:
             appending = options.mode == "r+"
-            fresh = isinstance(store, (str, os.PathLike)) and not appending  # (a backend handed in may hold anything)
+            fresh = isinstance(store, (str, os.PathLike))  # (a backend handed in may hold anything)
             return StoreWriter(backend, options, meta, appending=appending, on_close=on_close, fresh=fresh)
         except BaseException:
             backend.close()
