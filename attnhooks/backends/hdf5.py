@@ -22,14 +22,13 @@ Other HDF5 readers need ``import hdf5plugin`` (or ``HDF5_PLUGIN_PATH``) to decod
 ``compression="gzip"`` for files every HDF5 tool reads as is. Without ``hdf5plugin`` the default
 falls back to gzip level 1.
 
-Attribute values that are not scalars or plain strings are stored as JSON text.
+Attributes: :mod:`~attnhooks.backends.hdf5attrs` (JSON text for values that are not scalars or plain strings).
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import os
 import re
 import uuid
@@ -46,6 +45,7 @@ except ImportError:  # pragma: no cover - hdf5plugin comes with attnhooks[hdf5]
     hdf5plugin = None  # type: ignore[assignment]
 
 from attnhooks.backends.base import Codec, Selection, check_mode, check_remove, refuse_existing
+from attnhooks.backends.hdf5attrs import decode, write_attrs
 from attnhooks.backends.hdf5copy import rewrite
 from attnhooks.backends.hdf5eoa import amended, open_past_eoa
 from attnhooks.backends.integrity import MAX_CHUNKS_CHECKED, chunks_of, corrupt
@@ -53,9 +53,15 @@ from attnhooks.errors import NotAStoreError, StoreOptionError
 
 __all__ = ["HDF5Backend"]
 
-_JSON_START = ("{", "[", '"')
 _STR = "attnhooks:utf8"  # marks a uint8 dataset holding strings as UTF-8 bytes, NUL-padded, on a last axis
 _STR_CHUNK = 32
+# groups keep up to 32 attributes in their object header (HDF5 moves them to a fractal heap and a
+# B-tree from 9 on): a module's ~15 are then one block of metadata, not three, to write and to tear
+_GCPL = h5py.h5p.create(h5py.h5p.GROUP_CREATE)
+_GCPL.set_attr_phase_change(32, 24)
+_LCPL = h5py.h5p.create(h5py.h5p.LINK_CREATE)  # as h5py makes links: UTF-8 names, missing parents made
+_LCPL.set_create_intermediate_group(True)
+_LCPL.set_char_encoding(h5py.h5t.CSET_UTF8)
 
 
 class HDF5Backend:
@@ -121,7 +127,7 @@ class HDF5Backend:
     def create_group(self, path: str) -> None:
         if path and not self.contains(path):
             with _io():
-                self._file.require_group(path)
+                h5py.h5g.create(self._file.id, path.encode(), lcpl=_LCPL, gcpl=_GCPL)
             self._present.add(path)
 
     def create_array(
@@ -255,13 +261,12 @@ class HDF5Backend:
     # -- attributes ---------------------------------------------------------------------------
     def attrs(self, path: str) -> dict[str, Any]:
         node = self._file[path] if path else self._file
-        return {key: _decode(value) for key, value in node.attrs.items()}
+        return {key: decode(value) for key, value in node.attrs.items()}
 
     def set_attrs(self, path: str, values: dict[str, Any]) -> None:
         node = self._file[path] if path else self._file
         with _io():
-            for key, value in values.items():
-                node.attrs[key] = _encode(value)
+            write_attrs(node, values)
 
     def flush(self) -> None:
         with _io():
@@ -350,8 +355,7 @@ def _create(path: str, attrs: dict[str, Any]) -> h5py.File:
             # no chunk cache: the writer writes each chunk whole, once, and a cache would only
             # hold a chunk per dataset in memory, outside the capture's budget
             file = h5py.File(tmp, "w", libver="latest", rdcc_nbytes=0)
-            for key, value in attrs.items():
-                file.attrs[key] = _encode(value)
+            write_attrs(file, attrs)
             file.flush()
         os.replace(tmp, path)
     except BaseException:
@@ -411,25 +415,3 @@ def _filter(codec: Codec) -> dict[str, Any]:
             )
         return dict(hdf5plugin.Zstd(clevel=codec.level))
     raise StoreOptionError(f"compression {codec.name!r} is not available in the HDF5 backend (zstd, gzip, lzf, none)")
-
-
-def _encode(value: Any) -> Any:
-    if isinstance(value, bool | int | float | np.integer | np.floating):
-        return value
-    if isinstance(value, str) and not value.startswith(_JSON_START) and value != "null":
-        return value
-    return json.dumps(value)
-
-
-def _decode(value: Any) -> Any:
-    if isinstance(value, bytes):
-        value = value.decode()
-    if isinstance(value, str):
-        return json.loads(value) if value.startswith(_JSON_START) or value == "null" else value
-    if isinstance(value, np.bool_):
-        return bool(value)
-    if isinstance(value, np.integer):
-        return int(value)
-    if isinstance(value, np.floating):
-        return float(value)
-    return value

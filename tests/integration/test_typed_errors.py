@@ -88,7 +88,7 @@ def test_a_full_disk_at_creation_is_store_full_and_leaves_nothing(tmp_path, laye
 
         monkeypatch.setattr("attnhooks.backends.zarrstore.zarr.open_group", half_then_full)
     else:
-        monkeypatch.setattr("attnhooks.backends.hdf5._encode", full)  # the file exists, its attributes fail
+        monkeypatch.setattr("attnhooks.backends.hdf5.write_attrs", full)  # the file exists, its attributes fail
     path = tmp_path / f"run{suffix}"
     with pytest.raises(attnhooks.StoreFullError, match="full"):
         with attnhooks.capture(layer, store=path):
