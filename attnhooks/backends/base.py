@@ -66,11 +66,13 @@ class Backend(Protocol):
     """What the writer and the reader need from a storage engine.
 
     Class attributes ``name``, ``schemes`` and ``suffixes`` route locations to the backend;
-    ``open`` makes an instance. One method is optional (not part of the protocol, so that backends
-    written before it stay backends): ``remove(path)`` deletes the group or array at ``path`` and
+    ``open`` makes an instance. Two methods are optional (not part of the protocol, so that backends
+    written before them stay backends): ``remove(path)`` deletes the group or array at ``path`` and
     everything under it, forgetting any handle on them (a missing ``path`` is not an error; a
     read-only backend raises ``PermissionError``, the root ``StoreOptionError``, see
-    :func:`check_remove`); overwriting one rank of a rank set needs it. Errors raised by the
+    :func:`check_remove`); overwriting one rank of a rank set needs it. ``create_group_with(path,
+    attrs)`` does what ``create_group(path)`` then ``set_attrs(path, attrs)`` do, in fewer writes (the
+    writer makes each module's group so). Errors raised by the
     engine (``OSError`` for a full disk or a read-only directory) are allowed to propagate: the
     writer wraps them.
     """

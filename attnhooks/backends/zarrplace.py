@@ -91,15 +91,20 @@ class LocalPlace:
         meta["attributes"] = {**(meta.get("attributes") or {}), **values}
         write_atomically(target, [json.dumps(meta, indent=2).encode()])
 
-    def create_group_node(self, path: str) -> None:
-        """A group at ``path`` and at each missing parent (a ``zarr.json`` of an empty group each)."""
+    def create_group_node(self, path: str, attrs: dict[str, Any] | None = None) -> None:
+        """A group at ``path`` and at each missing parent (a ``zarr.json`` of an empty group each);
+        with ``attrs``, the group at ``path`` has them: one write of a new group's ``zarr.json``, or
+        its attributes updated (:meth:`update_node_attrs`) when it exists."""
         parts = [p for p in path.split("/") if p]
         for n in range(1, len(parts) + 1):
             sub = "/".join(parts[:n])
-            if not self.has_node(sub):
-                os.makedirs(os.path.join(self.path, sub), exist_ok=True)
-                group = {"attributes": {}, "zarr_format": 3, "node_type": "group"}
-                write_atomically(self._meta(sub), [json.dumps(group, indent=2).encode()])
+            if self.has_node(sub):
+                if n == len(parts) and attrs:
+                    self.update_node_attrs(sub, attrs)
+                continue
+            os.makedirs(os.path.join(self.path, sub), exist_ok=True)
+            group = {"attributes": attrs if n == len(parts) and attrs else {}, "zarr_format": 3, "node_type": "group"}
+            write_atomically(self._meta(sub), [json.dumps(group, indent=2).encode()])
 
     def _meta(self, path: str) -> str:
         return os.path.join(self.path, *[p for p in path.split("/") if p], "zarr.json")

@@ -116,6 +116,16 @@ class ZarrBackend:
         else:
             self._group(path)
 
+    def create_group_with(self, path: str, attrs: dict[str, Any]) -> None:
+        """:meth:`create_group` then :meth:`set_attrs`; a new group of a local store in one write of its
+        ``zarr.json`` (a writer makes a module's group with its attributes: two writes and a read)."""
+        if isinstance(self._place, LocalPlace) and not self.readonly:
+            self._flush()
+            self._place.create_group_node(path, attrs)
+        else:
+            self.create_group(path)
+            self.set_attrs(path, attrs)
+
     def _group(self, path: str) -> zarr.Group:
         """The group at ``path``, created with its parents when missing; cached (each lookup is a
         metadata read: ~1 ms, and array creation needs the parent group every time)."""

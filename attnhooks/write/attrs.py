@@ -136,8 +136,12 @@ def open_module(
             f"store does not have (it has {sorted(appending)}); capture the same modules "
             "or write a new store"
         )
-    backend.create_group(path)
-    backend.set_attrs(path, attrs)
+    make = getattr(backend, "create_group_with", None)  # optional: the group and its attributes at once
+    if make is not None:
+        make(path, attrs)
+    else:
+        backend.create_group(path)
+        backend.set_attrs(path, attrs)
     return attrs
 
 
