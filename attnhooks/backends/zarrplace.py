@@ -89,7 +89,7 @@ class LocalPlace:
         except FileNotFoundError:
             raise KeyError(path) from None
         meta["attributes"] = {**(meta.get("attributes") or {}), **values}
-        write_atomically(target, [json.dumps(meta, indent=2).encode()])
+        write_atomically(target, [_json(meta)])
 
     def create_group_node(self, path: str, attrs: dict[str, Any] | None = None) -> None:
         """A group at ``path`` and at each missing parent (a ``zarr.json`` of an empty group each);
@@ -104,7 +104,7 @@ class LocalPlace:
                 continue
             os.makedirs(os.path.join(self.path, sub), exist_ok=True)
             group = {"attributes": attrs if n == len(parts) and attrs else {}, "zarr_format": 3, "node_type": "group"}
-            write_atomically(self._meta(sub), [json.dumps(group, indent=2).encode()])
+            write_atomically(self._meta(sub), [_json(group)])
 
     def _meta(self, path: str) -> str:
         return os.path.join(self.path, *[p for p in path.split("/") if p], "zarr.json")
@@ -173,6 +173,13 @@ class UrlPlace:
 
     def cleanup(self) -> list[str]:
         return []  # every key is one put: an object store keeps no temporaries of a killed writer
+
+
+def _json(meta: dict[str, Any]) -> bytes:
+    """A node's ``zarr.json`` as written here: without indentation, which only Python's own JSON encoder
+    does (9x the time of the C one: 1.7 ms for the stacks' description of a 32-layer model, rewritten
+    at every commit as the stacks grow; the file is a third of the size too). Readers do not care."""
+    return json.dumps(meta).encode()
 
 
 def write_atomically(target: str, parts: list[Any]) -> None:

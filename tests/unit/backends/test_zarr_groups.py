@@ -73,3 +73,24 @@ def test_the_writer_makes_module_groups_with_or_without_the_method(tmp_path, wri
     assert memory.attrs(group) == attrs and attrs["heads"] == 2
     with attnhooks.open_store(tmp_path / "s.zarr") as st:
         assert st.backend.attrs(group) == attrs
+
+
+def test_metadata_written_here_is_compact_json_that_zarr_reads(tmp_path):
+    """Nodes' zarr.json written by attnhooks itself have no indentation (Python's own JSON encoder, ~9x
+    slower, is the only one that indents) and read back through zarr as they were written."""
+    import zarr
+
+    layer = torch.nn.MultiheadAttention(8, 2, batch_first=True)
+    x = torch.randn(1, 3, 8)
+    store = tmp_path / "s.zarr"
+    with attnhooks.capture(layer, record=("q", "k"), store=store):
+        layer(x, x, x)
+        layer(x, x, x)
+    group = module_path("")
+    for node in ("", "stacks", group):
+        text = (store / node / "zarr.json").read_text()
+        assert "\n" not in text.strip(), node
+    with attnhooks.open_store(store) as st:
+        ours = st.backend.attrs("stacks")
+    assert dict(zarr.open_group(str(store), mode="r")["stacks"].attrs) == ours
+    assert ours["attnhooks_stack"], "the stacks' description"
