@@ -214,8 +214,11 @@ class StoreWriter:
             if msg is STOP:
                 self._finish()
                 return False
-            with batched(self.backend):  # a message's writes in one trip (zarr: ~1 ms each alone)
-                held = bool(getattr(self, "_on_" + msg[0])(*msg[1:]))
+            if msg[0] == "record":  # (batches its own writes: a held continuation makes none)
+                held = self._on_record(*msg[1:])
+            else:
+                with batched(self.backend):  # a message's writes in one trip (zarr: ~1 ms each alone)
+                    getattr(self, "_on_" + msg[0])(*msg[1:])
         except BaseException as err:  # anything: the model thread must hear of it, never hang
             self._error = err
             self.budget.fail(err)
@@ -243,17 +246,19 @@ class StoreWriter:
             return False  # its step was dropped
         if ready is not None:
             ready.synchronize()
-        module = self._commits.module(rec, pos)
-        calls = self._step.calls.setdefault(rec.module, {})
-        state = calls.get(rec.call)
-        if state is None or rec.q_offset == 0:
-            state = calls[rec.call] = new_call(rec)
+        calls = self._step.calls.get(rec.module)
+        state = calls.get(rec.call) if calls is not None else None
+        if state is not None and rec.q_offset != 0:  # a continuation: held (its module is open)
+            state.extend(rec, row_count(rec))
+            if self._tails.hold(rec, nbytes):
+                with batched(self.backend):
+                    self._flush_tails()
+            return True
+        with batched(self.backend):  # the record's writes in one trip (zarr: ~1 ms each alone)
+            module = self._commits.module(rec, pos)
+            state = self._step.calls.setdefault(rec.module, {})[rec.call] = new_call(rec)
             write_record(self.layout, module, (pos, rec.call), state, rec)
-            return False
-        state.extend(rec, row_count(rec))
-        if self._tails.hold(rec, nbytes):
-            self._flush_tails()
-        return True
+        return False
 
     def _flush_tails(self) -> None:
         """Write the held continuation rows, one slab per call where they are contiguous."""
