@@ -111,24 +111,19 @@ class ZarrBackend:
         return arr
 
     def create_group(self, path: str) -> None:
-        if isinstance(self._place, LocalPlace) and not self.readonly:
-            self._place.create_group_node(path)
-        else:
-            self._group(path)
+        self.create_group_with(path, {})
 
     def create_group_with(self, path: str, attrs: dict[str, Any]) -> None:
-        """:meth:`create_group` then :meth:`set_attrs`; a new group of a local store in one write of its
-        ``zarr.json`` (a writer makes a module's group with its attributes: two writes and a read)."""
+        """:meth:`create_group` then :meth:`set_attrs`; a local store writes a new group's ``zarr.json`` once."""
         if isinstance(self._place, LocalPlace) and not self.readonly:
             self._flush()
-            self._place.create_group_node(path, attrs)
-        else:
-            self.create_group(path)
+            return self._place.create_group_node(path, attrs)
+        self._group(path)
+        if attrs:
             self.set_attrs(path, attrs)
 
     def _group(self, path: str) -> zarr.Group:
-        """The group at ``path``, created with its parents when missing; cached (each lookup is a
-        metadata read: ~1 ms, and array creation needs the parent group every time)."""
+        """The group at ``path``, made with its parents when missing; cached (a lookup reads metadata: ~1 ms)."""
         group = self._groups.get(path)
         if group is None:
             group = self._root

@@ -239,15 +239,13 @@ class StoreWriter:
         self._step = OpenStep(pos)
 
     def _on_record(self, pos: int, rec: Record, nbytes: int, ready: Any) -> bool:
-        """Write a call's record, or hold a KV-cache continuation to write its rows in one slab
-        later (one decode row per write would cost a chunk rewrite per token). Returns True
-        when the record's budget is held, to be released when its rows are written."""
+        """Write a call's record, or hold a KV-cache continuation for one slab of rows later (a row a write
+        would rewrite a chunk per token); True when its budget is held until its rows are written."""
         if pos != self._step.pos:
             return False  # its step was dropped
         if ready is not None:
             ready.synchronize()
-        calls = self._step.calls.get(rec.module)
-        state = calls.get(rec.call) if calls is not None else None
+        state = self._step.calls.get(rec.module, {}).get(rec.call)
         if state is not None and rec.q_offset != 0:  # a continuation: held (its module is open)
             state.extend(rec, row_count(rec))
             if self._tails.hold(rec, nbytes):
