@@ -5,7 +5,8 @@ the next, so a change that saves 10% of a call cannot be seen in wall or CPU tim
 process executes do not depend on its neighbours: this runs each configuration in its own process under
 valgrind's callgrind (instrumentation switched on with ``callgrind_control`` after two warm-up runs, so
 imports and model building are not counted; ``PYTHONHASHSEED=0``, so dict layouts repeat) and prints
-the instructions of ``--runs`` runs per attention call, and their difference to ``bare``: the same
+the instructions of ``--runs`` runs per attention call, their difference to ``bare`` and how many of
+them ran outside the model's thread (a store's writer, zarr's event loop): the same
 count each time for the same code (checked: two runs of one tree gave the same count to the
 instruction).
 
@@ -17,11 +18,15 @@ Workloads (one torch thread, random weights, the Llama-style model of ``benchmar
 ``generate``  greedy ``generate`` of ``--new`` tokens after a 16-token prompt, ``--layers`` layers:
               ``bare``, ``qkl`` (``record=("q", "k", "lse")``), ``qk`` (``record=("q", "k")``), each
               in memory with ``with capture(...)`` around the ``generate``.
+``store``     the same ``generate``: ``bare``, ``qkl`` in memory, and ``qkl-zarr`` / ``qkl-hdf5`` streamed to
+              a new store each run (every thread counted: the writer's, zarr's event loop), up to the
+              end of the ``with`` block, so including the close.
 ``forward``   ``model(ids, use_cache=False)`` on 4 x 64 tokens, ``--layers`` layers: ``bare``,
               ``qk-held`` (one capture held open), ``qk-step`` (``with capture`` around each forward).
 
     python benchmarks/instructions.py                      # generate, 8 layers x 16 tokens (~3 minutes)
     python benchmarks/instructions.py --parts forward      # 8 layers; ~2 minutes
+    python benchmarks/instructions.py --parts store        # generate to Zarr and HDF5; ~4 minutes
     python benchmarks/instructions.py --tree ../other      # the same, for another checkout (A/B)
 
 Needs ``valgrind`` (``apt-get install valgrind``); a few minutes (callgrind runs ~50x slower).
@@ -43,14 +48,14 @@ HERE = Path(__file__).resolve().parent.parent
 
 # the child: build the model, warm up twice, count `runs` runs of the configuration
 CHILD = r"""
-import os, subprocess, sys
+import itertools, os, subprocess, sys, tempfile
 tree, part, config, layers, new, runs = sys.argv[1], sys.argv[2], sys.argv[3], *map(int, sys.argv[4:7])
 sys.path.insert(0, tree)
 import torch
 torch.set_num_threads(1)
 import attnhooks
 from benchmarks.common import llama
-if part == "generate":
+if part in ("generate", "store"):
     model = llama(64, layers, 4, 128, 128, 16 + new + 8)
     ids = torch.randint(0, 128, (1, 16), generator=torch.Generator().manual_seed(0))
     kw = dict(input_ids=ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
@@ -59,7 +64,9 @@ else:
     model = llama(64, layers, 4, 128, 128, 72)
     ids = torch.randint(0, 128, (4, 64), generator=torch.Generator().manual_seed(0))
     work = lambda: model(ids, use_cache=False)
-record = {"qkl": ("q", "k", "lse")}.get(config, ("q", "k"))
+record = ("q", "k", "lse") if config.startswith("qkl") else ("q", "k")
+suffix = {"qkl-zarr": ".zarr", "qkl-hdf5": ".h5"}.get(config)
+where, numbers = tempfile.mkdtemp(dir=os.path.dirname(__file__)), itertools.count()  # removed with it
 held = None
 if config.endswith("-held"):
     held = attnhooks.capture(model, record=record)
@@ -70,6 +77,9 @@ def run():
     elif held is not None:
         work()
         held.clear()
+    elif suffix is not None:  # a new path each run: nothing to remove inside the count
+        with attnhooks.capture(model, record=record, store=os.path.join(where, f"{next(numbers)}{suffix}")):
+            work()
     else:
         with attnhooks.capture(model, record=record):
             work()
@@ -80,26 +90,33 @@ for _ in range(runs):
 subprocess.run(["callgrind_control", "-i", "off", str(os.getpid())], capture_output=True, check=True)
 """
 
-CONFIGS = {"generate": ("bare", "qkl", "qk"), "forward": ("bare", "qk-held", "qk-step")}
+CONFIGS = {
+    "generate": ("bare", "qkl", "qk"),
+    "store": ("bare", "qkl", "qkl-zarr", "qkl-hdf5"),
+    "forward": ("bare", "qk-held", "qk-step"),
+}
 
 
-def count(tree: Path, part: str, config: str, layers: int, new: int, runs: int, where: Path) -> int:
-    """Instructions callgrind counted for ``runs`` runs of one configuration."""
+def count(tree: Path, part: str, config: str, layers: int, new: int, runs: int, where: Path) -> tuple[int, int]:
+    """Instructions callgrind counted for ``runs`` runs of one configuration: in all, and in the model's
+    (the main) thread."""
     child = where / "child.py"
     out = where / f"callgrind.{part}.{config}.{os.getpid()}"
-    cmd = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}"]
-    cmd += [sys.executable, str(child), str(tree), part, config, str(layers), str(new), str(runs)]
+    cmd = ["valgrind", "--tool=callgrind", "--instr-atstart=no", "--separate-threads=yes"]
+    cmd += [f"--callgrind-out-file={out}", sys.executable, str(child), str(tree), part, config]
+    cmd += [str(layers), str(new), str(runs)]
     env = dict(os.environ, PYTHONHASHSEED="0", OMP_NUM_THREADS="1")
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=tree, env=env)
     found = re.search(r"Collected : (\d+)", done.stderr)
     if done.returncode != 0 or found is None:
         raise RuntimeError(f"{part}/{config} failed under callgrind:\n{done.stderr[-3000:]}")
-    return int(found.group(1))
+    main = re.search(r"^totals: (\d+)", Path(f"{out}-01").read_text(), re.M)  # thread 1: the model's
+    return int(found.group(1)), int(main.group(1)) if main else 0
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--parts", default="generate", help="comma-separated: generate, forward")
+    parser.add_argument("--parts", default="generate", help="comma-separated: generate, store, forward")
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--new", type=int, default=16, help="tokens generated (generate)")
     parser.add_argument("--runs", type=int, default=3, help="counted runs per configuration")
@@ -110,21 +127,22 @@ def main() -> None:
         sys.exit("benchmarks/instructions.py needs valgrind: apt-get install valgrind")
     tree = args.tree.resolve()
     print(f"attnhooks at {tree}; {args.layers} layers; instructions per attention call ({args.runs} runs counted)")
-    print("| part | configuration | instructions / call | attnhooks adds / call | vs bare |")
-    print("|---|---|---|---|---|")
+    print("| part | configuration | instructions / call | attnhooks adds / call | of which other threads | vs bare |")
+    print("|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         where = Path(tmp)
         (where / "child.py").write_text(CHILD)
         for part in args.parts.split(","):
-            calls = args.layers * (args.new if part == "generate" else 1) * args.runs
+            calls = args.layers * (1 if part == "forward" else args.new) * args.runs
             with ThreadPoolExecutor(args.jobs) as pool:
                 sizes = (args.layers, args.new, args.runs)
                 jobs = {c: pool.submit(count, tree, part, c, *sizes, where) for c in CONFIGS[part]}
                 counts = {c: job.result() for c, job in jobs.items()}
-            bare = counts["bare"]
-            for config, n in counts.items():
+            bare = counts["bare"][0]
+            for config, (n, main) in counts.items():
                 added = "" if config == "bare" else f"{(n - bare) / calls / 1e3:+.1f}K"
-                print(f"| {part} | {config} | {n / calls / 1e3:.1f}K | {added} | {n / bare:.3f}x |")
+                others = f"{(n - main) / calls / 1e3:.1f}K" if config != "bare" and main else ""
+                print(f"| {part} | {config} | {n / calls / 1e3:.1f}K | {added} | {others} | {n / bare:.3f}x |")
 
 
 if __name__ == "__main__":
