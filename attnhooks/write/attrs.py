@@ -129,8 +129,13 @@ def open_module(
                     f"appending to {backend.location}: module {rec.module!r} has {key}={attrs[key]} "
                     f"but the store holds {key}={old[key]}"
                 )
-        attrs = {**old, **{k: v for k, v in attrs.items() if old.get(k) is None}}
-    elif appending:
+        # the group keeps its attributes; those it lacks are added, and nothing else is written: an
+        # append rewrites no attribute of a module holding committed steps (no metadata a kill could tear)
+        lacking = {k: v for k, v in attrs.items() if old.get(k) is None and (v is not None or k not in old)}
+        if lacking:
+            backend.set_attrs(path, lacking)
+        return {**old, **lacking}
+    if appending:
         raise StoreMismatchError(
             f"appending to {backend.location}: this capture records module {rec.module!r}, which the "
             f"store does not have (it has {sorted(appending)}); capture the same modules "

@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import os
 import pickle
 
 import fsspec
@@ -104,6 +105,51 @@ def test_append_continues_step_ids_and_keeps_both_captures(location, llama):
     with attnhooks.open_store(location) as st:
         assert st.steps == [0, 1, 2, 3, 4] and st.committed == 5 and st.status == "complete"
         _assert_store_equals_records(st, first.records + second.records)
+
+
+def test_append_rewrites_no_module_attribute_unless_one_is_lacking(kind, location, llama, monkeypatch):
+    """A module group holding committed steps keeps its attributes as they are on an append (no metadata
+    rewritten that a killed writer could tear); an attribute the store lacks (an older writer) is added."""
+    _run(llama, [(2, 6)], store=location, record=ALL)
+    group = module_path("model.layers.1.self_attn")
+    with attnhooks.open_store(location) as st:
+        before = st.backend.attrs(group)
+        backend_type = type(st.backend.unwrapped)
+    written: list[tuple[str, list[str]]] = []
+    real = backend_type.set_attrs
+
+    def spy(self, path, values):
+        written.append((path, sorted(values)))
+        real(self, path, values)
+
+    monkeypatch.setattr(backend_type, "set_attrs", spy)
+    _run(llama, [(1, 4)], store=location, record=ALL, mode="append")
+    assert [w for w in written if w[0].startswith("modules/")] == []
+    with attnhooks.open_store(location) as st:
+        assert st.backend.attrs(group) == before and st.steps == [0, 1]
+    if kind not in ("zarr", "hdf5"):
+        return
+    _forget_attr(location, group, "source")  # as a store written before the attribute existed
+    written.clear()
+    _run(llama, [(1, 4)], store=location, record=ALL, mode="append")
+    assert [w for w in written if w[0] == group] == [(group, ["source"])]
+    with attnhooks.open_store(location) as st:
+        assert st.backend.attrs(group) == before and st.steps == [0, 1, 2]
+
+
+def _forget_attr(location, path, key):
+    """Remove one attribute of a group of a local Zarr or HDF5 store."""
+    location = str(location)
+    if location.endswith(".h5"):
+        with h5py.File(location, "r+") as f:
+            del f[path].attrs[key]
+        return
+    meta_path = os.path.join(location, path, "zarr.json")
+    with open(meta_path) as f:
+        meta = json.load(f)
+    del meta["attributes"][key]
+    with open(meta_path, "w") as f:
+        json.dump(meta, f)
 
 
 def test_variable_lengths_read_back_at_their_true_shapes(location, llama):
