@@ -64,12 +64,14 @@ def test_an_attribute_is_rewritten_in_place_or_replaced_when_its_type_changes(tm
     path = tmp_path / "c.h5"
     with h5py.File(path, "w", libver="latest") as f:
         g = f.create_group("g")
-        write_attrs(g, {"committed": 1, "status": "writing", "steps": [1], "flag": True})
+        write_attrs(g, {"committed": 1, "status": "writing", "steps": [1], "flag": True, "on": True, "x": 0.5})
         write_attrs(g, {"committed": 2, "status": "complete, and longer", "steps": {"x": 1}, "flag": "now a string"})
-        write_attrs(g, {"committed": "three"})
+        write_attrs(g, {"committed": "three", "on": False, "x": 1.5})
     with h5py.File(path, "r") as f:
         attrs = {key: decode(value) for key, value in f["g"].attrs.items()}
-    assert attrs == {"committed": "three", "status": "complete, and longer", "steps": {"x": 1}, "flag": "now a string"}
+        assert f["g"].attrs.get_id("on").dtype == bool
+    want = {"committed": "three", "status": "complete, and longer", "steps": {"x": 1}, "flag": "now a string"}
+    assert attrs == {**want, "on": False, "x": 1.5}
 
 
 def test_module_groups_keep_their_attributes_in_the_object_header(tmp_path):
