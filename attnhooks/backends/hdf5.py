@@ -47,7 +47,7 @@ except ImportError:  # pragma: no cover - hdf5plugin comes with attnhooks[hdf5]
 from attnhooks.backends.base import Codec, Selection, check_mode, check_remove, refuse_existing
 from attnhooks.backends.hdf5attrs import decode, write_attrs
 from attnhooks.backends.hdf5copy import rewrite
-from attnhooks.backends.hdf5eoa import amended, open_past_eoa
+from attnhooks.backends.hdf5eoa import amended, close_file, open_past_eoa
 from attnhooks.backends.integrity import MAX_CHUNKS_CHECKED, chunks_of, corrupt
 from attnhooks.errors import NotAStoreError, StoreOptionError
 
@@ -274,12 +274,8 @@ class HDF5Backend:
 
     def close(self) -> None:
         self._datasets.clear()
-        raw = getattr(self._file, "_attnhooks_raw", None)
-        if self._file.id.valid:
-            with _io():
-                self._file.close()
-        if raw is not None:
-            raw.close()
+        with _io():
+            close_file(self._file)
 
     def _amend(self) -> bool:
         """Reopen a reader's file with its superblock amended (:mod:`~attnhooks.backends.hdf5eoa`); False: not that."""
@@ -382,7 +378,7 @@ def _open_for_reading(path: str) -> h5py.File:
         if "already open for write" not in str(err):
             raise NotAStoreError(f"{path} cannot be opened as HDF5: {err}") from err
         return h5py.File(path, "r", swmr=True)  # a live writer, or one that was killed
-    file._attnhooks_raw = raw  # closed with the file (HDF5Backend.close)
+    file._attnhooks_raw = raw  # closed with the file (hdf5eoa.close_file)
     return file
 
 

@@ -8,7 +8,7 @@ import os
 
 import h5py
 
-from attnhooks.backends.hdf5eoa import open_past_eoa
+from attnhooks.backends.hdf5eoa import close_file, open_past_eoa
 
 __all__ = ["copy_group", "rewrite"]
 
@@ -34,9 +34,7 @@ def rewrite(path: str) -> list[str]:
             os.remove(tmp)
         raise
     finally:
-        raw = getattr(source, "_attnhooks_raw", None)
-        if raw is not None:
-            raw.close()
+        close_file(source)
     os.replace(tmp, path)
     return ["open-for-write flag (file rewritten)", *skipped]
 

@@ -38,8 +38,20 @@ def open_past_eoa(path: str) -> h5py.File | None:
     except BaseException:
         view.close()
         raise
-    file._attnhooks_raw = view  # closed with the file (HDF5Backend.close)
+    file._attnhooks_raw = view  # closed with the file (close_file)
     return file
+
+
+def close_file(file: h5py.File) -> None:
+    """Close ``file`` (if open) and the Python file object it was opened through, if any (``_attnhooks_raw``:
+    an amended view, or a reader's plain file handle)."""
+    raw = getattr(file, "_attnhooks_raw", None)
+    try:
+        if file.id.valid:
+            file.close()
+    finally:
+        if raw is not None:
+            raw.close()
 
 
 def amended(file: h5py.File) -> bool:
