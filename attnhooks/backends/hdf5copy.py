@@ -55,7 +55,10 @@ def copy_group(src: h5py.Group, dst: h5py.Group, skipped: list[str]) -> None:
     chunks); an array that copy refuses is copied chunk by chunk (:func:`_copy_chunks`)."""
     for key, value in src.attrs.items():
         dst.attrs[key] = value
-    for name, obj in src.items():
+    for name in src:
+        obj = src.get(name)
+        if obj is None:  # (h5py's items() yields None for it) the object a killed writer linked but never wrote
+            raise KeyError(f"{src.name}/{name}: its object does not open (address past the file's end, or none)")
         if isinstance(obj, h5py.Group):
             copy_group(obj, dst.create_group(name), skipped)
             continue
