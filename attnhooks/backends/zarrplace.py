@@ -97,14 +97,13 @@ class LocalPlace:
         its attributes updated (:meth:`update_node_attrs`) when it exists."""
         parts = [p for p in path.split("/") if p]
         for n in range(1, len(parts) + 1):
-            sub = "/".join(parts[:n])
+            sub, own = "/".join(parts[:n]), (attrs or {}) if n == len(parts) else {}
             if self.has_node(sub):
-                if n == len(parts) and attrs:
-                    self.update_node_attrs(sub, attrs)
+                if own:
+                    self.update_node_attrs(sub, own)
                 continue
             os.makedirs(os.path.join(self.path, sub), exist_ok=True)
-            group = {"attributes": attrs if n == len(parts) and attrs else {}, "zarr_format": 3, "node_type": "group"}
-            write_atomically(self._meta(sub), [_json(group)])
+            write_atomically(self._meta(sub), [_json({"attributes": own, "zarr_format": 3, "node_type": "group"})])
 
     def _meta(self, path: str) -> str:
         return os.path.join(self.path, *[p for p in path.split("/") if p], "zarr.json")

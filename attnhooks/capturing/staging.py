@@ -148,6 +148,7 @@ class Recycler:
         self.limit = limit
         self.kept = 0  # bytes of the buffers kept
         self._buffers: OrderedDict[_Key, deque[torch.Tensor]] = OrderedDict()
+        self._dense: dict[tuple[torch.Size, tuple[int, ...]], bool] = {}  # (shape, strides): a dense layout (like)
 
     def like(self, t: torch.Tensor) -> torch.Tensor:
         """A buffer for a copy of ``t`` (contents undefined), laid out as ``t`` is when that layout is dense (a
@@ -155,11 +156,11 @@ class Recycler:
         is then a straight one, where a contiguous buffer made it a transposing copy (a third of the
         instructions of a 4 x 64-token prefill call's capture went to the two transposing copies of q and k)."""
         shape, stride = t.shape, t.stride()
-        dense = _DENSE.get((shape, stride))
+        dense = self._dense.get((shape, stride))
         if dense is None:  # (empty_like keeps the strides of a dense, non-overlapping tensor only)
-            if len(_DENSE) >= _DENSE_KEPT:
-                _DENSE.clear()
-            dense = _DENSE[(shape, stride)] = torch.empty_like(t).stride() == stride
+            if len(self._dense) >= _DENSE_KEPT:
+                self._dense.clear()
+            dense = self._dense[(shape, stride)] = torch.empty_like(t).stride() == stride
         return self.empty(shape, t.dtype, stride if dense else None)
 
     def empty(
@@ -199,7 +200,6 @@ class Recycler:
 
 _SMALL = 16 << 10  # bytes below which a buffer is allocated, not recycled
 _Key = tuple[tuple[int, ...], torch.dtype, tuple[int, ...] | None]  # shape, dtype, strides (None: contiguous)
-_DENSE: dict[tuple[torch.Size, tuple[int, ...]], bool] = {}  # (shape, strides): a dense layout (Recycler.like)
 _DENSE_KEPT = 4096  # layouts remembered (then forgotten at once: a run of many prompt lengths)
 _use_count = getattr(torch._C, "_storage_Use_Count", None)
 _LOCAL = threading.local()
