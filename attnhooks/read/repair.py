@@ -10,7 +10,7 @@ from datetime import datetime, timezone
 from attnhooks.backends.base import Backend, backend_for
 from attnhooks.backends.lease import Lease, live_holders, stale_leases
 from attnhooks.backends.subtree import LAYOUT, group, present, subtree
-from attnhooks.errors import AttnHooksError, NotAStoreError, StoreBusyError, StoreWriteError
+from attnhooks.errors import AttnHooksError, NotAStoreError, StoreBusyError, StoreCorruptError, StoreWriteError
 from attnhooks.read.store import Store
 from attnhooks.schema import STATUS_COMPLETE, STATUS_RECOVERED, STATUS_WRITING, trim
 
@@ -86,6 +86,16 @@ def _repair_store(text: str, cls: type[Backend]) -> RepairReport:
         raise StoreWriteError(f"cannot repair {text}: {err}") from err
     except OSError as err:
         raise NotAStoreError(f"cannot open {text} as a store: {err}") from err
+    except (RuntimeError, KeyError) as err:  # the engine's rewrite met a part it cannot read (HDF5)
+        raise StoreCorruptError(
+            text,
+            "",
+            [],
+            "does not copy",
+            message=f"cannot repair {text}: a part of it that committed steps may need does not read ({err}). "
+            "The file is left as it was: open it with attnhooks.open_store to read what still reads, and "
+            "write new captures to a new store",
+        ) from err
     try:
         if be.attrs("").get("layout") != LAYOUT:
             return _repair(be, text, removed)

@@ -434,6 +434,27 @@ def test_repair_copies_an_array_hdf5_refuses_to_copy_chunk_by_chunk(servers, ref
     assert n >= 3 and refused, "the refused arrays were copied chunk by chunk"
 
 
+@pytest.mark.parametrize("error", [KeyError("/stacks/k.0 does not open"), RuntimeError("wrong fractal heap")])
+def test_repair_that_cannot_copy_a_store_with_commits_raises_a_typed_error(tmp_path, monkeypatch, error):
+    """What the HDF5 rewrite refuses (a part that does not read, with steps committed) reaches the caller of
+    attnhooks.repair as a StoreCorruptError that says the file was left as it was and what to do."""
+    from attnhooks.backends.hdf5 import HDF5Backend
+
+    path = tmp_path / "run.h5"
+    model = worker.build_model()
+    with one_thread(), torch.no_grad(), attnhooks.capture(model, record=worker.RECORD, store=path):
+        model(worker.inputs(0))
+    before = path.read_bytes()
+
+    def refuse(location):
+        raise error
+
+    monkeypatch.setattr(HDF5Backend, "cleanup", classmethod(lambda cls, location: refuse(location)))
+    with pytest.raises(attnhooks.StoreCorruptError, match=r"left as it was.*open_store.*new store") as raised:
+        attnhooks.repair(path)
+    assert raised.value.__cause__ is error and path.read_bytes() == before
+
+
 @pytest.mark.parametrize("committed", [0, 1])
 def test_a_link_whose_object_does_not_open_is_left_out_only_when_nothing_was_committed(tmp_path, committed):
     """A writer killed in its first commit, while it made the stacks' arrays, left a link to an array whose
