@@ -39,14 +39,15 @@ from typing import Any, ClassVar
 import numpy as np
 import zarr
 import zarr.errors
-from zarr.codecs import BloscCodec, Crc32cCodec, GzipCodec, ZstdCodec
+from zarr.codecs import Crc32cCodec
 
 from attnhooks.backends.base import Codec, Selection, check_mode, check_remove, refuse_existing, split
 from attnhooks.backends.integrity import MAX_CHUNKS_CHECKED, chunks_of, corrupt
+from attnhooks.backends.zarrarrays import compressor, create, keywords
 from attnhooks.backends.zarrchunks import ChunkFiles
 from attnhooks.backends.zarrplace import LocalPlace, UrlPlace
 from attnhooks.backends.zarrplace import place as place_of
-from attnhooks.errors import NotAStoreError, StoreOptionError
+from attnhooks.errors import NotAStoreError
 
 __all__ = ["ZarrBackend"]
 
@@ -79,7 +80,7 @@ class ZarrBackend:
     @classmethod
     def check_codec(cls, codec: Codec) -> None:
         """Raise StoreOptionError for a codec this backend cannot write (before a store is made)."""
-        _compressor(codec)
+        compressor(codec)
 
     @classmethod
     def open(cls, location: str, mode: str, attrs: dict[str, Any] | None = None) -> ZarrBackend:
@@ -136,23 +137,14 @@ class ZarrBackend:
         self, path: str, shape: tuple[int, ...], dtype: str, chunks: tuple[int, ...], fill_value: Any, codec: Codec
     ) -> None:
         self._flush()
-        *parents, leaf = split(path)
         self._forget(path)
-        self._arrays[path] = self._group("/".join(parents)).create_array(
-            leaf,
-            shape=shape,
-            dtype=str if dtype == "str" else dtype,
-            chunks=chunks,
-            fill_value="" if dtype == "str" else fill_value,
-            compressors=_compressors(Codec("none", 0, checksum=codec.checksum) if dtype == "str" else codec),
-            # chunk files side by side in the array's folder (c.3.0.0), not nested (c/3/0/0): a step's
-            # chunk would otherwise make a new folder per axis, ~0.2 ms each on this file system
-            chunk_key_encoding={"name": "default", "separator": "."},
-            # with checksums every chunk written is kept, also one of fill values only: a chunk
-            # missing from a written region is then damage (missing_chunks), not an empty chunk
-            config={"write_empty_chunks": codec.checksum or not codec.skip_empty},
-            overwrite=True,
-        )
+        kw, (*parents, leaf) = keywords(dtype, fill_value, codec), split(path)
+        local = self._place if self._files is not None else None  # (writable: made without zarr's event loop)
+        self._arrays[path] = create(
+            local,  # type: ignore[arg-type]
+            self._root, path, shape, chunks, kw,
+            lambda: self._group("/".join(parents)).create_array(leaf, shape=shape, chunks=chunks, overwrite=True, **kw),
+        )  # fmt: skip
 
     def remove(self, path: str) -> None:
         """Delete the group or array at ``path`` with everything under it; nothing if there is none."""
@@ -320,24 +312,6 @@ def _absent(
         else:
             missing.append(coords)
     return missing
-
-
-def _compressors(codec: Codec) -> list[Any]:
-    """The bytes codecs of an array: its compression, then a crc32c checksum of the stored bytes."""
-    compressor = _compressor(codec)
-    return [*([compressor] if compressor is not None else []), *([Crc32cCodec()] if codec.checksum else [])]
-
-
-def _compressor(codec: Codec) -> Any:
-    if codec.name == "none":
-        return None
-    if codec.name == "zstd":
-        return ZstdCodec(level=codec.level)
-    if codec.name == "gzip":
-        return GzipCodec(level=codec.level)
-    if codec.name == "blosc":
-        return BloscCodec(cname="zstd", clevel=codec.level, shuffle="shuffle")
-    raise StoreOptionError(f"compression {codec.name!r} is not available in the zarr backend (zstd, gzip, blosc, none)")
 
 
 def write_together(writes: list[tuple[zarr.Array[Any], Selection, np.ndarray]]) -> None:
