@@ -22,7 +22,10 @@ storage options come from fsspec's own configuration: environment variables
 chunk then costs one file, not a file and five folders. On a local store, a write that covers whole
 chunks of an uncompressed array goes straight to the chunk files (:mod:`attnhooks.backends.zarrchunks`:
 ~0.06 ms of file system per chunk instead of ~1 ms of zarr's own machinery), with the same bytes and
-checksum zarr would write; every other write goes through zarr.
+checksum zarr would write; every other write goes through zarr. On a local store arrays are made the same
+way, their ``zarr.json`` written here from zarr's own metadata functions
+(:mod:`attnhooks.backends.zarrarrays`: ~1 ms an array instead of 3-10 ms), once zarr's own array of the
+same kind showed the same document.
 
 Zarr 3 has no bfloat16, so the writer stores bfloat16 as float32 or as raw uint16 bits (see
 :mod:`attnhooks.schema`).

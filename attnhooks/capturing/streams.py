@@ -177,11 +177,14 @@ def merge_contiguous(parts: list[Record]) -> list[Record]:
     """
     out: list[Record] = []
     run: list[Record] = []
+    last: _Edges | None = None
     for part in parts:
-        if run and not follows(run[-1], part):
+        edges = _edges(part)  # (once a part: each is compared as the next and as the last)
+        if last is not None and not _meet(last, edges):
             out.append(join_run(run))
             run = []
         run.append(part)
+        last = edges
     if run:
         out.append(join_run(run))
     return out
@@ -190,23 +193,33 @@ def merge_contiguous(parts: list[Record]) -> list[Record]:
 def follows(prev: Record, part: Record) -> bool:
     """Whether ``part`` continues ``prev`` directly and the two can be one record: its rows and keys
     start where ``prev``'s end, neither has row windows or a dense mask, and their batches match."""
-    rows = prev.q_offset + row_count(prev) == part.q_offset
-    keys = prev.k is None or part.k is None or prev.k_offset + prev.k.shape[2] == part.k_offset
-    windows = prev.attn_rows is None and part.attn_rows is None
-    return (
-        rows
-        and keys
-        and windows
-        and prev.mask.dense is None
-        and part.mask.dense is None
-        and batch_of(prev) == batch_of(part)
-    )
+    return _meet(_edges(prev), _edges(part))
+
+
+# (first row, row after the last, first key, key after the last (None: no keys), batch, can be joined)
+_Edges = tuple[int, int, int, int | None, int, bool]
+
+
+def _edges(rec: Record) -> _Edges:
+    keys = None if rec.k is None else rec.k_offset + int(rec.k.shape[2])
+    joinable = rec.attn_rows is None and rec.mask.dense is None
+    return rec.q_offset, rec.q_offset + row_count(rec), rec.k_offset, keys, batch_of(rec), joinable
+
+
+def _meet(prev: _Edges, part: _Edges) -> bool:
+    """:func:`follows` of the parts with these edges."""
+    keys = prev[3] is None or part[3] is None or prev[3] == part[2]
+    return prev[1] == part[0] and keys and prev[5] and part[5] and prev[4] == part[4]
 
 
 def join_run(run: list[Record]) -> Record:
     """The run as one record (:func:`join`); its mask is the last part's (whose ``key_valid`` covers
     every key)."""
-    return dataclasses.replace(join(run), mask=run[-1].mask) if len(run) > 1 else run[0]
+    if len(run) == 1:
+        return run[0]
+    out = join(run)  # (a new record)
+    out.mask = run[-1].mask
+    return out
 
 
 def row_count(rec: Record) -> int:
