@@ -40,7 +40,9 @@ grow; ``rowkeys`` says how many keys each row saw.
 per-call tables, when one chunk of the module's array is at most 1 MiB) are kept in stacks shared
 by the modules of the same geometry: ``stacks/q.0 [S, M, C, B, H, Lq, D]`` holds ``modules/<m>/q``
 at ``[:, i]``, and the ``stacks`` group's attribute ``attnhooks_stack`` names each stack's members
-and their shapes. One chunk of a stack spans the step's data of many modules, so a step of a
+and their shapes (a copy of it, written first, is the same attribute of the group ``stacks/spare``:
+readers take it where the group's does not read, see :data:`attnhooks.backends.stacks.SPARE`).
+One chunk of a stack spans the step's data of many modules, so a step of a
 32-layer model is a handful of chunk writes, not hundreds. Readers see the per-module arrays
 exactly as in ``attnhooks/1`` (:mod:`attnhooks.backends.stacks`); Zarr arrays of new stores keep
 their chunk files side by side (keys ``c.3.0.0``) instead of a folder per axis.

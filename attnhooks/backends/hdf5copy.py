@@ -9,6 +9,7 @@ import os
 import h5py
 
 from attnhooks.backends.hdf5eoa import close_file, open_past_eoa
+from attnhooks.backends.stacks import ATTR, GROUP, SPARE
 
 __all__ = ["copy_group", "rewrite"]
 
@@ -53,10 +54,12 @@ def _only_the_root(src: h5py.File, dst: h5py.File) -> None:
 def copy_group(src: h5py.Group, dst: h5py.Group, skipped: list[str]) -> None:
     """Copy ``src`` into ``dst`` whole: attributes, groups, and each array by HDF5's own copy (raw
     chunks); an array that copy refuses is copied chunk by chunk (:func:`_copy_chunks`)."""
-    for key, value in src.attrs.items():
-        dst.attrs[key] = value
+    _copy_attrs(src, dst, skipped)
     for name in src:
         obj = src.get(name)
+        if obj is None and f"{src.name}/{name}" == f"/{SPARE}" and _reads(src.file, GROUP, ATTR):
+            skipped.append(f"/{SPARE}: does not open (made by a killed writer); the stacks' own description is kept")
+            continue
         if obj is None:  # (h5py's items() yields None for it) the object a killed writer linked but never wrote
             raise KeyError(f"{src.name}/{name}: its object does not open (address past the file's end, or none)")
         if isinstance(obj, h5py.Group):
@@ -68,6 +71,29 @@ def copy_group(src: h5py.Group, dst: h5py.Group, skipped: list[str]) -> None:
             if name in dst:
                 del dst[name]
             _copy_chunks(obj, dst, name, skipped)
+
+
+def _copy_attrs(src: h5py.Group, dst: h5py.Group, skipped: list[str]) -> None:
+    """Copy the attributes of ``src``; one copy of the stacks' description that does not read (torn: a writer
+    killed while rewriting it) is left out when the other reads (the ``stacks`` group's and its spare's,
+    :data:`~attnhooks.backends.stacks.SPARE`): readers take whichever is there."""
+    other = {f"/{GROUP}": SPARE, f"/{SPARE}": GROUP}.get(src.name)
+    for key in src.attrs:  # (the names are in the group's header; a value in the heap may not read)
+        try:
+            value = src.attrs[key]
+        except OSError as err:
+            if key != ATTR or other is None or not _reads(src.file, other, ATTR):
+                raise
+            skipped.append(f"{src.name}: its attribute {key!r} did not read ({err}); the copy in /{other} is used")
+            continue
+        dst.attrs[key] = value
+
+
+def _reads(file: h5py.File, path: str, key: str) -> bool:
+    try:
+        return path in file and key in file[path].attrs and file[path].attrs[key] is not None
+    except (OSError, KeyError, RuntimeError):
+        return False
 
 
 def _copy_chunks(ds: h5py.Dataset, dst: h5py.Group, name: str, skipped: list[str]) -> None:

@@ -14,7 +14,7 @@ blocks for one step are held in memory (one buffer per module chunk, each at mos
 commit protocol calls before it advances ``committed``; so a committed step's chunks are on disk
 and a killed writer leaves only positions nobody reads. Each stack's attributes name its members
 and their shapes (attributes of the ``stacks`` group: ``{"attnhooks_stack": {"q.0": {"members":
-[[path, shape], ...], ...}}}``), written at flush.
+[[path, shape], ...], ...}}}``), written at flush, after a spare copy (:data:`SPARE`).
 
 Arrays whose chunk per module is larger than :data:`MEMBER_BYTES` (long sequences), other leaves
 (attn, masks, summaries, tokens) and stores of schema ``attnhooks/1`` stay one array per module.
@@ -34,14 +34,22 @@ from attnhooks.backends.integrity import spans
 from attnhooks.backends.stackchunks import HeldChunks, Member, Stack, member_selection
 from attnhooks.errors import StoreCorruptError
 
-__all__ = ["GROUP", "MEMBER_BYTES", "STACKED_LEAVES", "StackedBackend", "stacked_view", "writing"]
+__all__ = ["ATTR", "GROUP", "MEMBER_BYTES", "SPARE", "STACKED_LEAVES", "StackedBackend", "stacked_view", "writing"]
 
 GROUP = "stacks"
 STACKED_LEAVES = frozenset({"q", "k", "lse", "calls", "info", "scalars", "rowkeys"})
 MEMBER_BYTES = 1 << 20
 """A module's array is stacked when one of its chunks is at most this size."""
 _STACK_CHUNK_BYTES = 8 << 20  # a stack chunk spans as many modules as fit in this
-_ATTR = "attnhooks_stack"
+ATTR = "attnhooks_stack"
+SPARE = f"{GROUP}/spare"
+"""A group whose attribute ``attnhooks_stack`` is a copy of the stacks' description, written and flushed
+before the ``stacks`` group's own at every change. HDF5 rewrites a text attribute in two places (the
+group's header and the file's heap of variable-length data), and a writer killed between the two writes
+leaves an attribute that reads as neither value ("Expected global heap object size does not match"):
+without a copy, a store with committed steps would no longer open. With it, a kill in either write
+leaves the other copy whole, and readers take the spare when the group's does not read (it describes the
+stacks on disk; steps past ``committed`` are not read)."""
 
 
 def stacked_view(backend: Backend, committed: int | None = None) -> Backend:
@@ -267,7 +275,7 @@ class StackedBackend:
         self._write_held()
         if any(stack.dirty and stack.width for stack in self._stacks.values()):
             # every stack's description, on the group (HDF5 in SWMR mode adds no attributes to arrays)
-            self.inner.set_attrs(GROUP, {_ATTR: _described(self._stacks, self._members)})
+            _describe(self.inner, {ATTR: _described(self._stacks, self._members)})
         self.inner.flush()
 
     def _write_held(self) -> None:
@@ -308,8 +316,7 @@ def _stored_stacks(inner: Backend) -> tuple[dict[str, Stack], dict[str, Member]]
     """The stacks described in the store (their group's attributes) and their members."""
     stacks: dict[str, Stack] = {}
     members: dict[str, Member] = {}
-    described_all = inner.attrs(GROUP).get(_ATTR, {}) if inner.contains(GROUP) else {}
-    for name, described in described_all.items():
+    for name, described in _description(inner).items():
         path = f"{GROUP}/{name}"
         if not inner.contains(path):
             continue
@@ -323,6 +330,31 @@ def _stored_stacks(inner: Backend) -> tuple[dict[str, Stack], dict[str, Member]]
                 members[entry[0]] = Member(stack, index, tuple(entry[1]))
         stacks[path] = stack
     return stacks, members
+
+
+def _description(inner: Backend) -> dict[str, Any]:
+    """The stacks' description: the ``stacks`` group's, or its spare copy's (:data:`SPARE`) when the
+    group's does not read (a writer killed while rewriting it) or is missing (left out by a repair)."""
+    if not inner.contains(GROUP):
+        return {}
+    try:
+        described = inner.attrs(GROUP).get(ATTR)
+    except OSError:  # (h5py: "Expected global heap object size does not match")
+        described = None
+        if not inner.contains(SPARE):
+            raise
+    if described is None and inner.contains(SPARE):
+        described = inner.attrs(SPARE).get(ATTR)
+    return described or {}
+
+
+def _describe(inner: Backend, described: dict[str, Any]) -> None:
+    """Write the stacks' description: its spare copy (:data:`SPARE`) first and flushed, then the group's."""
+    if not inner.contains(SPARE):
+        inner.create_group(SPARE)
+    inner.set_attrs(SPARE, described)
+    inner.flush()
+    inner.set_attrs(GROUP, described)
 
 
 def _described(stacks: dict[str, Stack], members: dict[str, Member]) -> dict[str, Any]:

@@ -455,6 +455,33 @@ def test_repair_that_cannot_copy_a_store_with_commits_raises_a_typed_error(tmp_p
     assert raised.value.__cause__ is error and path.read_bytes() == before
 
 
+@pytest.mark.parametrize("described", [True, False])
+def test_a_spare_description_that_does_not_open_is_left_out_when_the_stacks_own_reads(tmp_path, described):
+    """A writer killed while it made ``stacks/spare`` (the copy of the stacks' description, made at the first
+    change of an older store appended to) leaves a link to nothing, with steps committed: the copy is left
+    out and said so, the store's own description kept. Without a description that reads, as any such link."""
+    import h5py
+
+    from attnhooks.backends.hdf5copy import rewrite
+
+    path = tmp_path / "killed.h5"
+    with h5py.File(path, "w", libver="latest") as f:
+        f.attrs["committed"] = 2
+        f.create_dataset("stacks/q.0", data=np.arange(8.0))
+        if described:
+            f["stacks"].attrs["attnhooks_stack"] = '{"q.0": {}}'
+        f["stacks/spare"] = h5py.SoftLink("/nowhere")
+    if not described:
+        with pytest.raises(KeyError, match="does not open"):
+            rewrite(str(path))
+        return
+    report = rewrite(str(path))
+    assert any(line.startswith("/stacks/spare: does not open") for line in report), report
+    with h5py.File(path, "r") as f:
+        assert sorted(f["stacks"]) == ["q.0"] and f["stacks"].attrs["attnhooks_stack"] == '{"q.0": {}}'
+        assert f.attrs["committed"] == 2
+
+
 @pytest.mark.parametrize("committed", [0, 1])
 def test_a_link_whose_object_does_not_open_is_left_out_only_when_nothing_was_committed(tmp_path, committed):
     """A writer killed in its first commit, while it made the stacks' arrays, left a link to an array whose

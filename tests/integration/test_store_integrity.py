@@ -6,6 +6,7 @@ before. ``attnhooks verify`` lists the damaged steps without changing anything."
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -204,14 +205,29 @@ def test_a_torn_rewrite_of_a_step_table_keeps_its_committed_entries(tmp_path, la
         assert st.attention("self_attn", 2, method="reconstructed").shape[-2:] == (5, 5)
 
 
+def _left_open(path, eoa=None):
+    """Mark the HDF5 file at ``path`` open for writing in SWMR mode, as a killed writer leaves it (its
+    superblock's flags), with its end-of-allocation mark at ``eoa`` (None: left at the file's end)."""
+    import struct
+
+    from attnhooks.backends.hdf5eoa import lookup3
+
+    with open(path, "r+b") as raw:
+        head = bytearray(raw.read(44))
+        assert head[8] == 3 and struct.unpack("<Q", head[28:36])[0] == os.path.getsize(path)
+        head[11] = 5  # open for writing, in SWMR mode
+        if eoa is not None:
+            head[28:36] = struct.pack("<Q", eoa)
+        raw.seek(0)
+        raw.write(bytes(head) + struct.pack("<I", lookup3(bytes(head))))
+
+
 def test_a_superblock_ending_before_the_data_is_read_amended_and_repaired(tmp_path, layer):
     """A writer killed in SWMR mode can leave the superblock's end-of-allocation mark (EOA) before blocks
     it wrote (seen once in ~300 kills under load): HDF5 then refuses every chunk past it ("addr overflow"),
     committed steps included. The reader reads the file through an amended superblock (nothing written),
     repair rewrites it; both show the committed steps bit for bit."""
     import struct
-
-    from attnhooks.backends.hdf5eoa import lookup3
 
     path = str(tmp_path / "run.h5")
     st = _write(layer, path, record=("q", "k", "lse"), compression="none")
@@ -220,13 +236,7 @@ def test_a_superblock_ending_before_the_data_is_read_amended_and_repaired(tmp_pa
     with h5py.File(path, "r") as f:
         q = f[_stored_at(path, "modules/self_attn/q")]
         last = max(q.id.get_chunk_info(i).byte_offset for i in range(q.id.get_num_chunks()))
-    with open(path, "r+b") as raw:  # the superblock a killed writer left: EOA before the last q chunk
-        head = bytearray(raw.read(44))
-        assert head[8] == 3 and struct.unpack("<Q", head[28:36])[0] == os.path.getsize(path)
-        head[11] = 5  # open for writing, in SWMR mode
-        head[28:36] = struct.pack("<Q", last)
-        raw.seek(0)
-        raw.write(bytes(head) + struct.pack("<I", lookup3(bytes(head))))
+    _left_open(path, eoa=last)  # the superblock a killed writer left: EOA before the last q chunk
     with open(path, "rb") as raw, h5py.File(raw, "r") as f, pytest.raises(OSError, match="addr overflow"):
         f[_stored_at(path, "modules/self_attn/q")][...]  # what HDF5 alone makes of it (as a reader opens it)
     with attnhooks.open_store(path) as st:
@@ -239,3 +249,94 @@ def test_a_superblock_ending_before_the_data_is_read_amended_and_repaired(tmp_pa
     with attnhooks.open_store(path) as st:
         for step in st.steps:
             np.testing.assert_array_equal(st.attention("self_attn", step, method="reconstructed"), before[step])
+
+
+def _tear_description(path, copy="/stacks"):
+    """What a writer killed inside a rewrite of the stacks' description leaves (replaying a rewrite's writes
+    one at a time showed it: the group's header and the heap of variable-length data are two writes, and
+    either without the other reads as neither value): the size in the heap object of the description of the
+    group ``copy`` (``/stacks`` or ``/stacks/spare``) no longer matches its header's. Both copies hold the same
+    text: the object patched is the one that makes ``copy``'s fail."""
+    import struct
+
+    with h5py.File(path, "r") as f:
+        text = f["stacks"].attrs["attnhooks_stack"].encode()
+        assert f["stacks/spare"].attrs["attnhooks_stack"].encode() == text
+    data, found = Path(path).read_bytes(), []
+    while (at := data.find(text, found[-1] + 1 if found else 0)) >= 0:
+        found.append(at)
+    assert len(found) == 2, "two copies in the heap: the group's and the spare's"
+    for at in found:
+        size = struct.unpack("<Q", data[at - 8 : at])[0]
+        assert size == len(text), "a heap object's size precedes its data"
+        with open(path, "r+b") as raw:
+            raw.seek(at - 8)
+            raw.write(struct.pack("<Q", size - 1))
+        with h5py.File(path, "r") as f:
+            try:
+                dict(f[copy].attrs)
+            except OSError:
+                return  # that copy torn (the other reads: checked by the caller)
+        with open(path, "r+b") as raw:  # the other copy: put back, try the next
+            raw.seek(at - 8)
+            raw.write(struct.pack("<Q", size))
+    raise AssertionError(f"no heap object tears the description of {copy}")
+
+
+def test_a_torn_rewrite_of_the_stacks_description_reads_its_spare_copy(tmp_path, layer):
+    """The stacks' description (one text attribute of the ``stacks`` group, rewritten at every commit that
+    changes a member's shape) torn by a killed writer made every store with committed steps fail to open.
+    Its spare copy, written and flushed before it, is read instead; repair leaves the torn one out and says
+    so, and an append writes both again. Every step reads bit for bit as before."""
+    path = str(tmp_path / "run.h5")
+    st = _write(layer, path, record=("q", "k", "lse"), compression="none")
+    before = {step: st.attention("self_attn", step, method="reconstructed") for step in st.steps}
+    st.close()
+    _tear_description(path)
+    _left_open(path)
+    with open(path, "rb") as raw, h5py.File(raw, "r") as f:
+        with pytest.raises(OSError, match="global heap object size"):
+            dict(f["stacks"].attrs)
+        assert "q.0" in f["stacks/spare"].attrs["attnhooks_stack"]
+
+    def same(st):
+        assert st.steps == sorted(before)
+        for step, value in before.items():
+            np.testing.assert_array_equal(st.attention("self_attn", step, method="reconstructed"), value)
+
+    with attnhooks.open_store(path) as st:
+        same(st)
+    report = attnhooks.repair(path)
+    assert report.committed == 3
+    said = [r for r in report.removed if "'attnhooks_stack' did not read" in r and "/stacks/spare is used" in r]
+    assert said, report.removed
+    with attnhooks.open_store(path) as st:
+        same(st)
+    with torch.no_grad(), attnhooks.capture(layer, store=path, mode="append"):
+        layer(torch.randn(1, 7, 16))  # a longer step: the members' shapes change, the description is rewritten
+    with h5py.File(path, "r") as f:
+        assert f["stacks"].attrs["attnhooks_stack"] == f["stacks/spare"].attrs["attnhooks_stack"]
+    with attnhooks.open_store(path) as st:
+        assert st.steps == [0, 1, 2, 3] and st.q("self_attn", 3).shape[-2] == 7
+        for step, value in before.items():
+            np.testing.assert_array_equal(st.attention("self_attn", step, method="reconstructed"), value)
+
+
+def test_a_torn_spare_description_is_left_out_by_repair(tmp_path, layer):
+    """A writer killed while it rewrote the spare copy (the first of the two writes) left the stacks' own
+    description as it was: readers use it, repair leaves the torn copy out and says so."""
+    path = str(tmp_path / "run.h5")
+    st = _write(layer, path, record=("q", "k", "lse"), compression="none")
+    before = {step: st.q("self_attn", step) for step in st.steps}
+    st.close()
+    _tear_description(path, "/stacks/spare")
+    _left_open(path)
+    with attnhooks.open_store(path) as st:
+        for step, value in before.items():
+            np.testing.assert_array_equal(st.q("self_attn", step), value)
+    report = attnhooks.repair(path)
+    assert any(r.startswith("/stacks/spare: its attribute") and "/stacks is used" in r for r in report.removed)
+    with attnhooks.open_store(path) as st, h5py.File(path, "r") as f:
+        assert "attnhooks_stack" not in f["stacks/spare"].attrs
+        for step, value in before.items():
+            np.testing.assert_array_equal(st.q("self_attn", step), value)

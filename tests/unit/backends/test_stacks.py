@@ -110,7 +110,7 @@ def test_stacked_arrays_read_as_arrays_of_their_own(kind, seed, tmp_path):
     stacked = StackedBackend(inner, stacking=True)
     try:
         paths = _run(rng, plain, stacked)
-        assert inner.children(GROUP) == sorted(f"{leaf}.0" for leaf in LEAVES)
+        assert inner.children(GROUP) == sorted([*(f"{leaf}.0" for leaf in LEAVES), "spare"])  # (SPARE)
         assert not inner.contains("modules/m0/q")  # stored in the stack, not on its own
         assert stacked.children("modules/m0") == sorted(LEAVES)
         stacked.close()
@@ -229,3 +229,48 @@ def test_unreadable_stacks_of_a_store_that_committed_nothing_are_not_needed(tmp_
             stacked_view(reader, committed=1)
     finally:
         reader.close()
+
+
+def test_the_description_is_flushed_in_its_spare_copy_before_its_own(tmp_path):
+    """At a flush that changes the description, the spare copy is written and flushed before the ``stacks``
+    group's own is touched (a kill in either write then leaves the other whole); a reader whose group
+    copy does not read takes the spare's."""
+    from attnhooks.backends.memory import MemoryBackend
+    from attnhooks.backends.stacks import ATTR, SPARE
+
+    log: list[tuple[str, ...]] = []
+
+    class Logged(MemoryBackend):
+        def set_attrs(self, path, values):
+            log.append(("set_attrs", path, *sorted(values)))
+            super().set_attrs(path, values)
+
+        def flush(self):
+            log.append(("flush",))
+
+    inner = Logged.open(f"memory://{tmp_path.name}-spare", "w")
+    stacked = StackedBackend(inner, stacking=True)
+    dtype, shape, chunks, fill = LEAVES["q"]
+    stacked.create_array("modules/m0/q", shape, dtype, chunks, fill, CODEC)
+    stacked.write("modules/m0/q", (0,), np.ones(shape[1:], dtype=dtype))
+    log.clear()
+    stacked.flush()
+    assert log == [("set_attrs", SPARE, ATTR), ("flush",), ("set_attrs", GROUP, ATTR), ("flush",)]
+    assert inner.attrs(SPARE) == inner.attrs(GROUP)
+    log.clear()
+    stacked.flush()  # nothing changed: neither copy is rewritten
+    assert log == [("flush",)]
+
+    class Torn(MemoryBackend):
+        def attrs(self, path):
+            if path == GROUP:
+                raise OSError("Can't synchronously read data (Expected global heap object size does not match)")
+            return super().attrs(path)
+
+    torn = Torn.open(f"memory://{tmp_path.name}-spare", "r+")  # (the same store)
+    reader = stacked_view(torn)
+    assert reader.shape("modules/m0/q") == shape
+    np.testing.assert_array_equal(reader.read("modules/m0/q", (0,)), np.ones(shape[1:], dtype=dtype))
+    torn.remove(SPARE)
+    with pytest.raises(OSError, match="global heap"):  # no spare: the error, as before
+        stacked_view(torn)
