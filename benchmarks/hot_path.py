@@ -22,7 +22,9 @@ of a store gets the other core), random weights, float32:
               to Zarr and to HDF5 (every step captured), timed up to the end of the ``with`` block.
 
 The configurations of a part run interleaved (``--repeats`` rounds, the order rotated each round,
-after one warm-up run of each; the train part has no warm-up run);
+after one warm-up run of each; the train part has no warm-up run; a garbage collection, untimed, before
+each run: a full collection walks the whole process, ~190 ms with a 32-layer model, and one left pending
+by a configuration that kept its records would otherwise land in whichever run came next);
 medians and the spread (lowest to highest) are printed, with each one's ratio to ``bare`` and the
 capture's cost per attention call: (CPU time of the configuration - CPU time of ``bare``) / calls
 (process CPU time, so a store's writer thread counts). Store runs also print the close time (the
@@ -37,6 +39,7 @@ of the issue print as PASS / FAIL.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import shutil
@@ -82,6 +85,7 @@ def interleaved(configs: dict[str, Config], repeats: int, warm_up: bool = True) 
     for round_ in range(repeats):
         for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
             config = configs[name]
+            gc.collect()  # (untimed) a run pays for its own garbage, not for the previous configuration's
             wall, cpu = time.perf_counter(), time.process_time()
             extra = config.run()
             config.wall.append(time.perf_counter() - wall)
