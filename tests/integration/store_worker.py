@@ -44,6 +44,9 @@ MODULES = ["0.self_attn", "1.self_attn"]
 BUFFER = "32KiB"  # a few steps' worth: the writer stays close behind the forwards
 D_MODEL, HEADS, BATCH = 16, 4, 2
 HOLDS = ("enter", "array", "end", "closed")
+GROWING = os.environ.get("ATTNHOOKS_KILL_GROWING", "0") == "1"  # see seq_len
+if GROWING:
+    BUFFER = "256KiB"  # a call of 43 rows records ~70 KiB
 
 
 def build_model() -> nn.Module:
@@ -56,7 +59,12 @@ def build_model() -> nn.Module:
 
 
 def seq_len(step: int) -> int:
-    """Sequence lengths vary across steps (3..11), so padding and true lengths both matter."""
+    """Sequence lengths vary across steps (3..11), so padding and true lengths both matter. With
+    ``ATTNHOOKS_KILL_GROWING=1`` in the environment they grow by one a step for the first 40 steps (3..43):
+    every commit then changes the members' shapes and rewrites the stacks' description, so kills land in
+    that rewrite (to loop the kill test on; the suite keeps the lengths above)."""
+    if GROWING:
+        return 3 + min(step, 40)
     return 3 + (step * 7) % 9
 
 
