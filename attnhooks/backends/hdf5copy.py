@@ -8,6 +8,7 @@ import os
 
 import h5py
 
+from attnhooks.backends.hdf5attrs import decode
 from attnhooks.backends.hdf5eoa import close_file, open_past_eoa
 from attnhooks.backends.stacks import ATTR, GROUP, SPARE
 
@@ -57,8 +58,9 @@ def copy_group(src: h5py.Group, dst: h5py.Group, skipped: list[str]) -> None:
     _copy_attrs(src, dst, skipped)
     for name in src:
         obj = src.get(name)
-        if obj is None and f"{src.name}/{name}" == f"/{SPARE}" and _reads(src.file, GROUP, ATTR):
-            skipped.append(f"/{SPARE}: does not open (made by a killed writer); the stacks' own description is kept")
+        unneeded = _unneeded(src, name) if obj is None else None
+        if unneeded is not None:
+            skipped.append(f"{src.name}/{name}: does not open (made by a killed writer); {unneeded}")
             continue
         if obj is None:  # (h5py's items() yields None for it) the object a killed writer linked but never wrote
             raise KeyError(f"{src.name}/{name}: its object does not open (address past the file's end, or none)")
@@ -71,6 +73,27 @@ def copy_group(src: h5py.Group, dst: h5py.Group, skipped: list[str]) -> None:
             if name in dst:
                 del dst[name]
             _copy_chunks(obj, dst, name, skipped)
+
+
+def _unneeded(group: h5py.Group, name: str) -> str | None:
+    """Why the link ``name`` of ``group``, whose object does not open, holds nothing a committed step needs,
+    so that it may be left out (None: it may hold something). The spare description's group, while the
+    stacks' own description reads; a stack array that no copy of the description that reads lists: a
+    commit lists its new stacks and flushes them (with the spare copy) before it counts its step, so an
+    unlisted one was made in a commit that never finished (or in a step's early write of held chunks)."""
+    if f"{group.name}/{name}" == f"/{SPARE}":
+        return "the stacks' own description is kept" if _reads(group.file, GROUP, ATTR) else None
+    if group.name != f"/{GROUP}":
+        return None
+    listed: set[str] | None = None
+    for path in (GROUP, SPARE):
+        try:
+            listed = (listed or set()) | set(decode(group.file[path].attrs[ATTR]))
+        except (OSError, KeyError, RuntimeError, ValueError, TypeError):
+            continue
+    if listed is None or name in listed:
+        return None
+    return "a stack no description lists (made in a commit that did not finish)"
 
 
 def _copy_attrs(src: h5py.Group, dst: h5py.Group, skipped: list[str]) -> None:

@@ -482,6 +482,37 @@ def test_a_spare_description_that_does_not_open_is_left_out_when_the_stacks_own_
         assert f.attrs["committed"] == 2
 
 
+@pytest.mark.parametrize("listed", [False, True])
+def test_a_stack_that_does_not_open_is_left_out_when_no_description_lists_it(tmp_path, listed):
+    """With steps committed, a link to a stack array that does not open (a writer killed while a later commit
+    made a new stack) is left out when no copy of the stacks' description lists it: a commit lists and
+    flushes its new stacks before it counts its step, so no committed step reads it. A listed one is damage:
+    repair raises and leaves the file as it was."""
+    import h5py
+
+    from attnhooks.backends.hdf5copy import rewrite
+
+    path = tmp_path / "killed.h5"
+    described = '{"q.0": {}, "k.0": {}}' if listed else '{"q.0": {}}'
+    with h5py.File(path, "w", libver="latest") as f:
+        f.attrs["committed"] = 3
+        f.create_dataset("stacks/q.0", data=np.arange(8.0))
+        f["stacks"].attrs["attnhooks_stack"] = described
+        f.create_group("stacks/spare").attrs["attnhooks_stack"] = described
+        f["stacks/k.0"] = h5py.SoftLink("/nowhere")
+    before = path.read_bytes()
+    if listed:
+        with pytest.raises(KeyError, match="does not open"):
+            rewrite(str(path))
+        assert path.read_bytes() == before
+        return
+    report = rewrite(str(path))
+    assert any(line.startswith("/stacks/k.0: does not open") and "no description lists" in line for line in report)
+    with h5py.File(path, "r") as f:
+        assert sorted(f["stacks"]) == ["q.0", "spare"] and f.attrs["committed"] == 3
+        np.testing.assert_array_equal(f["stacks/q.0"][...], np.arange(8.0))
+
+
 @pytest.mark.parametrize("committed", [0, 1])
 def test_a_link_whose_object_does_not_open_is_left_out_only_when_nothing_was_committed(tmp_path, committed):
     """A writer killed in its first commit, while it made the stacks' arrays, left a link to an array whose
