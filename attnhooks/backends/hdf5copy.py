@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from typing import Any
 
 import h5py
 
@@ -78,22 +79,28 @@ def copy_group(src: h5py.Group, dst: h5py.Group, skipped: list[str]) -> None:
 def _unneeded(group: h5py.Group, name: str) -> str | None:
     """Why the link ``name`` of ``group``, whose object does not open, holds nothing a committed step needs,
     so that it may be left out (None: it may hold something). The spare description's group, while the
-    stacks' own description reads; a stack array that no copy of the description that reads lists: a
-    commit lists its new stacks and flushes them (with the spare copy) before it counts its step, so an
-    unlisted one was made in a commit that never finished (or in a step's early write of held chunks)."""
+    stacks' own description reads; a stack array, or a module's group, that no copy of the description
+    that reads lists (a module: its ``calls`` table, a member of a stack in every store with stacks). A
+    commit lists its new stacks and members and flushes them (with the spare copy) before it counts its
+    step, so an unlisted one was made in a step that was never committed."""
     if f"{group.name}/{name}" == f"/{SPARE}":
         return "the stacks' own description is kept" if _reads(group.file, GROUP, ATTR) else None
-    if group.name != f"/{GROUP}":
+    if group.name not in (f"/{GROUP}", "/modules"):
         return None
-    listed: set[str] | None = None
-    for path in (GROUP, SPARE):
+    described: dict[str, Any] = {}
+    for path in (SPARE, GROUP):  # (the spare's first: the group's, never older, wins a name in both)
         try:
-            listed = (listed or set()) | set(decode(group.file[path].attrs[ATTR]))
-        except (OSError, KeyError, RuntimeError, ValueError, TypeError):
+            described.update(decode(group.file[path].attrs[ATTR]))
+        except (OSError, KeyError, RuntimeError, ValueError, TypeError, AttributeError):
             continue
-    if listed is None or name in listed:
+    if not described:
         return None
-    return "a stack no description lists (made in a commit that did not finish)"
+    if group.name == f"/{GROUP}":
+        return None if name in described else "a stack no description lists (made in a commit that did not finish)"
+    members = {m[0] for stack in described.values() for m in stack.get("members", []) if m}
+    if f"modules/{name}/calls" in members:
+        return None
+    return "a module no description lists (first seen in a step that was not committed)"
 
 
 def _copy_attrs(src: h5py.Group, dst: h5py.Group, skipped: list[str]) -> None:

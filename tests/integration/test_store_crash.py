@@ -513,6 +513,34 @@ def test_a_stack_that_does_not_open_is_left_out_when_no_description_lists_it(tmp
         np.testing.assert_array_equal(f["stacks/q.0"][...], np.arange(8.0))
 
 
+@pytest.mark.parametrize("module", ["b", "a"])
+def test_a_module_group_that_does_not_open_is_left_out_when_no_description_lists_it(tmp_path, module):
+    """The same for a module's group (a module first seen in a step that was not committed): left out when
+    no description lists its ``calls`` table; a listed module's group that does not open raises."""
+    import h5py
+
+    from attnhooks.backends.hdf5copy import rewrite
+
+    path = tmp_path / "killed.h5"
+    described = '{"calls.0": {"members": [["modules/a/calls", [3]], null]}}'
+    with h5py.File(path, "w", libver="latest") as f:
+        f.attrs["committed"] = 3
+        f.create_dataset("stacks/calls.0", data=np.arange(8))
+        f["stacks"].attrs["attnhooks_stack"] = described
+        f.create_group("modules/c").attrs["name"] = "c"
+        f[f"modules/{module}"] = h5py.SoftLink("/nowhere")
+    before = path.read_bytes()
+    if module == "a":
+        with pytest.raises(KeyError, match="does not open"):
+            rewrite(str(path))
+        assert path.read_bytes() == before
+        return
+    report = rewrite(str(path))
+    assert any(line.startswith("/modules/b: does not open") and "no description lists" in line for line in report)
+    with h5py.File(path, "r") as f:
+        assert sorted(f["modules"]) == ["c"] and f["stacks"].attrs["attnhooks_stack"] == described
+
+
 @pytest.mark.parametrize("committed", [0, 1])
 def test_a_link_whose_object_does_not_open_is_left_out_only_when_nothing_was_committed(tmp_path, committed):
     """A writer killed in its first commit, while it made the stacks' arrays, left a link to an array whose
