@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Any
 
 import h5py
 
@@ -87,17 +86,20 @@ def _unneeded(group: h5py.Group, name: str) -> str | None:
         return "the stacks' own description is kept" if _reads(group.file, GROUP, ATTR) else None
     if group.name not in (f"/{GROUP}", "/modules"):
         return None
-    described: dict[str, Any] = {}
-    for path in (SPARE, GROUP):  # (the spare's first: the group's, never older, wins a name in both)
+    stacks: set[str] = set()
+    members: set[str] = set()
+    for path in (GROUP, SPARE):  # (what either copy lists counts as listed)
         try:
-            described.update(decode(group.file[path].attrs[ATTR]))
-        except (OSError, KeyError, RuntimeError, ValueError, TypeError, AttributeError):
+            described = decode(group.file[path].attrs[ATTR])
+            named = {m[0] for stack in described.values() for m in stack.get("members", []) if m}
+        except (OSError, KeyError, RuntimeError, ValueError, TypeError, AttributeError, IndexError):
             continue
-    if not described:
+        stacks.update(described)
+        members.update(named)
+    if not stacks:
         return None
     if group.name == f"/{GROUP}":
-        return None if name in described else "a stack no description lists (made in a commit that did not finish)"
-    members = {m[0] for stack in described.values() for m in stack.get("members", []) if m}
+        return None if name in stacks else "a stack no description lists (made in a commit that did not finish)"
     if f"modules/{name}/calls" in members:
         return None
     return "a module no description lists (first seen in a step that was not committed)"
