@@ -30,6 +30,7 @@ from attnhooks.errors import CacheMismatchError
 
 __all__ = [
     "CacheWatch",
+    "KeyChecks",
     "Past",
     "find_cache",
     "hides_keys_from",
@@ -217,3 +218,70 @@ def key_parents(parents: torch.Tensor, k_new: int) -> torch.Tensor:
     if k_new:
         out[:, 0] = parents
     return out
+
+
+class KeyChecks:
+    """The keys a forward's kernel received, compared with the keys a capture recorded, slot by slot: a
+    reorder or crop the capture was not told of, or keys edited by hand, make them differ (in some layer).
+
+    On the CPU a comparison is made at once; on a device it is queued as a tensor and read by
+    :meth:`settle`, once per forward, so that the hot path makes no host synchronisation.
+    """
+
+    def __init__(self) -> None:
+        self._differ: list[tuple[tuple[str, int, int], torch.Tensor]] = []
+
+    def queue(
+        self,
+        where: tuple[str, int, int],
+        tail: torch.Tensor,
+        k: torch.Tensor,
+        at: int,
+        behind: int,
+        parents: torch.Tensor | None,
+    ) -> None:
+        """Compare the kernel's key ``k[:, :, at]`` (the last position the cache held before this forward)
+        with the recorded one: the last of ``tail`` (a stream's last recorded keys) but ``behind``.
+
+        Args:
+            where: ``(module, step, call)``, for the message.
+            tail: ``[batch, kv_heads, n, head_dim]`` the stream's last recorded keys.
+            k: ``[batch, kv_heads, k_len, head_dim]`` the kernel's keys.
+            at: the kernel's index of that position (negative: a rolling cache kept no earlier key).
+            behind: positions recorded past it (a crop the capture was told of).
+            parents: the forward's slot map (its cache was reordered), or None.
+        """
+        if parents is not None:
+            if parents.numel() != tail.shape[0] or int(parents.max()) >= tail.shape[0]:
+                owner, step, call = where
+                raise CacheMismatchError(
+                    f"{owner!r} (step {step}, call {call}): the cache was reordered with {parents.numel()} "
+                    f"slots but the stream has {tail.shape[0]}"
+                )
+            tail = tail[parents.to(tail.device)]
+        kept = tail.size(2)
+        last = kept - behind - 1  # the tail's index of the position
+        if last < 0 or at < 0:
+            return  # cropped past the tail, or a rolling cache kept no earlier key: only the counts are checked
+        with torch._C.DisableTorchFunction():  # our own ops: no mode sees them
+            # [batch, kv_heads, 1, head_dim] each; a decode step's tail is its one key (no view made)
+            new, old = k.narrow(2, at, 1), tail if kept == 1 else tail.narrow(2, last, 1)
+            if new.is_cpu:  # checked at once
+                if not torch.equal(new, old):
+                    self._differ.append((where, torch.ones((), dtype=torch.bool)))
+            elif new.shape != old.shape:
+                self._differ.append((where, torch.ones((), dtype=torch.bool)))
+            else:
+                self._differ.append((where, (new != old).any()))
+
+    def settle(self) -> None:
+        """Raise :class:`CacheMismatchError` when a comparison queued since the last call differed."""
+        differ, self._differ = self._differ, []
+        for (owner, step, call), flag in differ:
+            if bool(flag):
+                raise CacheMismatchError(
+                    f"{owner!r} (step {step}, call {call}): the keys in the forward's KV cache differ from the "
+                    "keys the capture recorded for this stream: the cache was changed between forwards in a "
+                    "way attnhooks was not told (reordered or edited by hand?). Reorder it with the cache's "
+                    "reorder_cache(beam_idx), or start a new step (a forward without the cache)."
+                )

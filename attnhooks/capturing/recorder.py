@@ -19,7 +19,7 @@ import torch
 
 from attnhooks.capturing.build import RECORDABLE, RecordBuilder, RecordOptions
 from attnhooks.capturing.intercept.event import AttentionEvent
-from attnhooks.capturing.kvcache import Past, key_parents, looks_cross, unused_slots_removed
+from attnhooks.capturing.kvcache import KeyChecks, Past, key_parents, looks_cross, unused_slots_removed
 from attnhooks.capturing.record import Record
 from attnhooks.capturing.staging import Stager
 from attnhooks.capturing.streams import cut, rows_of
@@ -81,7 +81,7 @@ class Recorder:
     _last: dict[str, tuple[int, Record | None]] = field(default_factory=dict)
     _warned_dropout: bool = False
     _past: Past = field(default_factory=Past)
-    _checks: list[tuple[str, int, torch.Tensor]] = field(default_factory=list)
+    _keys: KeyChecks = field(default_factory=KeyChecks)
     events: int = 0
 
     def __post_init__(self) -> None:
@@ -175,7 +175,9 @@ class Recorder:
         if held < stream.keys:  # a cropped cache (rejected draft tokens): its rows are replaced
             self._refuse_crop(owner, call)
         shift = max(0, held + q_len - k_len)
-        self._check_keys(owner, call, stream, event, held, shift, self._past.parents)
+        if stream.tail is not None and event.k is not None:  # the kernel's key at position held - 1, as recorded?
+            where = (owner, self.step, call)
+            self._keys.queue(where, stream.tail, event.k, held - shift - 1, stream.keys - held, self._past.parents)
         return event, stream.rows - (stream.keys - held), held, shift
 
     def crop(self, length: int) -> None:
@@ -221,55 +223,8 @@ class Recorder:
 
     def check(self) -> None:
         """Raise :class:`CacheMismatchError` when a forward's cache held keys other than those recorded
-        (checked on the device during the forward; read here, once per forward, to keep the hot path
-        free of host synchronisation)."""
-        checks, self._checks = self._checks, []
-        for owner, call, differs in checks:
-            if bool(differs):
-                raise CacheMismatchError(
-                    f"{owner!r} (step {self.step}, call {call}): the keys in the forward's KV cache differ from "
-                    "the keys the capture recorded for this stream: the cache was changed between forwards in a "
-                    "way attnhooks was not told (reordered or edited by hand?). Reorder it with the cache's "
-                    "reorder_cache(beam_idx), or start a new step (a forward without the cache)."
-                )
-
-    def _check_keys(
-        self,
-        owner: str,
-        call: int,
-        stream: _Stream,
-        event: AttentionEvent,
-        held: int,
-        shift: int,
-        parents: torch.Tensor | None,
-    ) -> None:
-        """Queue the comparison of the kernel's key at position ``held - 1`` (the last one the cache held
-        before this forward) with the key recorded there, slot by slot: a reorder or crop the capture
-        was not told of, or keys edited by hand, make them differ (in some layer)."""
-        tail, k = stream.tail, event.k
-        if tail is None or k is None:
-            return
-        if parents is not None:
-            if parents.numel() != tail.shape[0] or int(parents.max()) >= tail.shape[0]:
-                raise CacheMismatchError(
-                    f"{owner!r} (step {self.step}, call {call}): the cache was reordered with {parents.numel()} "
-                    f"slots but the stream has {tail.shape[0]}"
-                )
-            tail = tail[parents.to(tail.device)]
-        kept = tail.size(2)
-        last = kept - (stream.keys - held) - 1  # the tail's index of position `held - 1`
-        if last < 0 or held - shift < 1:
-            return  # cropped past the tail, or a rolling cache kept no earlier key: only the counts are checked
-        with torch._C.DisableTorchFunction():  # our own ops: no mode sees them
-            # [batch, kv_heads, 1, head_dim] each; a decode step's tail is its one key (no view made)
-            new, old = k.narrow(2, held - shift - 1, 1), tail if kept == 1 else tail.narrow(2, last, 1)
-            if new.is_cpu:  # checked at once; a device is checked once per forward (no sync here)
-                if not torch.equal(new, old):
-                    self._checks.append((owner, call, torch.ones((), dtype=torch.bool)))
-            elif new.shape != old.shape:
-                self._checks.append((owner, call, torch.ones((), dtype=torch.bool)))
-            else:
-                self._checks.append((owner, call, (new != old).any()))
+        (:class:`~attnhooks.capturing.kvcache.KeyChecks`, read once per forward)."""
+        self._keys.settle()
 
     def dropout(self, owner: str, p: float, rec: Record | None = None) -> None:
         """Dropout ``p`` hit the probabilities of ``owner``'s last call: flag it or refuse."""
