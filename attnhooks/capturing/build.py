@@ -18,7 +18,7 @@ from attnhooks.capturing.staging import Stager, detached
 from attnhooks.errors import FaithfulnessWarning
 from attnhooks.reduce.summary import SummaryOptions, summarize_call
 
-__all__ = ["RECORDABLE", "RecordBuilder", "RecordOptions", "shifted"]
+__all__ = ["RECORDABLE", "RecordBuilder", "RecordOptions", "row_windows", "shifted"]
 
 RECORDABLE = ("attn", "q", "k", "lse", "summary")
 
@@ -55,7 +55,9 @@ class RecordBuilder:
         want = self.options.record
         self._q, self._k, self._attn, self._lse = "q" in want, "k" in want, "attn" in want, "lse" in want
         self._summary = "summary" in want
-        self._rows_lse = self._lse or self._summary  # the row log-sum-exp is needed
+        self.wants_lse = self._lse or self._summary  # the row log-sum-exp is needed
+        # only q, k and lse kept, nothing checked: a decode call's record is made without an event (row)
+        self.plain = not (self._attn or self._summary or self.options.verify)
 
     def nbytes(self, event: AttentionEvent, k_new: int, shift: int) -> int:
         """Host bytes the record of ``event`` will hold (what a store's budget must admit); its new
@@ -104,10 +106,7 @@ class RecordBuilder:
             mask=event.mask or unmasked(),
             softcap=event.softcap or None,
         )
-        if self._q and q is not None:
-            rec.q = self.stager.stage(q)
-        if self._k and k is not None:
-            rec.k = self.stager.stage_keys(k, k_offset - shift)
+        self._stage_qk(rec, q, k, k_offset - shift)
         attn = None
         lse = None
         if event.attn is not None and event.scores is not None:
@@ -117,9 +116,9 @@ class RecordBuilder:
             if self._attn:
                 rec.attn = self._stage_attn(attn, shift, rec)
         elif self._attn and q is not None and k is not None:
-            windows = self._windows(rec, event.shape[2])
+            windows = row_windows(self.options.rows, rec, event.shape[2])
             if windows is None:
-                with_lse = self._rows_lse and event.lse is None
+                with_lse = self.wants_lse and event.lse is None
                 into = self.stager.empty(event.shape, torch.float32, q.device)
                 attn, lse = attention_probs(
                     q, k, rec.scale, rec.mask, softcap=event.softcap, with_lse=with_lse, out=into
@@ -131,7 +130,7 @@ class RecordBuilder:
                     for a, b in windows
                 ]
                 rec.attn, rec.attn_rows = self._stage_attn(torch.cat(parts, dim=2), shift, ours=True), windows
-        if self._rows_lse and q is not None and k is not None:
+        if self.wants_lse and q is not None and k is not None:
             if lse is None:  # the kernel's, or computed block by block (no n x n matrix)
                 kernel = event.lse
                 lse = detached(kernel) if kernel is not None else row_lse(q, k, rec.scale, rec.mask, event.softcap)
@@ -144,6 +143,53 @@ class RecordBuilder:
         if shift:
             rec.mask = shifted(rec.mask, shift, event.shape)
         return rec
+
+    def row(
+        self,
+        owner: str,
+        call: int,
+        step: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        lse: torch.Tensor | None,
+        mask: MaskSpec,
+        scale: float | None,
+        source: str,
+        q_offset: int,
+        held: int,
+    ) -> Record:
+        """The record :meth:`build` makes of a decode call (one query row ``q``, keys ``k`` of ``held + 1``
+        positions, the kernel's ``lse``) when the options are :attr:`plain`: without an event."""
+        scale = scale if scale is not None else _default_scale(q)
+        kept_q = self.stager.stage(q) if self._q else None
+        kept_k = self.stager.stage_keys(k, held) if self._k else None
+        kept_lse = self.stager.stage(lse, owned=True) if self._lse and lse is not None else None
+        # by position (half the cost of keywords; a test compares the record with build's, field by field): q, k,
+        # attn, lse, scale, mask, softcap, q_offset, k_offset, k_len, kind, source
+        return Record(
+            owner,
+            call,
+            step,
+            kept_q,
+            kept_k,
+            None,
+            kept_lse,
+            scale,
+            mask,
+            None,
+            q_offset,
+            held,
+            held + 1,
+            "self",
+            source,
+        )
+
+    def _stage_qk(self, rec: Record, q: torch.Tensor | None, k: torch.Tensor | None, k_new: int) -> None:
+        """Stage the q and the new keys (from the kernel's key ``k_new``) a record keeps."""
+        if self._q and q is not None:
+            rec.q = self.stager.stage(q)
+        if self._k and k is not None:
+            rec.k = self.stager.stage_keys(k, k_new)
 
     def _summary_of(self, rec: Record, event: AttentionEvent, lse: torch.Tensor, shift: int) -> dict[str, torch.Tensor]:
         """The call's reductions, staged; in stream positions when a rolling cache dropped keys.
@@ -169,27 +215,6 @@ class RecordBuilder:
             out["received"] = torch.nn.functional.pad(out["received"], (shift, 0))
         return {name: self.stager.stage(t, owned=True) for name, t in out.items()}
 
-    def _windows(self, rec: Record, q_len: int) -> tuple[tuple[int, int], ...] | None:
-        """The rows of this record (relative) that ``rows=`` keeps, merged and in order; None: all."""
-        if self.options.rows is None:
-            return None
-        first, end = rec.q_offset, rec.q_offset + q_len
-        spans = []
-        for window in self.options.rows:
-            start = 0 if window.start is None else window.start
-            stop = end if window.stop is None else window.stop
-            start, stop = (end + start if start < 0 else start), (end + stop if stop < 0 else stop)
-            a, b = max(start, first) - first, min(stop, end) - first
-            if a < b:
-                spans.append((a, b))
-        merged: list[tuple[int, int]] = []
-        for a, b in sorted(spans):
-            if merged and a <= merged[-1][1]:
-                merged[-1] = (merged[-1][0], max(b, merged[-1][1]))
-            else:
-                merged.append((a, b))
-        return tuple(merged)
-
     def _stage_attn(
         self, attn: torch.Tensor, shift: int, rec: Record | None = None, ours: bool = False
     ) -> torch.Tensor:
@@ -197,7 +222,7 @@ class RecordBuilder:
         ``rec`` and row windows, only the chosen rows (``rec.attn_rows`` set). ``ours``: attnhooks
         computed ``attn`` (nobody else holds it), so on the CPU it is kept without a copy."""
         if rec is not None:
-            windows = self._windows(rec, int(attn.shape[2]))
+            windows = row_windows(self.options.rows, rec, int(attn.shape[2]))
             if windows is not None:
                 rec.attn_rows = windows
                 # (a decode row outside every window keeps no row: an empty block, not a failed cat)
@@ -253,6 +278,28 @@ class RecordBuilder:
                 FaithfulnessWarning,
                 stacklevel=4,
             )
+
+
+def row_windows(rows: tuple[slice, ...] | None, rec: Record, q_len: int) -> tuple[tuple[int, int], ...] | None:
+    """The rows of this record (relative) that ``rows`` (the ``rows=`` option) keeps, merged and in order; None: all."""
+    if rows is None:
+        return None
+    first, end = rec.q_offset, rec.q_offset + q_len
+    spans = []
+    for window in rows:
+        start = 0 if window.start is None else window.start
+        stop = end if window.stop is None else window.stop
+        start, stop = (end + start if start < 0 else start), (end + stop if stop < 0 else stop)
+        a, b = max(start, first) - first, min(stop, end) - first
+        if a < b:
+            spans.append((a, b))
+    merged: list[tuple[int, int]] = []
+    for a, b in sorted(spans):
+        if merged and a <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(b, merged[-1][1]))
+        else:
+            merged.append((a, b))
+    return tuple(merged)
 
 
 def shifted(mask: MaskSpec, shift: int, shape: tuple[int, int, int, int]) -> MaskSpec:

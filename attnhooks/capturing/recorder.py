@@ -17,12 +17,13 @@ from typing import Any, Protocol
 
 import torch
 
+from attnhooks.attention.masks import MaskSpec
 from attnhooks.capturing.build import RECORDABLE, RecordBuilder, RecordOptions
 from attnhooks.capturing.intercept.event import AttentionEvent
 from attnhooks.capturing.kvcache import KeyChecks, Past, key_parents, looks_cross, unused_slots_removed
 from attnhooks.capturing.record import Record
 from attnhooks.capturing.staging import Stager
-from attnhooks.capturing.streams import cut, rows_of
+from attnhooks.capturing.streams import cut_stream
 from attnhooks.errors import CacheMismatchError, DropoutError, FaithfulnessWarning
 
 __all__ = ["RECORDABLE", "Listener", "RecordOptions", "Recorder"]
@@ -77,6 +78,7 @@ class Recorder:
     _pass_first: dict[str, int] = field(default_factory=dict)
     _cursor: dict[str, int] = field(default_factory=dict)
     _continuing: bool = False
+    _rows: bool = False  # decode rows of this forward may go through row()
     _streams: dict[tuple[str, int], _Stream] = field(default_factory=dict)
     _last: dict[str, tuple[int, Record | None]] = field(default_factory=dict)
     _warned_dropout: bool = False
@@ -94,7 +96,7 @@ class Recorder:
         self._pass_first.clear()
         self._cursor.clear()
         self._streams.clear()
-        self._continuing = False
+        self._continuing = self._rows = False
         self.dropping = False
 
     def begin_pass(self, continuation: bool, past: Past | None = None) -> None:
@@ -103,6 +105,9 @@ class Recorder:
         self._continuing = continuation and bool(self._pass_first)
         self._past = past or Past()
         self._last.clear()
+        # decode rows may take the short way (row): a continuation, told of no reorder, whose cache says its length
+        self._rows = self._continuing and self._past.parents is None and self._past.length is not None
+        self._rows = self._rows and self.builder.plain
         if self._continuing:
             self._cursor = dict(self._pass_first)
         else:
@@ -141,13 +146,58 @@ class Recorder:
             stream.tail = _tail(event.k, rec.k)  # a forward with a KV cache: the next one is checked against these
         if event.dropout > 0:
             self.dropout(owner, event.dropout, rec)
+        self._keep(owner, call, rec, nbytes)
+        return rec
+
+    def row(
+        self,
+        owner: str,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        lse: torch.Tensor | None,
+        mask: MaskSpec,
+        scale: float | None,
+        source: str,
+    ) -> bool:
+        """:meth:`take` of a decode call with the least work (a few Python calls where :meth:`take` makes
+        ~30: most of what a decode step's capture cost): ``q`` ``[batch, heads, 1, head_dim]``, one query row
+        continuing a self-attention stream of this continuation forward whose cache grew by one key (``k``
+        ``[batch, kv_heads, past + 1, head_dim]``), ``lse`` ``[batch, heads, 1]`` the kernel's (None when no
+        record keeps it), no dropout. The record is the one :meth:`take` makes of the same call; False
+        (nothing done) when the call is not that case (a crop, a reorder, a static or rolling cache, a
+        record that keeps more, a new stream): then :meth:`take` records it."""
+        call = self._cursor.get(owner) if self._rows else None
+        if call is None:
+            return False
+        stream, held = self._streams.get((owner, call)), self._past.length
+        if stream is None or stream.cross or held != stream.keys or self.dropping or q.shape[2] != 1:
+            return False
+        if k.shape[2] != held + 1 or (lse is None and self.builder.wants_lse):
+            return False
+        self.events += 1
+        self.seen.add(owner)
+        self._cursor[owner] = call + 1
+        if stream.tail is not None:  # the kernel's key at position held - 1, as recorded?
+            self._keys.queue((owner, self.step, call), stream.tail, k, held - 1, 0, None)
+        rec = self.builder.row(owner, call, self.step, q, k, lse, mask, scale, source, stream.rows, held)
+        nbytes = 0  # what builder.nbytes counts
+        for t in (rec.q, rec.k, rec.lse):
+            nbytes += 0 if t is None else t.nbytes
+        if self.admit is not None and not self.admit(nbytes):
+            self.dropping = True
+            return True
+        stream.rows, stream.keys, stream.tail = stream.rows + 1, held + 1, _tail(k, rec.k)
+        self._keep(owner, call, rec, nbytes)
+        return True
+
+    def _keep(self, owner: str, call: int, rec: Record, nbytes: int) -> None:
+        """Keep ``rec`` (in ``records`` with ``keep``) and hand it to the listener."""
         ready = self.stager.seal()
         if self.keep:
             self.records.append(rec)
         if self.listener is not None:
             self.listener.put(rec, nbytes, ready)
         self._last[owner] = (call, rec if self.keep else None)
-        return rec
 
     def _place(
         self, owner: str, call: int, stream: _Stream | None, event: AttentionEvent, cross: bool
@@ -194,7 +244,7 @@ class Recorder:
             keep = 0 if stream.tail is None else stream.tail.shape[2] - drop
             stream.tail = stream.tail[:, :, :keep] if stream.tail is not None and keep > 0 else None
             if self.keep:
-                self._cut_records(owner, call, rows, length)
+                cut_stream(self.records, (owner, self.step, call), rows, length)
             if self.listener is not None:
                 self.listener.cut(owner, call, rows, length)
 
@@ -205,21 +255,6 @@ class Recorder:
                 "but record='summary' adds every row to running column sums that cannot take rows back; "
                 "record ('q', 'k', 'lse') for assisted or speculative decoding and summarise the store afterwards"
             )
-
-    def _cut_records(self, owner: str, call: int, rows: int, keys: int) -> None:
-        """Cut the kept records of a stream to its first ``rows`` rows and ``keys`` keys."""
-        for i in range(len(self.records) - 1, -1, -1):
-            rec = self.records[i]
-            if rec.step != self.step:
-                break
-            if rec.module != owner or rec.call != call:
-                continue
-            if rec.q_offset >= rows and rec.q_offset > 0:
-                del self.records[i]
-            elif rec.q_offset + rows_of(rec) > rows:
-                self.records[i] = cut(rec, rows - rec.q_offset, keys)
-            else:
-                break
 
     def check(self) -> None:
         """Raise :class:`CacheMismatchError` when a forward's cache held keys other than those recorded

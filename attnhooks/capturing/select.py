@@ -20,7 +20,7 @@ import torch.nn as nn
 from attnhooks.errors import AttnHooksWarning, ModuleSelectionError
 from attnhooks.names import glob_regex
 
-__all__ = ["Modules", "Selection", "glob_regex", "named_modules", "select", "unwrap", "warn_silent"]
+__all__ = ["Modules", "Selection", "declared_heads", "glob_regex", "named_modules", "select", "unwrap", "warn_silent"]
 
 WRAPPER_SEGMENTS = frozenset({"_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod"})
 
@@ -154,3 +154,15 @@ def warn_silent(selection: Selection, seen: set[str]) -> None:
             AttnHooksWarning,
             stacklevel=4,
         )
+
+
+_HEAD_ATTRS = ("heads", "num_heads", "num_attention_heads", "n_head", "n_heads")
+
+
+def declared_heads(module: nn.Module | None) -> int | None:
+    """The head count ``module`` declares (``heads`` / ``num_heads`` / ...), None when it declares none."""
+    for attr in _HEAD_ATTRS:
+        value = getattr(module, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None

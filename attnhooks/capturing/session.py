@@ -27,7 +27,7 @@ from attnhooks.capturing.passes import Passes
 from attnhooks.capturing.plan import REGISTRY, Plan
 from attnhooks.capturing.record import Record
 from attnhooks.capturing.recorder import Recorder
-from attnhooks.capturing.select import named_modules, select, unwrap, warn_silent
+from attnhooks.capturing.select import declared_heads, named_modules, select, unwrap, warn_silent
 from attnhooks.capturing.sink import StepSink, StoreOpener
 from attnhooks.capturing.streams import assemble
 from attnhooks.capturing.tokens import stored_ids
@@ -37,8 +37,6 @@ from attnhooks.errors import (
 )
 
 __all__ = ["Capture"]
-
-_HEAD_ATTRS = ("heads", "num_heads", "num_attention_heads", "n_head", "n_heads")
 
 
 class Capture:
@@ -250,12 +248,7 @@ class Capture:
         return self._stack[-1] if self._stack else None
 
     def heads(self, owner: str) -> int | None:
-        module = self._modules_by_name.get(owner)
-        for attr in _HEAD_ATTRS:
-            value = getattr(module, attr, None)
-            if isinstance(value, int) and value > 0:
-                return value
-        return None
+        return declared_heads(self._modules_by_name.get(owner))
 
     def on_attention(self, owner: str, event: AttentionEvent) -> None:
         self._plan.saw(through_registry=self._registry.depth > 0)
@@ -268,11 +261,17 @@ class Capture:
             self._bar.set_postfix_str(f"step {self._recorder.step} {owner}{written}", refresh=False)
             self._bar.update(1)
 
+    def on_row(self, owner: str, *call: Any) -> bool:  # not a module seen cross-attending or not seen yet
+        taken = self._bar is None and not self._cross.get(owner, True) and self._recorder.row(owner, *call)
+        if taken:
+            self._plan.saw(through_registry=self._registry.depth > 0)
+        return taken
+
     def on_dropout(self, owner: str, p: float) -> None:
         self._recorder.dropout(owner, p)
 
     def wants_lse(self) -> bool:
-        return self._recorder.builder._rows_lse
+        return self._recorder.builder.wants_lse
 
     def verifies(self) -> bool:
         return self._recorder.options.verify > 0

@@ -56,7 +56,8 @@ class Stager:
             t: a tensor of the model (or one computed by attnhooks from it).
             owned: ``t`` was made by attnhooks and nobody else holds it: on the CPU no copy is made.
         """
-        t = detached(t)
+        if t.requires_grad:
+            t = t.detach()
         if t.is_cpu:
             if owned:
                 return t
@@ -79,7 +80,8 @@ class Stager:
         view and its copy)."""
         if not start:
             return self.stage(k)
-        k = detached(k)
+        if k.requires_grad:
+            k = k.detach()
         keys = k.size(2)
         n = keys - start
         if k.is_cpu and k.nbytes * n < _SMALL * keys:

@@ -10,7 +10,7 @@ from attnhooks.capturing.record import Record
 from attnhooks.errors import CacheMismatchError, ModuleSelectionError
 from attnhooks.schema import ROWWISE
 
-__all__ = ["assemble", "cut", "join", "rows_of"]
+__all__ = ["assemble", "cut", "cut_stream", "join", "rows_of"]
 
 
 def assemble(records: list[Record], module: str, step: int, call: int = 0) -> Record:
@@ -76,6 +76,24 @@ def _current(parts: list[Record]) -> list[Record]:
             out[-1] = cut(out[-1], part.q_offset - out[-1].q_offset, part.k_offset)
         out.append(part)
     return out
+
+
+def cut_stream(records: list[Record], stream: tuple[str, int, int], rows: int, keys: int) -> None:
+    """Cut the records of ``stream`` (``(module, step, call)``, the last step of ``records``) to its first
+    ``rows`` rows and ``keys`` keys, in place (a cropped KV cache)."""
+    owner, step, call = stream
+    for i in range(len(records) - 1, -1, -1):
+        rec = records[i]
+        if rec.step != step:
+            break
+        if rec.module != owner or rec.call != call:
+            continue
+        if rec.q_offset >= rows and rec.q_offset > 0:
+            del records[i]
+        elif rec.q_offset + rows_of(rec) > rows:
+            records[i] = cut(rec, rows - rec.q_offset, keys)
+        else:
+            break
 
 
 def rows_of(rec: Record) -> int:

@@ -34,7 +34,7 @@ from attnhooks.attention.masks import MaskSpec, unmasked
 from attnhooks.capturing.intercept.event import AttentionEvent, heads_first
 from attnhooks.errors import AttnHooksWarning
 
-__all__ = ["VERDICTS", "Verdicts", "agrees", "call_key", "direct_event", "is_direct"]
+__all__ = ["VERDICTS", "Verdicts", "agrees", "call_key", "direct_event", "is_direct", "terms"]
 
 _HF_SDPA = ("transformers.integrations.sdpa_attention", "sdpa_attention_forward")
 _UNSEEN = ("position_bias", "s_aux", "softcap")  # changes the kernel's inputs beyond q, k, mask: the mode sees them
@@ -75,6 +75,24 @@ def call_key(
     )
 
 
+def terms(
+    mode: Any, module: Any, q: torch.Tensor, k: torch.Tensor, mask: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[MaskSpec, float | None, float]:
+    """``(mask, scale, dropout)`` of an ``sdpa_attention_forward`` call, from its own arguments: the mask as
+    the kernel is given it (``is_causal`` only for several query rows and no mask)."""
+    dropout = kwargs.get("dropout", args[0] if args else 0.0)
+    scale = kwargs.get("scaling", args[1] if len(args) > 1 else None)
+    causal = kwargs.get("is_causal", args[2] if len(args) > 2 else None)
+    if causal is None:
+        causal = getattr(module, "is_causal", True)
+    q_len, k_len = q.shape[-2], k.shape[-2]
+    if isinstance(mask, torch.Tensor):
+        spec = mode.mask_spec(mask, False, q_len, k_len)
+    else:
+        spec = unmasked(bool(q_len > 1 and causal))
+    return spec, scale, float(dropout or 0.0)
+
+
 def direct_event(
     mode: Any,
     module: Any,
@@ -86,20 +104,9 @@ def direct_event(
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
 ) -> AttentionEvent:
-    """The event of an ``sdpa_attention_forward`` call from its own arguments: the mask as the kernel
-    is given it (``is_causal`` only for several query rows and no mask); its output (a transposed view,
-    a dispatch of its own) only when the capture verifies records against it."""
-    dropout = kwargs.get("dropout", args[0] if args else 0.0)
-    scale = kwargs.get("scaling", args[1] if len(args) > 1 else None)
-    causal = kwargs.get("is_causal", args[2] if len(args) > 2 else None)
-    if causal is None:
-        causal = getattr(module, "is_causal", True)
-    q_shape, k_shape = q.shape, k.shape
-    q_len, k_len = q_shape[-2], k_shape[-2]
-    if isinstance(mask, torch.Tensor):
-        spec = mode.mask_spec(mask, False, q_len, k_len)
-    else:
-        spec = unmasked(bool(q_len > 1 and causal))
+    """The event of an ``sdpa_attention_forward`` call from its own arguments (:func:`terms`); its output (a
+    transposed view, a dispatch of its own) only when the capture verifies records against it."""
+    spec, scale, dropout = terms(mode, module, q, k, mask, args, kwargs)
     event = AttentionEvent(
         q=q,
         k=k,
@@ -107,10 +114,10 @@ def direct_event(
         out=heads_first(out) if mode.sink.verifies() else None,
         mask=spec,
         scale=scale,
-        dropout=float(dropout or 0.0),
+        dropout=dropout,
         source="sdpa",
     )
-    event.known_shape(q_shape, k_shape)
+    event.known_shape(q.shape, k.shape)
     return event
 
 

@@ -84,6 +84,20 @@ class Sink(Protocol):
     def on_attention(self, owner: str, event: AttentionEvent) -> None:
         """Take one attention call made inside ``owner``."""
 
+    def on_row(
+        self,
+        owner: str,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        lse: torch.Tensor | None,
+        mask: MaskSpec,
+        scale: float | None,
+        source: str,
+    ) -> bool:
+        """Take a decode call of ``owner`` without an event: ``q`` ``[batch, heads, 1, head_dim]``, ``k``
+        ``[batch, kv_heads, k_len, head_dim]`` as the kernel used them, ``lse`` ``[batch, heads, 1]`` the
+        kernel's (or None), no dropout; False (nothing taken) when it needs :meth:`on_attention`."""
+
     def wants_lse(self) -> bool:
         """True when records keep the row log-sum-exp (worth taking from the kernel)."""
 
@@ -116,6 +130,9 @@ class Collector:
 
     def on_attention(self, owner: str, event: AttentionEvent) -> None:
         self.events.append((owner, event))
+
+    def on_row(self, *call: object) -> bool:
+        return False  # every call as an event, to be checked
 
     def on_dropout(self, owner: str, p: float) -> None:
         self.sink.on_dropout(owner, p)

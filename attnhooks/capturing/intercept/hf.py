@@ -49,12 +49,16 @@ class RegistryPatch:
         self.active = False
         self.narrow = False  # the "registry" plan: kernels are looked for only inside a wrapped call
         self.depth = 0  # wrapped calls running now
+        self._lse = False  # the capture records the row log-sum-exp
         self._spied: dict[Any, Callable[..., Any] | None] = {}  # implementation -> its spied copy (None: none)
+        self._owner: Callable[[Any], str | None] = _nobody  # the sink's owner(), while installed
 
     def install(self, narrow: bool = False) -> None:
         """Wrap the registry's entries; ``narrow``: also look into each wrapped call (and name the owner),
         for a capture that pushes the mode nowhere else (:mod:`attnhooks.capturing.plan`)."""
         self.narrow = narrow
+        self._lse = self._sink.wants_lse()  # (fixed for a capture: its options are)
+        self._owner = self._sink.owner  # the capture's own method, not the proxy's lookup (dropped by remove)
         module = sys.modules.get("transformers.modeling_utils")
         interface = getattr(module, "AttentionInterface", None)
         mapping = getattr(interface, "_global_mapping", None)
@@ -82,6 +86,7 @@ class RegistryPatch:
 
     def remove(self) -> None:
         self.active = self.narrow = False
+        self._owner = _nobody
         for table, name, fn, wrapped in reversed(self._installed):
             if table.get(name) is wrapped:
                 table[name] = fn
@@ -94,10 +99,11 @@ class RegistryPatch:
         def wrapper(
             module: Any, query: Any, key: Any, value: Any, attention_mask: Any, *args: Any, **kwargs: Any
         ) -> Any:
-            owner = self._sink.owner(module) if self.active else None
+            owner = self._owner(module) if self.active else None
             if owner is None:
                 return fn(module, query, key, value, attention_mask, *args, **kwargs)
-            if can_go_direct and self.narrow:
+            # (the CPU kernel's lse is free under the mode, recomputing it is not: see the module docstring)
+            if can_go_direct and self.narrow and not (self._lse and query.is_cpu):
                 route = self._route(fn, module, query, key, attention_mask, len(args), kwargs)
                 if route is not None:
                     return self._direct(*route, fn, owner, module, query, key, value, attention_mask, args, kwargs)
@@ -122,10 +128,20 @@ class RegistryPatch:
         wrapper.__attnhooks_original__ = fn  # type: ignore[attr-defined]
         return wrapper
 
-    def _at_kernel(self, owner: str, fn: Callable[..., Any], *call: Any) -> Any:
+    def _at_kernel(
+        self,
+        owner: str,
+        fn: Callable[..., Any],
+        module: Any,
+        query: Any,
+        key: Any,
+        value: Any,
+        mask: Any,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Any:
         """``fn`` under the mode, or its spied copy (:mod:`~attnhooks.capturing.intercept.spy`) when it
         calls SDPA by a name: the same kernel event, without every other op passing through Python."""
-        module, query, key, value, mask, args, kwargs = call
         copy = self._spied.get(fn, fn)
         if copy is fn:
             copy = self._spied[fn] = spy.spied(fn)
@@ -149,8 +165,6 @@ class RegistryPatch:
     ) -> tuple[tuple[Any, ...], bool] | None:
         """``(the call's kind, it agreed with the kernel before)`` when it may go direct
         (:mod:`~attnhooks.capturing.intercept.direct`); None: at the kernel."""
-        if q.is_cpu and self._sink.wants_lse():
-            return None  # the CPU kernel's lse is free under the mode, recomputing it is not (module docstring)
         key = direct.call_key(fn, module, q, k, mask, n_args, kwargs)
         verdict = None if key is None else direct.VERDICTS.get(key)
         if key is None or verdict is False:
@@ -166,6 +180,10 @@ class RegistryPatch:
         try:
             if agreed:
                 out = fn(module, query, k, value, mask, *args, **kwargs)
+                if query.shape[2] == 1:  # a decode call: taken without an event where the sink can
+                    spec, scale, dropout = direct.terms(self._mode, module, query, k, mask, args, kwargs)
+                    if not dropout and self._sink.on_row(owner, query, k, None, spec, scale, "sdpa"):
+                        return out
                 self._sink.on_attention(
                     owner, direct.direct_event(self._mode, module, query, k, value, mask, out, args, kwargs)
                 )
@@ -189,6 +207,10 @@ class RegistryPatch:
             return out
         finally:
             self.depth -= 1
+
+
+def _nobody(module: Any = None) -> str | None:
+    return None
 
 
 def _event(

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend
 
+from attnhooks.attention.masks import unmasked
 from attnhooks.capturing.intercept.event import AttentionEvent, to_4d
 
 __all__ = ["FUNCTIONS", "handle_sdpa"]
@@ -37,48 +38,52 @@ def handle_sdpa(mode: Any, func: Any, args: tuple[Any, ...], kwargs: dict[str, A
 
     When the capture records the row log-sum-exp and SDPA would run its CPU flash kernel, that
     kernel is called directly: the same kernel, so the same output bit for bit, plus its lse for
-    free (instead of recomputing every score afterwards).
+    free (instead of recomputing every score afterwards). A decode call (one query row) is offered to
+    the capture without an event first (``on_row``: a decode step's calls are many and short).
     """
     owner = mode.sink.owner()
     if owner is None:
         return func(*args, **kwargs)
     a = bind(args, kwargs)
-    lse = _flash_cpu(a) if mode.sink.wants_lse() else None
-    out = func(*args, **kwargs) if lse is None else lse[0]
-    kernel_lse = None if lse is None else lse[1]
-    q, k, out4, attn_mask = to_4d(a["query"]), to_4d(a["key"]), to_4d(out), a["attn_mask"]
-    v = to_4d(a["value"])
+    q, k, v, attn_mask, causal, scale = a["query"], a["key"], a["value"], a["attn_mask"], a["is_causal"], a["scale"]
+    dropout = float(a["dropout_p"])
+    both = None
+    if mode.sink.wants_lse():
+        both = flash_cpu(q, k, v, attn_mask, dropout, causal, scale, bool(a.get("enable_gqa", False)))
+    out, kernel_lse = (func(*args, **kwargs), None) if both is None else both
+    if q.dim() != 4 or k.dim() != 4:
+        q, k, v = to_4d(q), to_4d(k), to_4d(v)
     qs, ks = q.shape, k.shape  # (each .shape makes a torch.Size)
+    packed = None  # the registry's q shape, where transformers packed GQA's query heads into rows
     if mode.registry_shapes is not None:
         q_shape, k_shape = mode.registry_shapes
         if qs != q_shape and q.numel() == q_shape.numel() and qs[0] == q_shape[0]:
-            q, out4, attn_mask = _unpack_gqa(q, out4, attn_mask, q_shape)
+            q, attn_mask, packed = q.reshape(q_shape), _unpacked_mask(attn_mask, q_shape), q_shape
             kernel_lse = None if kernel_lse is None else kernel_lse.reshape(q_shape[:3])
             qs = q.shape
         if k_shape[1] < ks[1] and ks[1] % k_shape[1] == 0:
             k, v = _dedupe_kv(k, k_shape[1]), _dedupe_kv(v, k_shape[1])
             ks = k.shape
-    mask = mode.mask_spec(attn_mask, bool(a["is_causal"]), qs[2], ks[2])
+    mask = unmasked(bool(causal)) if attn_mask is None else mode.mask_spec(attn_mask, bool(causal), qs[2], ks[2])
+    if qs[2] == 1 and not dropout and mode.sink.on_row(owner, q, k, kernel_lse, mask, scale, "sdpa"):
+        return out  # a decode call, taken without an event
+    out4 = to_4d(out)
+    if packed is not None:
+        out4 = out4.reshape(packed[0], packed[1], packed[2], out4.shape[-1])
     event = AttentionEvent(
         q=q,
         k=k,
-        v=v,
+        v=to_4d(v),
         out=out4,
         mask=mask,
-        scale=a["scale"],
-        dropout=float(a["dropout_p"]),
+        scale=scale,
+        dropout=dropout,
         source="sdpa",
         lse=kernel_lse,
     )
     event.known_shape(qs, ks)
     mode.sink.on_attention(owner, event)
     return out
-
-
-def _flash_cpu(a: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """``(output, lse)`` from the CPU flash kernel when SDPA itself would run it; else None."""
-    gqa = bool(a.get("enable_gqa", False))
-    return flash_cpu(a["query"], a["key"], a["value"], a["attn_mask"], a["dropout_p"], a["is_causal"], a["scale"], gqa)
 
 
 def flash_cpu(
@@ -101,20 +106,13 @@ def flash_cpu(
     return out, lse
 
 
-def _unpack_gqa(
-    q: torch.Tensor, out: torch.Tensor, mask: torch.Tensor | None, shape: torch.Size
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Undo transformers' ``pack_gqa`` (one decode token's query heads folded into rows per KV head).
-
-    The registry received q as ``shape = [batch, heads, 1, head_dim]``; the kernel got it as
-    ``[batch, kv_heads, heads // kv_heads, head_dim]``. A pure reshape, so this is exact.
-    """
-    batch, heads, q_len = shape[0], shape[1], shape[2]
-    q = q.reshape(shape)
-    out = out.reshape(batch, heads, q_len, out.shape[-1])
+def _unpacked_mask(mask: torch.Tensor | None, shape: torch.Size) -> torch.Tensor | None:
+    """Undo transformers' ``pack_gqa`` on a mask (one decode token's query heads folded into rows per KV
+    head): the registry received q as ``shape = [batch, heads, 1, head_dim]``, the kernel got it as
+    ``[batch, kv_heads, heads // kv_heads, head_dim]``. q and the output are undone by a reshape (exact)."""
     if mask is not None and mask.dim() == 4 and mask.shape[1] != 1:
-        mask = mask.reshape(mask.shape[0], heads, q_len, mask.shape[-1])
-    return q, out, mask
+        mask = mask.reshape(mask.shape[0], shape[1], shape[2], mask.shape[-1])
+    return mask
 
 
 def _dedupe_kv(t: torch.Tensor, kv_heads: int) -> torch.Tensor:
