@@ -240,7 +240,7 @@ class Capture:
         if not self._passes.capturing:
             return None
         if module is not None:
-            name = self._selection.name_of(module)
+            name = self._selection.names.get(id(module))  # (Selection.name_of, without its call)
             if name is None and self._registry.narrow:
                 name = self._plan.owner_of(module, self._selection.names)
             if name is not None:
