@@ -106,7 +106,10 @@ class RecordBuilder:
             mask=event.mask or unmasked(),
             softcap=event.softcap or None,
         )
-        self._stage_qk(rec, q, k, k_offset - shift)
+        if self._q and q is not None:
+            rec.q = self.stager.stage(q)
+        if self._k and k is not None:
+            rec.k = self.stager.stage_keys(k, k_offset - shift)
         attn = None
         lse = None
         if event.attn is not None and event.scores is not None:
@@ -183,13 +186,6 @@ class RecordBuilder:
             "self",
             source,
         )
-
-    def _stage_qk(self, rec: Record, q: torch.Tensor | None, k: torch.Tensor | None, k_new: int) -> None:
-        """Stage the q and the new keys (from the kernel's key ``k_new``) a record keeps."""
-        if self._q and q is not None:
-            rec.q = self.stager.stage(q)
-        if self._k and k is not None:
-            rec.k = self.stager.stage_keys(k, k_new)
 
     def _summary_of(self, rec: Record, event: AttentionEvent, lse: torch.Tensor, shift: int) -> dict[str, torch.Tensor]:
         """The call's reductions, staged; in stream positions when a rolling cache dropped keys.
