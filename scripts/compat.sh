@@ -38,7 +38,7 @@ for f in tests/integration/test_generation.py tests/integration/test_generation_
     tests/integration/test_diffusers_peft_ddp.py tests/integration/test_store_backends.py \
     tests/unit/capturing/test_capture_api.py tests/unit/capturing/test_recorder.py \
     tests/integration/test_reconstruct.py tests/unit/capturing/test_plan.py \
-    tests/integration/test_callbacks_hf.py; do
+    tests/integration/test_callbacks_hf.py tests/integration/test_decode_rows.py; do
     [ -f "$f" ] && tests+=("$f")
 done
 echo "compat tests: ${tests[*]}"
