@@ -103,10 +103,12 @@ def direct_event(
     out: Any,
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
+    known: tuple[MaskSpec, float | None, float] | None = None,
 ) -> AttentionEvent:
-    """The event of an ``sdpa_attention_forward`` call from its own arguments (:func:`terms`); its output (a
-    transposed view, a dispatch of its own) only when the capture verifies records against it."""
-    spec, scale, dropout = terms(mode, module, q, k, mask, args, kwargs)
+    """The event of an ``sdpa_attention_forward`` call from its own arguments (:func:`terms`, or ``known``:
+    what it gave for this call already); its output (a transposed view, a dispatch of its own) only when the
+    capture verifies records against it."""
+    spec, scale, dropout = known or terms(mode, module, q, k, mask, args, kwargs)
     event = AttentionEvent(
         q=q,
         k=k,

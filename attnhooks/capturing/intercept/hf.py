@@ -180,13 +180,13 @@ class RegistryPatch:
         try:
             if agreed:
                 out = fn(module, query, k, value, mask, *args, **kwargs)
+                known = None
                 if query.shape[2] == 1:  # a decode call: taken without an event where the sink can
-                    spec, scale, dropout = direct.terms(self._mode, module, query, k, mask, args, kwargs)
+                    known = spec, scale, dropout = direct.terms(self._mode, module, query, k, mask, args, kwargs)
                     if not dropout and self._sink.on_row(owner, query, k, None, spec, scale, "sdpa"):
                         return out
-                self._sink.on_attention(
-                    owner, direct.direct_event(self._mode, module, query, k, value, mask, out, args, kwargs)
-                )
+                event = direct.direct_event(self._mode, module, query, k, value, mask, out, args, kwargs, known)
+                self._sink.on_attention(owner, event)
                 return out
             probe = Collector(self._sink)
             sink, self._mode.sink = self._mode.sink, probe

@@ -47,8 +47,8 @@ def handle_sdpa(mode: Any, func: Any, args: tuple[Any, ...], kwargs: dict[str, A
     if owner is None:
         return func(*args, **kwargs)
     a = bind(args, kwargs)
-    q, k, v, attn_mask, causal, scale = a["query"], a["key"], a["value"], a["attn_mask"], a["is_causal"], a["scale"]
-    dropout = float(a["dropout_p"])
+    q, k, v, attn_mask, scale = a["query"], a["key"], a["value"], a["attn_mask"], a["scale"]
+    causal, dropout = bool(a["is_causal"]), float(a["dropout_p"])
     both = None
     if mode.sink.wants_lse():
         both = flash_cpu(q, k, v, attn_mask, dropout, causal, scale, bool(a.get("enable_gqa", False)))
@@ -66,7 +66,7 @@ def handle_sdpa(mode: Any, func: Any, args: tuple[Any, ...], kwargs: dict[str, A
         if k_shape[1] < ks[1] and ks[1] % k_shape[1] == 0:
             k, v = _dedupe_kv(k, k_shape[1]), _dedupe_kv(v, k_shape[1])
             ks = k.shape
-    mask = unmasked(bool(causal)) if attn_mask is None else mode.mask_spec(attn_mask, bool(causal), qs[2], ks[2])
+    mask = unmasked(causal) if attn_mask is None else mode.mask_spec(attn_mask, causal, qs[2], ks[2])
     if qs[2] == 1 and not dropout and mode.sink.on_row(owner, q, k, kernel_lse, mask, scale, "sdpa"):
         return out  # a decode call, taken without an event
     out4 = to_4d(out)
